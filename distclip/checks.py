@@ -1,0 +1,75 @@
+"""Argument checks shared by `sync_and_clip` and `ClipStep`; each error names the argument and value."""
+from __future__ import annotations
+
+from typing import Any, List, Sequence, Tuple
+
+import tensorflow as tf
+
+from distclip.errors import ArgumentError
+
+NONFINITE = ("skip", "raise", "propagate")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ArgumentError(f"{name} must be one of {tuple(choices)}; got {name}={value!r}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def check_gradients(grads: Any, name: str = "grads") -> List[Any]:
+    """A list of float `tf.Tensor`/`tf.IndexedSlices`/`None`, not empty, not all `None`."""
+    if isinstance(grads, (tf.Tensor, tf.IndexedSlices, tf.Variable)) or not isinstance(grads, (list, tuple)):
+        raise ArgumentError(f"{name} must be a list or tuple of gradients; got {name}={_short(grads)}")
+    grads = list(grads)
+    if not grads:
+        raise ArgumentError(f"{name} is empty: there is nothing to clip")
+    out = []
+    for i, g in enumerate(grads):
+        if g is None or isinstance(g, tf.IndexedSlices):
+            out.append(g)
+            continue
+        try:
+            g = tf.convert_to_tensor(g)
+        except (TypeError, ValueError) as e:
+            raise ArgumentError(f"{name}[{i}] is not a tensor: {_short(g)} ({e})") from None
+        out.append(g)
+    for i, g in enumerate(out):
+        dtype = None if g is None else (g.values.dtype if isinstance(g, tf.IndexedSlices) else g.dtype)
+        if dtype is not None and not dtype.is_floating:
+            raise ArgumentError(
+                f"{name}[{i}] has dtype {dtype.name}; gradients must be floating point "
+                "(float16, bfloat16, float32 or float64)"
+            )
+    if all(g is None for g in out):
+        raise ArgumentError(f"every entry of {name} is None ({len(out)} of them): no variable received a gradient")
+    return out
+
+
+def check_pairs(grads: Any, variables: Any) -> Tuple[List[Any], List[Any]]:
+    """Gradients and variables of the same length, gradients checked."""
+    grads = check_gradients(grads)
+    if isinstance(variables, (tf.Variable, tf.Tensor)) or not isinstance(variables, (list, tuple)):
+        raise ArgumentError(f"trainable_variables must be a list or tuple of variables; got {_short(variables)}")
+    variables = list(variables)
+    if len(grads) != len(variables):
+        raise ArgumentError(
+            f"grads and trainable_variables differ in length: {len(grads)} gradients for "
+            f"{len(variables)} variables"
+        )
+    return grads, variables
+
+
+def split_pairs(grads_and_vars: Any) -> Tuple[List[Any], List[Any]]:
+    try:
+        pairs = [tuple(p) for p in grads_and_vars]
+    except TypeError:
+        raise ArgumentError(f"grads_and_vars must be an iterable of (gradient, variable) pairs; got {_short(grads_and_vars)}") from None
+    bad = [i for i, p in enumerate(pairs) if len(p) != 2]
+    if bad:
+        raise ArgumentError(f"grads_and_vars[{bad[0]}] is not a (gradient, variable) pair: {_short(pairs[bad[0]])}")
+    return [p[0] for p in pairs], [p[1] for p in pairs]

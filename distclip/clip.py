@@ -1,0 +1,81 @@
+"""`sync_and_clip`: synchronize across replicas, then clip by the global norm."""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import tensorflow as tf
+
+from distclip import sync
+from distclip.checks import NONFINITE, check_choice, check_gradients
+from distclip.norm import clip_scale, global_norm, scale_gradient
+from distclip.result import ClipResult
+from distclip.threshold import ClipNorm, check_clip_norm, resolve_clip_norm
+
+
+def sync_and_clip(
+    grads: Sequence[Optional[Any]],
+    clip_norm: ClipNorm,
+    *,
+    nonfinite: str = "skip",
+    reduction: str = "auto",
+    backend: str = "auto",
+    step: Optional[tf.Tensor] = None,
+) -> ClipResult:
+    """All-reduce `grads` across replicas, then clip them by their global L2 norm.
+
+    With `g_i` the gradients after the all-reduce (identical on every replica):
+
+        global_norm = sqrt(sum_i ||g_i||_2^2)            (accumulated in float32)
+        scale       = min(1, clip_norm / global_norm)
+        g_i        <- g_i * scale
+
+    which is `tf.clip_by_global_norm` applied to the synchronized gradients, so
+    the result equals single-device training on the global batch.
+
+    Args:
+      grads: this replica's gradients; `None` entries pass through as `None`.
+      clip_norm: the threshold, in units of the global norm: a positive finite
+        number, a scalar tensor or variable, or a callable of `step`.
+      nonfinite: if `global_norm` is inf or NaN: "skip" returns zero gradients,
+        `scale=0` and `finite=False` (`ClipStep` then skips the update on every
+        replica); "raise" fails the step with an error naming the norm;
+        "propagate" behaves like `tf.clip_by_global_norm` (NaN gradients).
+      reduction: "auto" (SUM under tf.distribute, where per-replica losses are
+        divided by the global batch; MEAN under Horovod), "sum" or "mean".
+      backend: "auto", "tf_distribute" or "none" (see `distclip.sync`).
+      step: the step number, needed only when `clip_norm` is a callable.
+
+    Must run in a replica context: inside `strategy.run`, or with no strategy.
+    """
+    grads = check_gradients(grads)
+    check_clip_norm(clip_norm)
+    check_choice("nonfinite", nonfinite, NONFINITE)
+    engine = sync.select(backend, caller="sync_and_clip")
+    op = sync.resolve_reduction(reduction, engine)
+    threshold = resolve_clip_norm(clip_norm, step)
+
+    present = [i for i, g in enumerate(grads) if g is not None]
+    synced = engine.all_reduce([grads[i] for i in present], op)
+    norm = global_norm(synced)
+    finite = tf.math.is_finite(norm)
+    scale = clip_scale(norm, threshold)
+    if nonfinite == "raise":
+        check = tf.debugging.Assert(finite, ["distclip: the global gradient norm is not finite: global_norm =", norm])
+        with tf.control_dependencies([check]):
+            scale = tf.identity(scale)
+    elif nonfinite == "skip":
+        scale = tf.where(finite, scale, tf.zeros_like(scale))
+    else:
+        scale = tf.where(finite, scale, tf.fill([], float("nan")))
+    clipped = [scale_gradient(g, scale, zero_on_zero_scale=nonfinite == "skip") for g in synced]
+
+    out: List[Optional[Any]] = [None] * len(grads)
+    for i, g in zip(present, clipped):
+        out[i] = g
+    return ClipResult(
+        grads=out,
+        global_norm=norm,
+        scale=scale,
+        clipped=tf.logical_and(finite, norm > threshold),
+        finite=finite,
+    )

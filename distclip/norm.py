@@ -1,0 +1,65 @@
+"""The norm and scale math: pure functions of tensors, no communication.
+
+All of it accumulates in float32 whatever the gradients' float dtype, so a
+float16 or bfloat16 gradient neither overflows when squared nor loses the sum.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import tensorflow as tf
+
+Gradient = Union[tf.Tensor, tf.IndexedSlices]
+
+
+def dedup_indexed_slices(grad: tf.IndexedSlices) -> tf.Tensor:
+    """Rows of the dense gradient that `grad` stands for, one per distinct index.
+
+    `tf.IndexedSlices` may repeat an index (an embedding row looked up twice, or
+    the same row from two replicas after an all-gather); the dense gradient holds
+    their sum. Sorting the indices and summing runs of equal ones keeps static
+    shapes (at most as many rows as `grad.values`), so it compiles under XLA.
+    Returns float32 values of shape `[n, ...]`, zero-padded past the distinct rows.
+    """
+    values = tf.cast(grad.values, tf.float32)
+    indices = tf.reshape(grad.indices, [-1])
+    order = tf.argsort(indices, stable=True)
+    sorted_idx = tf.gather(indices, order)
+    new_run = tf.concat([[0], tf.cast(sorted_idx[1:] != sorted_idx[:-1], tf.int32)], axis=0)
+    segment = tf.cumsum(new_run)
+    return tf.math.unsorted_segment_sum(tf.gather(values, order), segment, tf.size(indices))
+
+
+def squared_norm(grad: Gradient) -> tf.Tensor:
+    """`||g||_2^2` as a float32 scalar; for `tf.IndexedSlices`, that of the dense gradient."""
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.reduce_sum(tf.square(dedup_indexed_slices(grad)))
+    return tf.reduce_sum(tf.square(tf.cast(grad, tf.float32)))
+
+
+def global_norm(grads: Sequence[Gradient]) -> tf.Tensor:
+    """`sqrt(sum_i ||g_i||_2^2)`: the L2 norm of all gradients as one vector, float32.
+
+    Same definition as `tf.linalg.global_norm`, except that repeated indices of
+    `tf.IndexedSlices` are summed first, as in the dense gradient.
+    """
+    return tf.sqrt(tf.add_n([squared_norm(g) for g in grads]))
+
+
+def clip_scale(norm: tf.Tensor, clip_norm: tf.Tensor) -> tf.Tensor:
+    """`min(1, clip_norm / norm)`, float32; 1 for a zero norm, 0 for an infinite one."""
+    return tf.minimum(tf.constant(1.0, tf.float32), clip_norm / norm)
+
+
+def scale_gradient(grad: Gradient, scale: tf.Tensor, *, zero_on_zero_scale: bool = False) -> Gradient:
+    """`grad * scale` in the gradient's dtype; `tf.IndexedSlices` stay sparse.
+
+    With `zero_on_zero_scale`, a zero scale gives exact zeros even where the
+    gradient holds inf or NaN (`tf.math.multiply_no_nan`), which is how a
+    skipped step returns gradients that change nothing when applied.
+    """
+    mul = tf.math.multiply_no_nan if zero_on_zero_scale else tf.multiply
+    if isinstance(grad, tf.IndexedSlices):
+        values = mul(grad.values, tf.cast(scale, grad.values.dtype))
+        return tf.IndexedSlices(values, grad.indices, grad.dense_shape)
+    return mul(grad, tf.cast(scale, grad.dtype))

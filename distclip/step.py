@@ -1,0 +1,98 @@
+"""`ClipStep`: synchronize once, clip, and apply the update with a Keras 3 optimizer once."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence, Tuple
+
+import tensorflow as tf
+
+from distclip import sync, update
+from distclip.checks import NONFINITE, check_choice, check_pairs, split_pairs
+from distclip.clip import sync_and_clip
+from distclip.result import ClipResult
+from distclip.threshold import ClipNorm, check_clip_norm
+
+
+class ClipStep(tf.Module):
+    """A training step's gradient path: all-reduce, global-norm clip, one optimizer update.
+
+    Create it under the strategy's scope, like the model and the optimizer, and
+    call `apply` inside `strategy.run` (or with no strategy):
+
+        with strategy.scope():
+            model = ...
+            optimizer = keras.optimizers.Adam(1e-3)
+            clip = distclip.ClipStep(optimizer, clip_norm=1.0)
+
+        @tf.function
+        def train_step(x, y):
+            def replica_fn(x, y):
+                with tf.GradientTape() as tape:
+                    loss = tf.nn.compute_average_loss(loss_fn(y, model(x)), global_batch_size=B)
+                grads = tape.gradient(loss, model.trainable_variables)
+                return clip.apply(grads, model.trainable_variables)
+            return strategy.run(replica_fn, args=(x, y))
+
+    Per step: the gradients are reduced across replicas in one packed collective
+    (no second reduction inside the optimizer), `scale = min(1, clip_norm /
+    global_norm)` is applied, and `optimizer.update_step` runs once per variable.
+    `clip_norm` may be a number, a scalar tensor or variable, or a callable of the
+    optimizer's iteration count (a Keras `LearningRateSchedule` works).
+
+    `nonfinite="skip"` (default): when the synchronized norm is inf or NaN, every
+    replica skips the step together; variables, optimizer slots and
+    `optimizer.iterations` stay as they were and `skipped_steps` grows by one.
+    "raise" fails the step instead; "propagate" applies NaN gradients, as
+    `tf.clip_by_global_norm` followed by `optimizer.apply` would.
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        clip_norm: ClipNorm,
+        *,
+        nonfinite: str = "skip",
+        reduction: str = "auto",
+        backend: str = "auto",
+        name: str = "clip_step",
+    ):
+        super().__init__(name=name)
+        update.check_optimizer(optimizer)
+        self.optimizer = optimizer
+        self.clip_norm = check_clip_norm(clip_norm)
+        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
+        self.reduction = check_choice("reduction", reduction, sync.REDUCTIONS)
+        self.backend = check_choice("backend", backend, sync.BACKENDS)
+        self._strategy = tf.distribute.get_strategy()
+        with tf.name_scope(name):
+            #: Steps skipped because the synchronized global norm was not finite.
+            self.skipped_steps = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="skipped_steps",
+                synchronization=tf.VariableSynchronization.ON_WRITE,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+
+    def build(self, trainable_variables: Sequence[Any]) -> None:
+        """Creates the optimizer's variables now (otherwise done on the first `apply`)."""
+        update.build(self.optimizer, trainable_variables)
+
+    def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any]) -> ClipResult:
+        """Synchronizes `grads`, clips them by their global norm and applies them to `trainable_variables`."""
+        grads, variables = check_pairs(grads, trainable_variables)
+        update.check_strategy(self.optimizer, self._strategy, "ClipStep")
+        sync.check_replica_context("ClipStep.apply")
+        self.build(variables)
+        result = sync_and_clip(
+            grads, self.clip_norm, nonfinite=self.nonfinite, reduction=self.reduction,
+            backend=self.backend, step=self.optimizer.iterations,
+        )
+        update.apply_update(
+            self.optimizer, result.grads, variables,
+            apply_if=result.finite if self.nonfinite == "skip" else None,
+            skipped_counter=self.skipped_steps,
+        )
+        return result
+
+    def apply_gradients(self, grads_and_vars: Iterable[Tuple[Any, Any]]) -> ClipResult:
+        """`apply` for `(gradient, variable)` pairs, as Keras 2's `optimizer.apply_gradients` took them."""
+        grads, variables = split_pairs(grads_and_vars)
+        return self.apply(grads, variables)

@@ -1,0 +1,27 @@
+"""The seam every synchronization engine implements."""
+from __future__ import annotations
+
+from typing import List, Protocol, Sequence
+
+from distclip.norm import Gradient
+
+SUM = "sum"
+MEAN = "mean"
+
+
+class Backend(Protocol):
+    """How gradients are made identical across replicas.
+
+    `all_reduce` takes every gradient of one step (no `None`) and returns them
+    reduced across all replicas with one packed collective per dtype, in order,
+    identical on every replica. It is called from inside the replica function
+    (`strategy.run`, or each Horovod process), possibly inside `tf.function`.
+    """
+
+    name: str
+    #: The reduction `reduction="auto"` means for this engine: `SUM` or `MEAN`.
+    default_reduction: str
+
+    def num_replicas(self) -> int: ...
+
+    def all_reduce(self, grads: Sequence[Gradient], reduction: str) -> List[Gradient]: ...

@@ -1,0 +1,106 @@
+"""Clip thresholds: what `clip_norm` may be, checked, and turned into a float32 scalar.
+
+A threshold is one of
+  * a positive finite Python number (checked when it is given);
+  * a scalar `tf.Tensor` or `tf.Variable` (checked when given if its value is
+    known, and at every step otherwise, without a host sync);
+  * a callable of the step number, e.g. a Keras `LearningRateSchedule`,
+    evaluated at every step and checked like a tensor.
+The threshold is in the units of the gradients' global L2 norm.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Optional, Union
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from distclip.errors import ArgumentError
+
+ClipNorm = Union[float, int, tf.Tensor, tf.Variable, Callable[[tf.Tensor], tf.Tensor]]
+
+_RULE = "clip_norm must be a positive finite number, a scalar tensor or variable holding one, or a callable of the step number"
+
+
+def _is_tensor_like(value) -> bool:
+    return isinstance(value, (tf.Tensor, tf.Variable, keras.Variable, np.ndarray, np.generic)) or tf.is_tensor(value)
+
+
+def _check_number(value, shown) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ArgumentError(f"{_RULE}; got clip_norm={shown!r}")
+
+
+def check_clip_norm(clip_norm: ClipNorm) -> ClipNorm:
+    """Returns `clip_norm` unchanged if it is a valid threshold; raises `ArgumentError` naming it otherwise."""
+    if isinstance(clip_norm, bool) or clip_norm is None or isinstance(clip_norm, str):
+        raise ArgumentError(f"{_RULE}; got clip_norm={clip_norm!r}")
+    if isinstance(clip_norm, numbers.Real):
+        _check_number(float(clip_norm), clip_norm)
+        return clip_norm
+    if _is_tensor_like(clip_norm):
+        dtype = tf.as_dtype(clip_norm.dtype)
+        if not (dtype.is_floating or dtype.is_integer) or dtype == tf.bool:
+            raise ArgumentError(f"{_RULE}; got clip_norm of dtype {dtype.name}: {clip_norm!r}")
+        if tf.TensorShape(clip_norm.shape).rank not in (None, 0):
+            raise ArgumentError(f"{_RULE}; got clip_norm of shape {clip_norm.shape}: {clip_norm!r}")
+        value = _static_value(clip_norm)
+        if value is not None:
+            _check_number(float(value), float(value))
+        return clip_norm
+    if callable(clip_norm):
+        return clip_norm
+    raise ArgumentError(f"{_RULE}; got clip_norm={clip_norm!r} of type {type(clip_norm).__name__}")
+
+
+def _static_value(value) -> Optional[float]:
+    """The value of `value` if it is known without running a graph, else None."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return float(value)
+    if isinstance(value, (tf.Variable, keras.Variable)):
+        return float(np.asarray(value.numpy())) if tf.executing_eagerly() else None
+    if tf.is_tensor(value):
+        static = tf.get_static_value(value)
+        return None if static is None else float(static)
+    return None
+
+
+def resolve_clip_norm(clip_norm: ClipNorm, step: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """The threshold for this step as a float32 scalar tensor.
+
+    Python numbers were checked by `check_clip_norm`. A tensor, variable or
+    schedule value is checked here: eagerly it raises `ArgumentError`; in a graph
+    it adds an assertion the rest of the step depends on, so an invalid
+    threshold fails the step before anything is applied (XLA drops assertions).
+    """
+    check_clip_norm(clip_norm)
+    if isinstance(clip_norm, numbers.Real) and not isinstance(clip_norm, bool):
+        return tf.constant(float(clip_norm), tf.float32)
+    if callable(clip_norm) and not _is_tensor_like(clip_norm):
+        if step is None:
+            raise ArgumentError(
+                f"clip_norm is a schedule ({clip_norm!r}); pass step= (e.g. optimizer.iterations) "
+                "or use ClipStep, which passes the optimizer's iteration count"
+            )
+        value = clip_norm(step)
+    else:
+        value = clip_norm
+    if isinstance(value, keras.Variable):
+        value = value.value
+    value = tf.cast(tf.convert_to_tensor(value), tf.float32)
+    if value.shape.rank not in (None, 0):
+        raise ArgumentError(f"{_RULE}; clip_norm gave a value of shape {value.shape}")
+    static = _static_value(value)
+    if tf.executing_eagerly():
+        _check_number(float(value.numpy()), float(value.numpy()))
+        return value
+    if static is not None:
+        _check_number(static, static)
+        return value
+    ok = tf.logical_and(tf.math.is_finite(value), value > 0)
+    check = tf.debugging.Assert(ok, ["distclip: clip_norm must be a positive finite number; got clip_norm =", value])
+    with tf.control_dependencies([check]):
+        return tf.identity(value)

@@ -1,0 +1,128 @@
+"""Applying an update with a Keras 3 optimizer, once, on every replica, optionally skipped.
+
+This is the only module that knows Keras 3's TensorFlow optimizer internals.
+`optimizer.apply` cannot be used for a synchronized clip step:
+  * inside a replica context it SUM-all-reduces the gradients again;
+  * a step that must be skipped on every replica cannot wrap it in `tf.cond`,
+    because its `merge_call` may not sit inside control flow under
+    MirroredStrategy ("merge_call called while defining a new graph").
+So this module does what `optimizer.apply` does for one step: weight decay,
+`optimizer.update_step` (the documented per-variable extension point),
+variable constraints and the iteration count, through the same
+`maybe_merge_call` + `strategy.extended.update` seam Keras uses, with no
+reduction, and with each variable's update inside a `tf.cond` on a predicate
+that is identical on every replica (decided from the synchronized norm).
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from distclip.errors import ArgumentError, ContextError
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """Rejects optimizers whose own `apply` features distclip would silently skip."""
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise ArgumentError(f"optimizer must be a Keras 3 optimizer (keras.optimizers.Optimizer); got {optimizer!r}")
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ArgumentError(
+            "optimizer is a keras.optimizers.LossScaleOptimizer, which ClipStep does not support yet: "
+            "pass its inner_optimizer and scale the loss yourself, or train in float32"
+        )
+    for attr in ("clipnorm", "clipvalue", "global_clipnorm"):
+        value = getattr(optimizer, attr, None)
+        if value is not None:
+            raise ArgumentError(
+                f"optimizer has {attr}={value!r}; ClipStep does the clipping on the synchronized gradients, "
+                f"so create the optimizer without {attr}"
+            )
+    for attr in ("use_ema", "gradient_accumulation_steps", "loss_scale_factor"):
+        value = getattr(optimizer, attr, None)
+        if value:
+            raise ArgumentError(f"optimizer has {attr}={value!r}, which ClipStep does not support yet")
+
+
+def check_strategy(optimizer: Any, strategy: tf.distribute.Strategy, what: str) -> None:
+    """The optimizer and the `ClipStep` must belong to the strategy that is running."""
+    current = tf.distribute.get_strategy()
+    for owner, expected in (("optimizer", getattr(optimizer, "_distribution_strategy", current)), (what, strategy)):
+        if expected is not current:
+            raise ContextError(
+                f"the {owner} was created under {type(expected).__name__} but is used under "
+                f"{type(current).__name__}: create the model, the optimizer and the ClipStep inside "
+                "strategy.scope() of the strategy that runs the step"
+            )
+
+
+def build(optimizer: Any, variables: Sequence[Any]) -> None:
+    """Creates the optimizer's slot variables outside any traced function.
+
+    Creating them lazily inside a traced replica function fails under
+    MirroredStrategy; `tf.init_scope` lifts the creation out to eager mode.
+    """
+    if optimizer.built:
+        return
+    with tf.init_scope():
+        optimizer.build(list(variables))
+
+
+def _tf_variable(variable: Any) -> tf.Variable:
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def apply_update(
+    optimizer: Any,
+    grads: Sequence[Any],
+    variables: Sequence[Any],
+    apply_if: Optional[tf.Tensor] = None,
+    skipped_counter: Optional[tf.Variable] = None,
+) -> None:
+    """One optimizer step with `grads` (already synchronized), without reducing them.
+
+    `apply_if`: a bool scalar identical on every replica; where False, no
+    variable, slot or iteration count changes and `skipped_counter` grows by 1.
+    `None` entries in `grads` are left out, as `optimizer.apply` does.
+    """
+    pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+    keras_vars = [v for _, v in pairs]
+    decays = [optimizer.weight_decay is not None and optimizer._use_weight_decay(v) for v in keras_vars]
+    constraints = [getattr(v, "constraint", None) for v in keras_vars]
+    learning_rate = optimizer.learning_rate
+
+    def update_one(var, grad, ok, lr, decay, constraint):
+        def update():
+            if decay:
+                var.assign_sub(var * tf.cast(optimizer.weight_decay, var.dtype) * tf.cast(lr, var.dtype))
+            optimizer.update_step(grad, var, lr)
+            if constraint is not None:
+                var.assign(constraint(var))
+            return tf.constant(True)
+
+        if ok is None:
+            update()
+        else:
+            tf.cond(ok, update, lambda: tf.constant(False))
+
+    def count(var, ok, bump_if):
+        var.assign_add(tf.cast(tf.equal(ok, bump_if), var.dtype))
+
+    def merge_fn(strategy, grads, ok, lr):
+        for (_, kvar), grad, decay, constraint in zip(pairs, grads, decays, constraints):
+            strategy.extended.update(
+                _tf_variable(kvar), update_one, args=(grad, ok, lr),
+                kwargs={"decay": decay, "constraint": constraint}, group=False,
+            )
+        if ok is None:
+            strategy.extended.update(_tf_variable(optimizer.iterations), lambda v: v.assign_add(1), group=False)
+            return
+        strategy.extended.update(_tf_variable(optimizer.iterations), count, args=(ok, True), group=False)
+        if skipped_counter is not None:
+            strategy.extended.update(skipped_counter, count, args=(ok, False), group=False)
+
+    with tf.name_scope(optimizer.name):
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            merge_fn, tf.distribute.get_strategy(), [g for g, _ in pairs], apply_if, learning_rate
+        )

@@ -12,3 +12,5 @@ class ArgumentError(ValueError, TypeError):
 
 class ContextError(RuntimeError):
     """distclip was called in a distribution context where it cannot work."""
+
+    ag_pass_through = True

@@ -85,10 +85,13 @@ class ClipStep(tf.Module):
             grads, self.clip_norm, nonfinite=self.nonfinite, reduction=self.reduction,
             backend=self.backend, step=self.optimizer.iterations,
         )
+        # Nothing is applied before every check of this step has passed: the
+        # threshold's and, with nonfinite="raise", the norm's (both feed `scale`).
+        with tf.control_dependencies([result.scale]):
+            ok = tf.identity(result.finite)
         update.apply_update(
-            self.optimizer, result.grads, variables,
-            apply_if=result.finite if self.nonfinite == "skip" else None,
-            skipped_counter=self.skipped_steps,
+            self.optimizer, result.grads, variables, ok,
+            skip_if_not_ok=self.nonfinite == "skip", skipped_counter=self.skipped_steps,
         )
         return result
 

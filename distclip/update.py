@@ -77,14 +77,18 @@ def apply_update(
     optimizer: Any,
     grads: Sequence[Any],
     variables: Sequence[Any],
-    apply_if: Optional[tf.Tensor] = None,
+    ok: tf.Tensor,
+    *,
+    skip_if_not_ok: bool,
     skipped_counter: Optional[tf.Variable] = None,
 ) -> None:
     """One optimizer step with `grads` (already synchronized), without reducing them.
 
-    `apply_if`: a bool scalar identical on every replica; where False, no
-    variable, slot or iteration count changes and `skipped_counter` grows by 1.
-    `None` entries in `grads` are left out, as `optimizer.apply` does.
+    `ok`: a bool scalar, identical on every replica, that everything here waits
+    for (so a failed check upstream leaves every variable as it was). With
+    `skip_if_not_ok`, where `ok` is False no variable, slot or iteration count
+    changes and `skipped_counter` grows by 1. `None` entries in `grads` are left
+    out, as `optimizer.apply` does.
     """
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
     keras_vars = [v for _, v in pairs]
@@ -101,13 +105,18 @@ def apply_update(
                 var.assign(constraint(var))
             return tf.constant(True)
 
-        if ok is None:
-            update()
-        else:
+        if skip_if_not_ok:
             tf.cond(ok, update, lambda: tf.constant(False))
+        else:
+            with tf.control_dependencies([ok]):
+                update()
 
-    def count(var, ok, bump_if):
-        var.assign_add(tf.cast(tf.equal(ok, bump_if), var.dtype))
+    def count(var, ok, when):
+        if when is None:  # every step
+            with tf.control_dependencies([ok]):
+                var.assign_add(tf.ones([], var.dtype))
+        else:
+            var.assign_add(tf.cast(tf.equal(ok, when), var.dtype))
 
     def merge_fn(strategy, grads, ok, lr):
         for (_, kvar), grad, decay, constraint in zip(pairs, grads, decays, constraints):
@@ -115,14 +124,12 @@ def apply_update(
                 _tf_variable(kvar), update_one, args=(grad, ok, lr),
                 kwargs={"decay": decay, "constraint": constraint}, group=False,
             )
-        if ok is None:
-            strategy.extended.update(_tf_variable(optimizer.iterations), lambda v: v.assign_add(1), group=False)
-            return
-        strategy.extended.update(_tf_variable(optimizer.iterations), count, args=(ok, True), group=False)
-        if skipped_counter is not None:
+        step_when = True if skip_if_not_ok else None
+        strategy.extended.update(_tf_variable(optimizer.iterations), count, args=(ok, step_when), group=False)
+        if skipped_counter is not None and skip_if_not_ok:
             strategy.extended.update(skipped_counter, count, args=(ok, False), group=False)
 
     with tf.name_scope(optimizer.name):
         tf.__internal__.distribute.interim.maybe_merge_call(
-            merge_fn, tf.distribute.get_strategy(), [g for g, _ in pairs], apply_if, learning_rate
+            merge_fn, tf.distribute.get_strategy(), [g for g, _ in pairs], ok, learning_rate
         )

@@ -1,0 +1,114 @@
+"""Tiny models, data and the single-device reference, shared by tests and worker processes.
+
+Everything is made from fixed numpy seeds so any process builds the same
+initial weights and the same global batch.
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import distclip
+
+GLOBAL_BATCH = 16
+FEATURES = 4
+
+
+def global_batch(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(GLOBAL_BATCH, FEATURES)).astype("float32")
+    y = rng.normal(size=(GLOBAL_BATCH, 1)).astype("float32")
+    return x, y
+
+
+def make_model(seed: int = 1) -> keras.Model:
+    model = keras.Sequential(
+        [keras.Input((FEATURES,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)]
+    )
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.normal(size=w.shape).astype("float32") for w in model.get_weights()])
+    return model
+
+
+def make_optimizer(name: str, **kwargs):
+    return {"sgd": lambda: keras.optimizers.SGD(0.1, **kwargs),
+            "adam": lambda: keras.optimizers.Adam(0.05, **kwargs)}[name]()
+
+
+def reference_train(clip_norm: float, steps: int, opt: str = "adam", batches=None):
+    """Single device, mean loss over the global batch, tf.clip_by_global_norm, optimizer.apply."""
+    model, optimizer = make_model(), make_optimizer(opt)
+    batches = batches or [global_batch(s) for s in range(steps)]
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x) - y))
+        grads = tape.gradient(loss, model.trainable_variables)
+        grads, norm = tf.clip_by_global_norm(grads, clip_norm)
+        optimizer.apply(grads, model.trainable_variables)
+        return norm
+
+    norms = [float(step(*b)) for b in batches]
+    return model.get_weights(), norms
+
+
+def shard(strategy, array):
+    """Splits a global-batch array evenly over the strategy's replicas, in replica order."""
+    n = strategy.num_replicas_in_sync
+    size = array.shape[0] // n
+    return strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(array[ctx.replica_id_in_sync_group * size:(ctx.replica_id_in_sync_group + 1) * size])
+    )
+
+
+def distributed_train(strategy, clip_norm, steps, opt="adam", batches=None, keras_global_clipnorm=False, **clip_kwargs):
+    """Each replica computes gradients on its shard; ClipStep (or Keras's global_clipnorm) updates.
+
+    Returns (weights, per-step per-replica norms, per-variable per-replica values, objects).
+    """
+    with strategy.scope():
+        model = make_model()
+        if keras_global_clipnorm:
+            optimizer = make_optimizer(opt, global_clipnorm=clip_norm)
+            clip = None
+        else:
+            optimizer = make_optimizer(opt)
+            clip = distclip.ClipStep(optimizer, clip_norm, **clip_kwargs)
+        optimizer.build(model.trainable_variables)
+    batches = batches or [global_batch(s) for s in range(steps)]
+
+    @tf.function
+    def step(x, y):
+        def replica_fn(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.square(model(x) - y)) / GLOBAL_BATCH
+            grads = tape.gradient(loss, model.trainable_variables)
+            if clip is None:
+                optimizer.apply(grads, model.trainable_variables)
+                return tf.constant(0.0)
+            result = clip.apply(grads, model.trainable_variables)
+            return result.global_norm
+
+        return strategy.run(replica_fn, args=(x, y))
+
+    norms = []
+    for x, y in batches:
+        out = step(shard(strategy, x), shard(strategy, y))
+        norms.append([float(v) for v in strategy.experimental_local_results(out)])
+    per_replica = replica_values(strategy, model.trainable_variables)
+    return model.get_weights(), norms, per_replica, dict(model=model, optimizer=optimizer, clip=clip, step=step)
+
+
+def max_abs_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+
+
+def replica_values(strategy, variables):
+    """Every variable's value on every replica, as numpy arrays: [[replica0, replica1, ...], ...]."""
+    out = []
+    for v in variables:
+        v = v.value if isinstance(v, keras.Variable) else v
+        out.append([np.array(x) for x in strategy.experimental_local_results(v)])
+    return out

@@ -1,0 +1,23 @@
+"""Test set-up: split the CPU into 2 logical devices before TensorFlow initialises.
+
+Every test in this process shares one TensorFlow runtime (it is slow to start);
+tests that need their own processes (MultiWorkerMirroredStrategy, the CLI) spawn them.
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import tensorflow as tf  # noqa: E402
+
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mirrored():
+    """MirroredStrategy over the 2 logical CPU devices."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

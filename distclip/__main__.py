@@ -1,0 +1,5 @@
+import sys
+
+from distclip.cli import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""The `distclip` command (also `python -m distclip`)."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import List, Optional
+
+from distclip.strategies import STRATEGIES
+from distclip.train.loop import Config
+
+
+def _clip_norm(text: str) -> Optional[float]:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--clip-norm must be a positive number or 'none'; got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"--clip-norm must be a positive finite number or 'none'; got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    d = Config()
+    p = argparse.ArgumentParser(prog="distclip", description="Synchronized global-norm gradient clipping for TensorFlow.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser(
+        "train",
+        help="train the example RNN on the adding problem with ClipStep",
+        description="Trains a vanilla RNN on the adding problem (Hochreiter & Schmidhuber; Pascanu et al. 2013), "
+        "whose gradients explode, with distclip.ClipStep, and writes metrics.csv, TensorBoard events, "
+        "plot.png and summary.json to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    t.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                   help="auto: multiworker if TF_CONFIG names several workers, else mirrored")
+    t.add_argument("--replicas", type=_positive_int, default=d.replicas, help="replicas for --strategy mirrored (GPUs, or logical CPU devices)")
+    t.add_argument("--clip-norm", type=_clip_norm, default=d.clip_norm, help="global-norm threshold, or 'none' to train without clipping")
+    t.add_argument("--steps", type=_positive_int, default=d.steps)
+    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="global batch size, split over the replicas")
+    t.add_argument("--length", type=_positive_int, default=d.length, help="sequence length of the adding problem")
+    t.add_argument("--units", type=_positive_int, default=d.units, help="RNN hidden units")
+    t.add_argument("--recurrent-gain", type=float, default=d.recurrent_gain, help="gain of the orthogonal recurrent initializer")
+    t.add_argument("--learning-rate", type=float, default=d.learning_rate, help="SGD learning rate (momentum 0.9)")
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--out", default=d.out, help="output directory")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The strategy must be created before anything else touches TensorFlow.
+    from distclip.strategies import make_strategy
+
+    strategy = make_strategy(args.strategy, args.replicas)
+    from distclip.train.loop import run
+
+    cfg = Config(**{k: v for k, v in vars(args).items() if k != "command"})
+    summary = run(cfg, strategy)
+    print(
+        f"\ndistclip train: {summary['strategy']} x{summary['replicas']}, clip_norm={cfg.clip_norm}, "
+        f"{cfg.steps} steps in {summary['seconds']} s\n"
+        f"  final loss (mean training MSE, last 100 steps): {summary['final_loss']:.4g}\n"
+        f"  held-out MSE (1024 sequences):                  {summary['eval_mse']:.4g}\n"
+        f"  steps clipped: {summary['steps_clipped']}   steps skipped (non-finite norm): {summary['steps_skipped']}\n"
+        f"  outputs: {os.path.abspath(cfg.out)}/{{metrics.csv, tensorboard/, plot.png, summary.json}}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""`distclip train`: the example job, an RNN on the adding problem, clipped with ClipStep."""

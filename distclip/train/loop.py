@@ -1,0 +1,124 @@
+"""The training loop of `distclip train`: a custom loop with ClipStep under any strategy."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from distclip.step import ClipStep
+from distclip.train import adding
+from distclip.train.logs import StepLog, plot
+
+# With no clipping the same ClipStep runs with the largest finite float32
+# threshold and nonfinite="propagate": exactly plain SGD, and the norm is logged.
+NO_CLIP = float(np.finfo(np.float32).max)
+
+
+@dataclass
+class Config:
+    strategy: str = "auto"
+    replicas: int = 2
+    clip_norm: Optional[float] = 1.0
+    steps: int = 10000
+    batch_size: int = 64
+    length: int = 50
+    units: int = 64
+    recurrent_gain: float = 1.0
+    learning_rate: float = 0.01
+    seed: int = 0
+    out: str = "runs/adding"
+
+
+def run(cfg: Config, strategy: tf.distribute.Strategy) -> dict:
+    replicas = strategy.num_replicas_in_sync
+    if cfg.batch_size % replicas:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {replicas} replicas")
+    per_replica = cfg.batch_size // replicas
+    chief = _is_chief(strategy)
+
+    with strategy.scope():
+        model = adding.model(cfg.length, cfg.units, cfg.seed, cfg.recurrent_gain)
+        optimizer = keras.optimizers.SGD(cfg.learning_rate, momentum=0.9)
+        clip = ClipStep(
+            optimizer,
+            NO_CLIP if cfg.clip_norm is None else cfg.clip_norm,
+            nonfinite="propagate" if cfg.clip_norm is None else "skip",
+        )
+        clip.build(model.trainable_variables)
+
+    @tf.function
+    def train_step(x, y):
+        def replica_fn(x, y):
+            with tf.GradientTape() as tape:
+                err = tf.square(model(x, training=True) - y)
+                loss = tf.reduce_sum(err) / cfg.batch_size  # this replica's share of the global mean
+            result = clip.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+            return loss, result.global_norm, result.scale, result.clipped, result.finite
+
+        loss, norm, scale, clipped, finite = strategy.run(replica_fn, args=(x, y))
+        first = lambda v: strategy.experimental_local_results(v)[0]  # identical on every replica
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None), first(norm), first(scale), first(clipped), first(finite)
+
+    def shard(array):
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(array[ctx.replica_id_in_sync_group * per_replica:][:per_replica])
+        )
+
+    log = StepLog(cfg.out) if chief else None
+    bar = keras.utils.Progbar(cfg.steps, stateful_metrics=["norm", "clip"], interval=0.1 if sys.stdout.isatty() else 10.0, verbose=1 if chief else 0)
+    threshold = math.inf if cfg.clip_norm is None else cfg.clip_norm
+    clipped_steps = skipped_steps = 0
+    losses = []
+    start = time.monotonic()
+    for step in range(cfg.steps):
+        x, y = adding.batch(cfg.seed, step, cfg.batch_size, cfg.length)
+        loss, norm, scale, clipped, finite = (v.numpy() for v in train_step(shard(x), shard(y)))
+        skipped = int(not finite and cfg.clip_norm is not None)
+        clipped_steps += int(clipped)
+        skipped_steps += skipped
+        losses.append(float(loss))
+        row = dict(step=step, loss=float(loss), global_norm=float(norm), scale=float(scale), clip_norm=threshold,
+                   clipped=int(clipped), skipped=skipped)
+        if log:
+            log.write(row)
+        bar.update(step + 1, [("loss", float(loss)), ("norm", float(norm)), ("clip", float(clipped))])
+    elapsed = time.monotonic() - start
+
+    x, y = adding.batch(cfg.seed + 10_000, 0, 1024, cfg.length)
+    eval_mse = float(tf.reduce_mean(tf.square(model(x) - y)))
+    summary = {
+        "strategy": type(strategy).__name__,
+        "replicas": replicas,
+        "clip_norm": cfg.clip_norm,
+        "steps": cfg.steps,
+        "final_loss": float(np.mean(losses[-100:])),  # mean training MSE over the last 100 steps
+        "eval_mse": eval_mse,
+        "steps_clipped": clipped_steps,
+        "steps_skipped": skipped_steps,
+        "skipped_steps_variable": int(strategy.experimental_local_results(clip.skipped_steps)[0].numpy()),
+        "seconds": round(elapsed, 1),
+        "config": asdict(cfg),
+    }
+    if log:
+        log.close()
+        title = f"adding problem, T={cfg.length}, {replicas} replicas, " + (
+            "no clipping" if cfg.clip_norm is None else f"clip_norm={cfg.clip_norm}")
+        plot(log.rows, os.path.join(cfg.out, "plot.png"), title)
+        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _is_chief(strategy: tf.distribute.Strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0)

@@ -1,0 +1,64 @@
+"""`distclip train` end to end, in its own process: outputs, summary, and bad flags."""
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import tensorflow as tf
+
+BIN = os.path.join(os.path.dirname(sys.executable), "distclip")
+
+
+def _run(args, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _scalars(event_dir):
+    tags = {}
+    for path in glob.glob(os.path.join(event_dir, "events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for v in event.summary.value:
+                tags.setdefault(v.tag, []).append(event.step)
+    return tags
+
+
+def test_train_writes_csv_tensorboard_plot_and_summary(tmp_path):
+    out = tmp_path / "run"
+    r = _run([BIN, "train", "--steps", "40", "--clip-norm", "0.5", "--seed", "3", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    assert "MirroredStrategy x2" in r.stdout and "steps clipped:" in r.stdout and "steps skipped" in r.stdout
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(40))
+    assert set(rows[0]) == {"step", "loss", "global_norm", "scale", "clip_norm", "clipped", "skipped"}
+    for row in rows:
+        norm, scale = float(row["global_norm"]), float(row["scale"])
+        assert scale == min(1.0, 0.5 / norm) or abs(scale - min(1.0, 0.5 / norm)) < 1e-6
+        assert int(row["clipped"]) == int(norm > 0.5)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_clipped"] == sum(int(r["clipped"]) for r in rows) > 0
+    assert summary["replicas"] == 2 and summary["steps_skipped"] == 0
+    assert f"steps clipped: {summary['steps_clipped']}" in r.stdout
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tags = _scalars(out / "tensorboard")
+    assert sorted(tags["global_norm"]) == list(range(40))
+    assert {"loss", "scale", "clip_norm"} <= set(tags)
+
+
+def test_train_without_clipping_and_bad_flags(tmp_path):
+    r = _run([sys.executable, "-m", "distclip", "train", "--steps", "20", "--clip-norm", "none", "--strategy", "default",
+              "--out", str(tmp_path / "noclip")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "noclip" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(float(r["scale"]) == 1.0 and r["clipped"] == "0" for r in rows)
+    assert "clip_norm=None" in r.stdout
+
+    bad = _run([BIN, "train", "--clip-norm", "-1"])
+    assert bad.returncode == 2 and "--clip-norm must be a positive finite number or 'none'; got '-1'" in bad.stderr

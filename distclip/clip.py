@@ -67,7 +67,7 @@ def sync_and_clip(
         scale = tf.where(finite, scale, tf.zeros_like(scale))
     else:
         scale = tf.where(finite, scale, tf.fill([], float("nan")))
-    clipped = [scale_gradient(g, scale, zero_on_zero_scale=nonfinite == "skip") for g in synced]
+    clipped = _scaled(synced, scale, zero_on_zero_scale=nonfinite == "skip")
 
     out: List[Optional[Any]] = [None] * len(grads)
     for i, g in zip(present, clipped):
@@ -79,3 +79,24 @@ def sync_and_clip(
         clipped=tf.logical_and(finite, norm > threshold),
         finite=finite,
     )
+
+
+def _scaled(grads: List[Any], scale: tf.Tensor, zero_on_zero_scale: bool) -> List[Any]:
+    """`g * scale` for every gradient; dense ones skip the multiply on steps where `scale == 1`.
+
+    Most steps of a well-chosen threshold do not clip, and the multiply is a full
+    read and write of every gradient: on those steps the cond passes them through.
+    """
+    dense = [i for i, g in enumerate(grads) if not isinstance(g, tf.IndexedSlices)]
+    out = [scale_gradient(g, scale, zero_on_zero_scale=zero_on_zero_scale) if i not in dense else g
+           for i, g in enumerate(grads)]
+    if dense:
+        inputs = [grads[i] for i in dense]
+        scaled = tf.cond(
+            tf.not_equal(scale, 1.0),  # NaN (propagate) multiplies too
+            lambda: [scale_gradient(g, scale, zero_on_zero_scale=zero_on_zero_scale) for g in inputs],
+            lambda: [tf.identity(g) for g in inputs],
+        )
+        for i, g in zip(dense, scaled):
+            out[i] = g
+    return out

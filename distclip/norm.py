@@ -33,8 +33,8 @@ def dedup_indexed_slices(grad: tf.IndexedSlices) -> tf.Tensor:
 def squared_norm(grad: Gradient) -> tf.Tensor:
     """`||g||_2^2` as a float32 scalar; for `tf.IndexedSlices`, that of the dense gradient."""
     if isinstance(grad, tf.IndexedSlices):
-        return tf.reduce_sum(tf.square(dedup_indexed_slices(grad)))
-    return tf.reduce_sum(tf.square(tf.cast(grad, tf.float32)))
+        return 2.0 * tf.nn.l2_loss(dedup_indexed_slices(grad))
+    return 2.0 * tf.nn.l2_loss(tf.cast(grad, tf.float32))
 
 
 def global_norm(grads: Sequence[Gradient]) -> tf.Tensor:

@@ -89,6 +89,11 @@ def apply_update(
     `skip_if_not_ok`, where `ok` is False no variable, slot or iteration count
     changes and `skipped_counter` grows by 1. `None` entries in `grads` are left
     out, as `optimizer.apply` does.
+
+    Each device runs one `tf.cond` around all of its updates
+    (`strategy.extended.update_non_slot` calls `on_device` once per device,
+    with that device's components of the variables and gradients, in the same
+    update context `strategy.extended.update` uses).
     """
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
     keras_vars = [v for _, v in pairs]
@@ -96,40 +101,42 @@ def apply_update(
     constraints = [getattr(v, "constraint", None) for v in keras_vars]
     learning_rate = optimizer.learning_rate
 
-    def update_one(var, grad, ok, lr, decay, constraint):
+    def on_device(grads, tf_vars, iterations, skipped, ok, lr):
         def update():
-            if decay:
-                var.assign_sub(var * tf.cast(optimizer.weight_decay, var.dtype) * tf.cast(lr, var.dtype))
-            optimizer.update_step(grad, var, lr)
-            if constraint is not None:
-                var.assign(constraint(var))
+            for grad, var, decay, constraint in zip(grads, tf_vars, decays, constraints):
+                if decay:
+                    var.assign_sub(var * tf.cast(optimizer.weight_decay, var.dtype) * tf.cast(lr, var.dtype))
+                optimizer.update_step(grad, var, lr)
+                if constraint is not None:
+                    var.assign(constraint(var))
+            iterations.assign_add(tf.ones([], iterations.dtype))
             return tf.constant(True)
 
-        if skip_if_not_ok:
-            tf.cond(ok, update, lambda: tf.constant(False))
-        else:
-            with tf.control_dependencies([ok]):
-                update()
+        def skip():
+            if skipped is not None:
+                skipped.assign_add(tf.ones([], skipped.dtype))
+            return tf.constant(False)
 
-    def count(var, ok, when):
-        if when is None:  # every step
-            with tf.control_dependencies([ok]):
-                var.assign_add(tf.ones([], var.dtype))
-        else:
-            var.assign_add(tf.cast(tf.equal(ok, when), var.dtype))
+        if skip_if_not_ok:
+            return tf.cond(ok, update, skip)
+        with tf.control_dependencies([ok]):
+            return update()
 
     def merge_fn(strategy, grads, ok, lr):
-        for (_, kvar), grad, decay, constraint in zip(pairs, grads, decays, constraints):
-            strategy.extended.update(
-                _tf_variable(kvar), update_one, args=(grad, ok, lr),
-                kwargs={"decay": decay, "constraint": constraint}, group=False,
-            )
-        step_when = True if skip_if_not_ok else None
-        strategy.extended.update(_tf_variable(optimizer.iterations), count, args=(ok, step_when), group=False)
-        if skipped_counter is not None and skip_if_not_ok:
-            strategy.extended.update(skipped_counter, count, args=(ok, False), group=False)
+        tf_vars = [_tf_variable(v) for v in keras_vars]
+        devices = strategy.extended.non_slot_devices(tf_vars)
+        counter = skipped_counter if skip_if_not_ok else None
+        strategy.extended.update_non_slot(
+            devices, on_device, args=(grads, tf_vars, _tf_variable(optimizer.iterations), counter, ok, lr), group=False
+        )
 
     with tf.name_scope(optimizer.name):
+        present = [g for g, _ in pairs]
+        if not tf.distribute.has_strategy():  # no strategy, or the default one: nothing to place
+            counter = skipped_counter if skip_if_not_ok else None
+            tf_vars = [_tf_variable(v) for v in keras_vars]
+            on_device(present, tf_vars, _tf_variable(optimizer.iterations), counter, ok, learning_rate)
+            return
         tf.__internal__.distribute.interim.maybe_merge_call(
-            merge_fn, tf.distribute.get_strategy(), [g for g, _ in pairs], ok, learning_rate
+            merge_fn, tf.distribute.get_strategy(), present, ok, learning_rate
         )

@@ -37,3 +37,26 @@ def test_keras_global_clipnorm_does_not_match_reference(mirrored):
     ours, _, _, _ = distributed_train(mirrored, 0.2, STEPS, "sgd")
     assert max_abs_diff(keras_weights, ref_weights) > 1e-2
     assert max_abs_diff(ours, ref_weights) <= 1e-5
+
+
+def test_clipstep_eagerly_under_mirrored(mirrored):
+    """Without tf.function: strategy.run runs replicas in threads and merge_call still applies once."""
+    import distclip
+    import tensorflow as tf
+    from common import GLOBAL_BATCH, global_batch, make_model, make_optimizer, shard
+
+    with mirrored.scope():
+        model, optimizer = make_model(), make_optimizer("adam")
+        clip = distclip.ClipStep(optimizer, 0.2)
+
+    def replica_fn(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(model(x) - y)) / GLOBAL_BATCH
+        return clip.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables).global_norm
+
+    for s in range(STEPS):
+        x, y = global_batch(s)
+        mirrored.run(replica_fn, args=(shard(mirrored, x), shard(mirrored, y)))
+    ref_weights, _ = reference_train(0.2, STEPS)
+    assert max_abs_diff(model.get_weights(), ref_weights) <= 1e-5
+    assert int(optimizer.iterations.numpy()) == STEPS

@@ -8,9 +8,9 @@ This is the only module that knows Keras 3's TensorFlow optimizer internals.
     MirroredStrategy ("merge_call called while defining a new graph").
 So this module does what `optimizer.apply` does for one step: weight decay,
 `optimizer.update_step` (the documented per-variable extension point),
-variable constraints and the iteration count, through the same
-`maybe_merge_call` + `strategy.extended.update` seam Keras uses, with no
-reduction, and with each variable's update inside a `tf.cond` on a predicate
+variable constraints and the iteration count. It goes through `maybe_merge_call`
+as Keras does, with no reduction, and from the cross-replica context runs, on
+each device, one `tf.cond` around all of that device's updates, on a predicate
 that is identical on every replica (decided from the synchronized norm).
 """
 from __future__ import annotations

@@ -17,6 +17,16 @@ tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfigu
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """The suite fails if any test leaves a child process (a worker, a CLI run) running."""
+    import psutil
+
+    yield
+    children = psutil.Process().children(recursive=True)
+    assert not children, f"processes left running: {[(p.pid, p.name()) for p in children]}"
+
+
 @pytest.fixture(scope="session")
 def mirrored():
     """MirroredStrategy over the 2 logical CPU devices."""

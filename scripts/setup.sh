@@ -60,10 +60,12 @@ fi
 # 4. distclip itself, editable, with its console script.
 "${pip[@]}" install --no-deps --no-build-isolation -e .
 
-"$venv/bin/python" - <<'PY'
-import horovod.tensorflow as hvd, tensorflow as tf, keras
-assert hvd.tensorflow_built() if hasattr(hvd, "tensorflow_built") else True
-print(f"[setup] TensorFlow {tf.__version__}, Keras {keras.__version__}, Horovod ok", flush=True)
-PY
+# 5. Check what was built: Horovod must list TensorFlow and both controllers.
+build="$("$venv/bin/horovodrun" --check-build 2>/dev/null)"
+for want_line in '\[X\] TensorFlow' '\[X\] MPI' '\[X\] Gloo'; do
+  grep -q "$want_line" <<<"$build" || { echo "$build" >&2; log "horovodrun --check-build lacks ${want_line//\\/}"; exit 1; }
+done
+"$venv/bin/python" -c 'import tensorflow as tf, keras, horovod, mpi4py
+print(f"[setup] TensorFlow {tf.__version__}, Keras {keras.__version__}, Horovod {horovod.__version__} (TensorFlow, MPI, Gloo), mpi4py {mpi4py.__version__}")' 2>/dev/null
 echo "$want" > "$stamp"
 log "done: $venv"

@@ -63,21 +63,22 @@ def shard(strategy, array):
     )
 
 
-def distributed_train(strategy, clip_norm, steps, opt="adam", batches=None, keras_global_clipnorm=False, **clip_kwargs):
-    """Each replica computes gradients on its shard; ClipStep (or Keras's global_clipnorm) updates.
+def distributed_train(strategy, clip_norm, steps, opt="adam", batches=None, mode="clipstep", **clip_kwargs):
+    """Each replica computes gradients on its shard, then one of three updates (`mode`):
+    "clipstep" (distclip.ClipStep), "keras_global_clipnorm" (optimizer.apply with
+    Keras's own global_clipnorm), or "unclipped" (plain optimizer.apply).
 
     Returns (weights, per-step per-replica norms, per-variable per-replica values, objects).
     """
+    assert mode in ("clipstep", "keras_global_clipnorm", "unclipped"), mode
     with strategy.scope():
         model = make_model()
-        if keras_global_clipnorm:
-            optimizer = make_optimizer(opt, global_clipnorm=clip_norm)
-            clip = None
-        else:
-            optimizer = make_optimizer(opt)
-            clip = distclip.ClipStep(optimizer, clip_norm, **clip_kwargs)
+        extra = {"global_clipnorm": clip_norm} if mode == "keras_global_clipnorm" else {}
+        optimizer = make_optimizer(opt, **extra)
+        clip = distclip.ClipStep(optimizer, clip_norm, **clip_kwargs) if mode == "clipstep" else None
         optimizer.build(model.trainable_variables)
-    batches = batches or [global_batch(s) for s in range(steps)]
+    if batches is None:
+        batches = [global_batch(s) for s in range(steps)]
 
     @tf.function
     def step(x, y):

@@ -62,3 +62,30 @@ def test_train_without_clipping_and_bad_flags(tmp_path):
 
     bad = _run([BIN, "train", "--clip-norm", "-1"])
     assert bad.returncode == 2 and "--clip-norm must be a positive finite number or 'none'; got '-1'" in bad.stderr
+
+
+def test_train_multiworker_two_processes(tmp_path):
+    """--strategy multiworker from TF_CONFIG: same summary on both workers, files from worker 0 only."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from procs import free_ports, run_all
+
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    commands, envs = [], []
+    for i in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
+        envs.append(dict(os.environ, TF_CONFIG=tf_config, TF_CPP_MIN_LOG_LEVEL="2"))
+        commands.append([BIN, "train", "--strategy", "multiworker", "--steps", "15", "--clip-norm", "0.5",
+                         "--out", str(tmp_path / f"w{i}")])
+    results = run_all(commands, envs, timeout=240)
+    for i, r in enumerate(results):
+        assert r.returncode == 0, f"worker {i}: {r.stdout[-3000:]}"
+    summaries = [r.stdout[r.stdout.index("distclip train:"):].splitlines()[:4] for r in results]
+    assert summaries[0] == summaries[1]
+    assert "MultiWorkerMirroredStrategy x2" in summaries[0][0]
+    assert (tmp_path / "w0" / "metrics.csv").exists() and not (tmp_path / "w1").exists()
+
+
+def test_train_tpu_without_a_tpu_fails_clearly(tmp_path):
+    r = _run([BIN, "train", "--strategy", "tpu", "--steps", "1", "--out", str(tmp_path / "tpu")])
+    assert r.returncode != 0
+    assert "--strategy tpu: no TPU could be reached" in r.stderr

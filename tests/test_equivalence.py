@@ -1,8 +1,10 @@
 """ClipStep under MirroredStrategy equals single-device training with tf.clip_by_global_norm."""
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from common import distributed_train, max_abs_diff, reference_train
+import distclip
+from common import GLOBAL_BATCH, distributed_train, global_batch, make_model, make_optimizer, max_abs_diff, reference_train, shard
 
 STEPS = 4
 
@@ -33,7 +35,7 @@ def test_replicas_identical_bit_for_bit(mirrored):
 def test_keras_global_clipnorm_does_not_match_reference(mirrored):
     """Keras 3 clips each replica's local gradients before its all-reduce: not the global-batch result."""
     ref_weights, _ = reference_train(0.2, STEPS, "sgd")
-    keras_weights, _, _, _ = distributed_train(mirrored, 0.2, STEPS, "sgd", keras_global_clipnorm=True)
+    keras_weights, _, _, _ = distributed_train(mirrored, 0.2, STEPS, "sgd", mode="keras_global_clipnorm")
     ours, _, _, _ = distributed_train(mirrored, 0.2, STEPS, "sgd")
     assert max_abs_diff(keras_weights, ref_weights) > 1e-2
     assert max_abs_diff(ours, ref_weights) <= 1e-5
@@ -41,10 +43,6 @@ def test_keras_global_clipnorm_does_not_match_reference(mirrored):
 
 def test_clipstep_eagerly_under_mirrored(mirrored):
     """Without tf.function: strategy.run runs replicas in threads and merge_call still applies once."""
-    import distclip
-    import tensorflow as tf
-    from common import GLOBAL_BATCH, global_batch, make_model, make_optimizer, shard
-
     with mirrored.scope():
         model, optimizer = make_model(), make_optimizer("adam")
         clip = distclip.ClipStep(optimizer, 0.2)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import distributed_train, global_batch, max_abs_diff, reference_train, replica_values
+from common import distributed_train, global_batch, max_abs_diff, reference_train, replica_values, shard
 
 
 def _poisoned(seed=0):
@@ -16,7 +16,6 @@ def _poisoned(seed=0):
 def test_skip_on_every_replica_then_train_normally(mirrored):
     weights, norms, per_replica, objs = distributed_train(mirrored, 0.2, 1, batches=[global_batch(0)])
     model, optimizer, clip, step = objs["model"], objs["optimizer"], objs["clip"], objs["step"]
-    from common import shard
 
     before_vars = replica_values(mirrored, model.trainable_variables)
     before_opt = replica_values(mirrored, optimizer.variables)
@@ -43,7 +42,6 @@ def test_skip_on_every_replica_then_train_normally(mirrored):
 def test_raise_fails_the_step_and_changes_nothing(mirrored):
     _, _, _, objs = distributed_train(mirrored, 0.2, 1, batches=[global_batch(0)], nonfinite="raise")
     model, optimizer, step = objs["model"], objs["optimizer"], objs["step"]
-    from common import shard
 
     before = replica_values(mirrored, model.trainable_variables + optimizer.variables)
     with pytest.raises(tf.errors.InvalidArgumentError, match="global gradient norm is not finite"):
@@ -56,7 +54,6 @@ def test_raise_fails_the_step_and_changes_nothing(mirrored):
 def test_propagate_behaves_like_tf_clip_by_global_norm(mirrored):
     _, _, _, objs = distributed_train(mirrored, 0.2, 1, batches=[global_batch(0)], opt="sgd", nonfinite="propagate")
     model, step = objs["model"], objs["step"]
-    from common import shard
 
     step(shard(mirrored, _poisoned()[0]), shard(mirrored, _poisoned()[1]))
     # tf.clip_by_global_norm turns every gradient into NaN when the norm is not finite.

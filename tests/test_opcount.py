@@ -1,12 +1,11 @@
 """One reduction: a ClipStep step moves no more elements through CollectiveReduceV2 than plain optimizer.apply."""
 import tensorflow as tf
 
-from common import GLOBAL_BATCH, global_batch, make_model, make_optimizer, shard
-import distclip
+from common import distributed_train, global_batch, shard
 
 
 def _reduced_elements(concrete):
-    """(elements through CollectiveReduceV2 in the step's graph, collectives inside nested functions)."""
+    """(elements through CollectiveReduceV2 in the step's graph, how many such ops, how many in nested functions)."""
     ops = [op for op in concrete.graph.get_operations() if op.type == "CollectiveReduceV2"]
     nested = sum(
         node.op == "CollectiveReduceV2"
@@ -16,34 +15,16 @@ def _reduced_elements(concrete):
     return sum(op.inputs[0].shape.num_elements() for op in ops), len(ops), nested
 
 
-def _trace(strategy, use_clipstep):
-    with strategy.scope():
-        model = make_model()
-        optimizer = make_optimizer("adam")
-        clip = distclip.ClipStep(optimizer, 0.5)
-        optimizer.build(model.trainable_variables)
-
-    @tf.function
-    def step(x, y):
-        def replica_fn(x, y):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(tf.square(model(x) - y)) / GLOBAL_BATCH
-            grads = tape.gradient(loss, model.trainable_variables)
-            if use_clipstep:
-                return clip.apply(grads, model.trainable_variables).global_norm
-            optimizer.apply(grads, model.trainable_variables)
-            return loss
-
-        return strategy.run(replica_fn, args=(x, y))
-
+def _trace(strategy, mode):
+    _, _, _, objs = distributed_train(strategy, 0.5, 0, mode=mode)
     x, y = global_batch()
-    n_params = sum(int(tf.size(v)) for v in model.trainable_variables)
-    return step.get_concrete_function(shard(strategy, x), shard(strategy, y)), n_params
+    n_params = sum(int(tf.size(v)) for v in objs["model"].trainable_variables)
+    return objs["step"].get_concrete_function(shard(strategy, x), shard(strategy, y)), n_params
 
 
 def test_one_packed_reduction(mirrored):
-    plain, n_params = _trace(mirrored, use_clipstep=False)
-    ours, _ = _trace(mirrored, use_clipstep=True)
+    plain, n_params = _trace(mirrored, "unclipped")
+    ours, _ = _trace(mirrored, "clipstep")
     plain_elems, plain_ops, plain_nested = _reduced_elements(plain)
     our_elems, our_ops, our_nested = _reduced_elements(ours)
     replicas = mirrored.num_replicas_in_sync

@@ -95,7 +95,7 @@ def run(cfg: Config, strategy: tf.distribute.Strategy) -> dict:
     x, y = adding.batch(cfg.seed + 10_000, 0, 1024, cfg.length)
     eval_mse = float(tf.reduce_mean(tf.square(model(x) - y)))
     summary = {
-        "strategy": type(strategy).__name__,
+        "strategy": _strategy_name(strategy),
         "replicas": replicas,
         "clip_norm": cfg.clip_norm,
         "steps": cfg.steps,
@@ -115,6 +115,15 @@ def run(cfg: Config, strategy: tf.distribute.Strategy) -> dict:
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _strategy_name(strategy: tf.distribute.Strategy) -> str:
+    """The name users know the strategy by (MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy)."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
+        return "default strategy"
+    return type(strategy).__name__
 
 
 def _is_chief(strategy: tf.distribute.Strategy) -> bool:

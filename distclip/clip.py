@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from distclip import sync
 from distclip.checks import NONFINITE, check_choice, check_gradients
-from distclip.norm import clip_scale, global_norm, scale_gradient
+from distclip.norm import clip_scale, global_norm, scale_gradients
 from distclip.result import ClipResult
 from distclip.threshold import ClipNorm, check_clip_norm, resolve_clip_norm
 
@@ -58,16 +58,8 @@ def sync_and_clip(
     synced = engine.all_reduce([grads[i] for i in present], op)
     norm = global_norm(synced)
     finite = tf.math.is_finite(norm)
-    scale = clip_scale(norm, threshold)
-    if nonfinite == "raise":
-        check = tf.debugging.Assert(finite, ["distclip: the global gradient norm is not finite: global_norm =", norm])
-        with tf.control_dependencies([check]):
-            scale = tf.identity(scale)
-    elif nonfinite == "skip":
-        scale = tf.where(finite, scale, tf.zeros_like(scale))
-    else:
-        scale = tf.where(finite, scale, tf.fill([], float("nan")))
-    clipped = _scaled(synced, scale, zero_on_zero_scale=nonfinite == "skip")
+    scale = _on_nonfinite(nonfinite, clip_scale(norm, threshold), norm, finite)
+    clipped = scale_gradients(synced, scale, zero_on_zero_scale=nonfinite == "skip")
 
     out: List[Optional[Any]] = [None] * len(grads)
     for i, g in zip(present, clipped):
@@ -81,22 +73,11 @@ def sync_and_clip(
     )
 
 
-def _scaled(grads: List[Any], scale: tf.Tensor, zero_on_zero_scale: bool) -> List[Any]:
-    """`g * scale` for every gradient; dense ones skip the multiply on steps where `scale == 1`.
-
-    Most steps of a well-chosen threshold do not clip, and the multiply is a full
-    read and write of every gradient: on those steps the cond passes them through.
-    """
-    dense = [i for i, g in enumerate(grads) if not isinstance(g, tf.IndexedSlices)]
-    out = [scale_gradient(g, scale, zero_on_zero_scale=zero_on_zero_scale) if i not in dense else g
-           for i, g in enumerate(grads)]
-    if dense:
-        inputs = [grads[i] for i in dense]
-        scaled = tf.cond(
-            tf.not_equal(scale, 1.0),  # NaN (propagate) multiplies too
-            lambda: [scale_gradient(g, scale, zero_on_zero_scale=zero_on_zero_scale) for g in inputs],
-            lambda: [tf.identity(g) for g in inputs],
-        )
-        for i, g in zip(dense, scaled):
-            out[i] = g
-    return out
+def _on_nonfinite(nonfinite: str, scale: tf.Tensor, norm: tf.Tensor, finite: tf.Tensor) -> tf.Tensor:
+    """The scale to apply: 0 to skip, an assertion to raise, NaN to propagate a non-finite norm."""
+    if nonfinite == "raise":
+        check = tf.debugging.Assert(finite, ["distclip: the global gradient norm is not finite: global_norm =", norm])
+        with tf.control_dependencies([check]):
+            return tf.identity(scale)
+    fallback = 0.0 if nonfinite == "skip" else float("nan")
+    return tf.where(finite, scale, tf.fill([], fallback))

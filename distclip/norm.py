@@ -5,7 +5,7 @@ float16 or bfloat16 gradient neither overflows when squared nor loses the sum.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import List, Sequence, Union
 
 import tensorflow as tf
 
@@ -63,3 +63,25 @@ def scale_gradient(grad: Gradient, scale: tf.Tensor, *, zero_on_zero_scale: bool
         values = mul(grad.values, tf.cast(scale, grad.values.dtype))
         return tf.IndexedSlices(values, grad.indices, grad.dense_shape)
     return mul(grad, tf.cast(scale, grad.dtype))
+
+
+def scale_gradients(grads: Sequence[Gradient], scale: tf.Tensor, *, zero_on_zero_scale: bool = False) -> List[Gradient]:
+    """`[g * scale for g in grads]`, except that dense gradients skip the multiply when `scale == 1`.
+
+    Most steps under a well-chosen threshold do not clip, and the multiply is a
+    full read and write of every gradient: on those steps one `tf.cond` passes
+    them through. (`tf.IndexedSlices` are always multiplied: they are small.)
+    """
+    out = [scale_gradient(g, scale, zero_on_zero_scale=zero_on_zero_scale) if isinstance(g, tf.IndexedSlices) else g
+           for g in grads]
+    dense = [i for i, g in enumerate(grads) if not isinstance(g, tf.IndexedSlices)]
+    if dense:
+        inputs = [grads[i] for i in dense]
+        scaled = tf.cond(
+            tf.not_equal(scale, 1.0),  # NaN (nonfinite="propagate") multiplies too
+            lambda: [scale_gradient(g, scale, zero_on_zero_scale=zero_on_zero_scale) for g in inputs],
+            lambda: [tf.identity(g) for g in inputs],
+        )
+        for i, g in zip(dense, scaled):
+            out[i] = g
+    return out

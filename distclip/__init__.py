@@ -8,7 +8,8 @@ from distclip.clip import sync_and_clip
 from distclip.errors import ArgumentError, ContextError
 from distclip.result import ClipResult
 from distclip.step import ClipStep
+from distclip.sync import broadcast_from_root
 
 __version__ = "0.1.0"
 
-__all__ = ["sync_and_clip", "ClipStep", "ClipResult", "ArgumentError", "ContextError", "__version__"]
+__all__ = ["sync_and_clip", "ClipStep", "ClipResult", "broadcast_from_root", "ArgumentError", "ContextError", "__version__"]

@@ -6,6 +6,7 @@ from typing import Any, List, Sequence, Tuple
 import tensorflow as tf
 
 from distclip.errors import ArgumentError
+from distclip.sync.wire import COMPRESSIONS
 
 NONFINITE = ("skip", "raise", "propagate")
 
@@ -73,3 +74,10 @@ def split_pairs(grads_and_vars: Any) -> Tuple[List[Any], List[Any]]:
     if bad:
         raise ArgumentError(f"grads_and_vars[{bad[0]}] is not a (gradient, variable) pair: {_short(pairs[bad[0]])}")
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def check_wire(sparse_as_dense: Any, compression: Any) -> None:
+    if not isinstance(sparse_as_dense, bool):
+        raise ArgumentError(f"sparse_as_dense must be True or False; got sparse_as_dense={sparse_as_dense!r}")
+    if compression not in COMPRESSIONS:
+        raise ArgumentError(f"compression must be one of {COMPRESSIONS}; got compression={compression!r}")

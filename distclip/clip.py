@@ -6,7 +6,8 @@ from typing import Any, List, Optional, Sequence
 import tensorflow as tf
 
 from distclip import sync
-from distclip.checks import NONFINITE, check_choice, check_gradients
+from distclip.checks import NONFINITE, check_choice, check_gradients, check_wire
+from distclip.sync import wire
 from distclip.norm import clip_scale, global_norm, scale_gradients
 from distclip.result import ClipResult
 from distclip.threshold import ClipNorm, check_clip_norm, resolve_clip_norm
@@ -20,6 +21,8 @@ def sync_and_clip(
     reduction: str = "auto",
     backend: str = "auto",
     step: Optional[tf.Tensor] = None,
+    sparse_as_dense: bool = False,
+    compression: Optional[str] = None,
 ) -> ClipResult:
     """All-reduce `grads` across replicas, then clip them by their global L2 norm.
 
@@ -42,20 +45,26 @@ def sync_and_clip(
         "propagate" behaves like `tf.clip_by_global_norm` (NaN gradients).
       reduction: "auto" (SUM under tf.distribute, where per-replica losses are
         divided by the global batch; MEAN under Horovod), "sum" or "mean".
-      backend: "auto", "tf_distribute" or "none" (see `distclip.sync`).
+      backend: "auto", "tf_distribute", "horovod" or "none" (see `distclip.sync`).
       step: the step number, needed only when `clip_norm` is a callable.
+      sparse_as_dense: send `tf.IndexedSlices` as dense tensors in the packed
+        all-reduce instead of all-gathering them (see `distclip.sync.wire`).
+      compression: None or "fp16": float32/float64 gradients travel as float16;
+        the norm is computed on the decompressed values.
 
     Must run in a replica context: inside `strategy.run`, or with no strategy.
     """
     grads = check_gradients(grads)
     check_clip_norm(clip_norm)
     check_choice("nonfinite", nonfinite, NONFINITE)
+    check_wire(sparse_as_dense, compression)
     engine = sync.select(backend, caller="sync_and_clip")
     op = sync.resolve_reduction(reduction, engine)
     threshold = resolve_clip_norm(clip_norm, step)
 
     present = [i for i, g in enumerate(grads) if g is not None]
-    synced = engine.all_reduce([grads[i] for i in present], op)
+    sent, dtypes = wire.encode([grads[i] for i in present], sparse_as_dense=sparse_as_dense, compression=compression)
+    synced = wire.decode(engine.all_reduce(sent, op), dtypes)
     norm = global_norm(synced)
     finite = tf.math.is_finite(norm)
     scale = _on_nonfinite(nonfinite, clip_scale(norm, threshold), norm, finite)

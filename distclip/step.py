@@ -1,12 +1,12 @@
 """`ClipStep`: synchronize once, clip, and apply the update with a Keras 3 optimizer once."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence, Tuple
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
 from distclip import sync, update
-from distclip.checks import NONFINITE, check_choice, check_pairs, split_pairs
+from distclip.checks import NONFINITE, check_choice, check_pairs, check_wire, split_pairs
 from distclip.clip import sync_and_clip
 from distclip.result import ClipResult
 from distclip.threshold import ClipNorm, check_clip_norm
@@ -38,6 +38,10 @@ class ClipStep(tf.Module):
     `clip_norm` may be a number, a scalar tensor or variable, or a callable of the
     optimizer's iteration count (a Keras `LearningRateSchedule` works).
 
+    `backend`, `reduction`, `sparse_as_dense` and `compression` mean what they
+    mean for `sync_and_clip`; under Horovod (`backend="auto"` finds it) each
+    process is one replica and gradients are averaged.
+
     `nonfinite="skip"` (default): when the synchronized norm is inf or NaN, every
     replica skips the step together; variables, optimizer slots and
     `optimizer.iterations` stay as they were and `skipped_steps` grows by one.
@@ -53,6 +57,8 @@ class ClipStep(tf.Module):
         nonfinite: str = "skip",
         reduction: str = "auto",
         backend: str = "auto",
+        sparse_as_dense: bool = False,
+        compression: Optional[str] = None,
         name: str = "clip_step",
     ):
         super().__init__(name=name)
@@ -62,6 +68,8 @@ class ClipStep(tf.Module):
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
         self.reduction = check_choice("reduction", reduction, sync.REDUCTIONS)
         self.backend = check_choice("backend", backend, sync.BACKENDS)
+        check_wire(sparse_as_dense, compression)
+        self.sparse_as_dense, self.compression = sparse_as_dense, compression
         self._strategy = tf.distribute.get_strategy()
         with tf.name_scope(name):
             #: Steps skipped because the synchronized global norm was not finite.
@@ -84,6 +92,7 @@ class ClipStep(tf.Module):
         result = sync_and_clip(
             grads, self.clip_norm, nonfinite=self.nonfinite, reduction=self.reduction,
             backend=self.backend, step=self.optimizer.iterations,
+            sparse_as_dense=self.sparse_as_dense, compression=self.compression,
         )
         # Nothing is applied before every check of this step has passed: the
         # threshold's and, with nonfinite="raise", the norm's (both feed `scale`).

@@ -1,0 +1,59 @@
+"""Horovod behind the same API: real horovodrun (Gloo, MPI) and mpirun launches with 2 processes."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from common import global_batch, max_abs_diff, reference_train
+from procs import python, run_all
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "workers", "horovod_train.py")
+BIN = os.path.dirname(python())
+ROOT_OK = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+LAUNCHERS = {
+    "horovodrun-gloo": [os.path.join(BIN, "horovodrun"), "--gloo", "-np", "2", "-H", "localhost:2"],
+    "horovodrun-mpi": [os.path.join(BIN, "horovodrun"), "--mpi", "-np", "2", "-H", "localhost:2"],
+    "mpirun": ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none"],
+}
+
+
+def _launch(launcher, out_dir, *args):
+    if shutil.which(LAUNCHERS[launcher][0]) is None:
+        pytest.fail(f"{LAUNCHERS[launcher][0]} is not installed: run scripts/setup.sh")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.path.dirname(HERE), **ROOT_OK)
+    cmd = LAUNCHERS[launcher] + [python(), WORKER, str(out_dir)] + [str(a) for a in args]
+    (result,) = run_all([cmd], [env], timeout=240)
+    assert result.returncode == 0, f"{launcher} exited {result.returncode}:\n{result.stdout[-4000:]}"
+    ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["size"] for r in ranks] == [2, 2]
+    return ranks
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_ranks_match_single_process_reference(tmp_path, launcher):
+    steps, clip_norm = 4, 0.2
+    ranks = _launch(launcher, tmp_path, clip_norm, steps)
+    ref_weights, ref_norms = reference_train(clip_norm, steps)
+    for r in ranks:
+        assert max_abs_diff([np.array(w, "float32") for w in r["weights"]], ref_weights) <= 1e-5
+        assert r["norms"] == pytest.approx(ref_norms, rel=1e-5)
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["norms"] == ranks[1]["norms"]
+    assert all(n > clip_norm for n in ref_norms)
+
+
+def test_nonfinite_on_one_rank_skips_on_every_rank(tmp_path):
+    steps, poison = 4, 1
+    ranks = _launch("horovodrun-gloo", tmp_path, 0.2, steps, poison)
+    for r in ranks:
+        assert not np.isfinite(r["norms"][poison])
+        assert r["skipped"] == 1 and r["iterations"] == steps - 1
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    # The same as never having seen the poisoned batch.
+    batches = [global_batch(s) for s in range(steps) if s != poison]
+    ref_weights, _ = reference_train(0.2, steps - 1, batches=batches)
+    assert max_abs_diff([np.array(w, "float32") for w in ranks[0]["weights"]], ref_weights) <= 1e-5

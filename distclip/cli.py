@@ -45,8 +45,9 @@ def parser() -> argparse.ArgumentParser:
         "plot.png and summary.json to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    t.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
-                   help="auto: multiworker if TF_CONFIG names several workers, else mirrored")
+    t.add_argument("--strategy", choices=STRATEGIES + ("horovod",), default=d.strategy,
+                   help="auto: multiworker if TF_CONFIG names several workers, else mirrored; "
+                   "horovod: one replica per process, launched with horovodrun, mpirun or srun")
     t.add_argument("--replicas", type=_positive_int, default=d.replicas, help="replicas for --strategy mirrored (GPUs, or logical CPU devices)")
     t.add_argument("--clip-norm", type=_clip_norm, default=d.clip_norm, help="global-norm threshold, or 'none' to train without clipping")
     t.add_argument("--steps", type=_positive_int, default=d.steps)
@@ -64,13 +65,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # The strategy must be created before anything else touches TensorFlow.
-    from distclip.strategies import make_strategy
+    from distclip.train.engines import make_engine
 
-    strategy = make_strategy(args.strategy, args.replicas)
+    engine = make_engine(args.strategy, args.replicas)
     from distclip.train.loop import run
 
     cfg = Config(**{k: v for k, v in vars(args).items() if k != "command"})
-    summary = run(cfg, strategy)
+    summary = run(cfg, engine)
     print(
         f"\ndistclip train: {summary['strategy']} x{summary['replicas']}, clip_norm={cfg.clip_norm}, "
         f"{cfg.steps} steps in {summary['seconds']} s\n"

@@ -57,3 +57,34 @@ def test_nonfinite_on_one_rank_skips_on_every_rank(tmp_path):
     batches = [global_batch(s) for s in range(steps) if s != poison]
     ref_weights, _ = reference_train(0.2, steps - 1, batches=batches)
     assert max_abs_diff([np.array(w, "float32") for w in ranks[0]["weights"]], ref_weights) <= 1e-5
+
+
+def test_distclip_train_under_horovodrun_matches_mirrored(tmp_path):
+    """`distclip train --strategy horovod`: same summary on both ranks, same numbers as under MirroredStrategy."""
+    import csv
+
+    train = [os.path.join(BIN, "distclip"), "train", "--steps", "12", "--clip-norm", "0.5", "--seed", "5"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **ROOT_OK)
+    hvd_cmd = LAUNCHERS["horovodrun-gloo"] + train + ["--strategy", "horovod", "--out", str(tmp_path / "hvd")]
+    mirrored_cmd = train + ["--strategy", "mirrored", "--out", str(tmp_path / "mirrored")]
+    for cmd in (hvd_cmd, mirrored_cmd):
+        (r,) = run_all([cmd], [env], timeout=240)
+        assert r.returncode == 0, r.stdout[-4000:]
+        if cmd is hvd_cmd:
+            per_rank = {}
+            for line in r.stdout.splitlines():
+                if line.startswith("[") and "]<stdout>:" in line:
+                    rank, text = line[1:].split("]<stdout>:", 1)
+                    per_rank.setdefault(rank, []).append(text)
+            summaries = {k: [t for t in v if t.startswith(("distclip train:", "  final", "  held-out", "  steps"))]
+                         for k, v in per_rank.items()}
+            assert set(summaries) == {"0", "1"} and summaries["0"] == summaries["1"] and len(summaries["0"]) == 4
+            assert "Horovod x2" in summaries["0"][0]
+
+    def rows(name):
+        with open(tmp_path / name / "metrics.csv") as f:
+            return list(csv.DictReader(f))
+
+    for h, m in zip(rows("hvd"), rows("mirrored")):
+        for col in ("loss", "global_norm", "scale"):
+            assert float(h[col]) == pytest.approx(float(m[col]), rel=1e-4), (h["step"], col)

@@ -37,14 +37,14 @@ class Config:
     out: str = "runs/adding"
 
 
-def run(cfg: Config, strategy: tf.distribute.Strategy) -> dict:
-    replicas = strategy.num_replicas_in_sync
+def run(cfg: Config, engine) -> dict:
+    """Trains per `cfg` on `engine` (see `distclip.train.engines`); returns the summary, the same on every rank."""
+    replicas = engine.replicas
     if cfg.batch_size % replicas:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {replicas} replicas")
-    per_replica = cfg.batch_size // replicas
-    chief = _is_chief(strategy)
+    chief = engine.chief
 
-    with strategy.scope():
+    with engine.scope():
         model = adding.model(cfg.length, cfg.units, cfg.seed, cfg.recurrent_gain)
         optimizer = keras.optimizers.SGD(cfg.learning_rate, momentum=0.9)
         clip = ClipStep(
@@ -53,24 +53,14 @@ def run(cfg: Config, strategy: tf.distribute.Strategy) -> dict:
             nonfinite="propagate" if cfg.clip_norm is None else "skip",
         )
         clip.build(model.trainable_variables)
+    engine.broadcast(model.variables + optimizer.variables)
 
-    @tf.function
-    def train_step(x, y):
-        def replica_fn(x, y):
-            with tf.GradientTape() as tape:
-                err = tf.square(model(x, training=True) - y)
-                loss = tf.reduce_sum(err) / cfg.batch_size  # this replica's share of the global mean
-            result = clip.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
-            return loss, result.global_norm, result.scale, result.clipped, result.finite
+    def replica_fn(x, y, loss_denominator):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(model(x, training=True) - y)) / loss_denominator
+        return loss, clip.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
 
-        loss, norm, scale, clipped, finite = strategy.run(replica_fn, args=(x, y))
-        first = lambda v: strategy.experimental_local_results(v)[0]  # identical on every replica
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None), first(norm), first(scale), first(clipped), first(finite)
-
-    def shard(array):
-        return strategy.experimental_distribute_values_from_function(
-            lambda ctx: tf.constant(array[ctx.replica_id_in_sync_group * per_replica:][:per_replica])
-        )
+    train_step = engine.compile(replica_fn, cfg.batch_size)
 
     log = StepLog(cfg.out) if chief else None
     bar = keras.utils.Progbar(cfg.steps, stateful_metrics=["norm", "clip"], interval=0.1 if sys.stdout.isatty() else 10.0, verbose=1 if chief else 0)
@@ -80,7 +70,7 @@ def run(cfg: Config, strategy: tf.distribute.Strategy) -> dict:
     start = time.monotonic()
     for step in range(cfg.steps):
         x, y = adding.batch(cfg.seed, step, cfg.batch_size, cfg.length)
-        loss, norm, scale, clipped, finite = (v.numpy() for v in train_step(shard(x), shard(y)))
+        loss, norm, scale, clipped, finite = (v.numpy() for v in train_step(x, y))
         skipped = int(not finite and cfg.clip_norm is not None)
         clipped_steps += int(clipped)
         skipped_steps += skipped
@@ -95,7 +85,7 @@ def run(cfg: Config, strategy: tf.distribute.Strategy) -> dict:
     x, y = adding.batch(cfg.seed + 10_000, 0, 1024, cfg.length)
     eval_mse = float(tf.reduce_mean(tf.square(model(x) - y)))
     summary = {
-        "strategy": _strategy_name(strategy),
+        "strategy": engine.name,
         "replicas": replicas,
         "clip_norm": cfg.clip_norm,
         "steps": cfg.steps,
@@ -103,7 +93,7 @@ def run(cfg: Config, strategy: tf.distribute.Strategy) -> dict:
         "eval_mse": eval_mse,
         "steps_clipped": clipped_steps,
         "steps_skipped": skipped_steps,
-        "skipped_steps_variable": int(strategy.experimental_local_results(clip.skipped_steps)[0].numpy()),
+        "skipped_steps_variable": engine.read(clip.skipped_steps),
         "seconds": round(elapsed, 1),
         "config": asdict(cfg),
     }
@@ -115,19 +105,3 @@ def run(cfg: Config, strategy: tf.distribute.Strategy) -> dict:
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
-
-
-def _strategy_name(strategy: tf.distribute.Strategy) -> str:
-    """The name users know the strategy by (MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy)."""
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return "MultiWorkerMirroredStrategy"
-    if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
-        return "default strategy"
-    return type(strategy).__name__
-
-
-def _is_chief(strategy: tf.distribute.Strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not getattr(resolver, "task_type", None):
-        return True
-    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0)

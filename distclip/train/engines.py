@@ -1,0 +1,110 @@
+"""How `distclip train` runs one step on every replica: under a tf.distribute strategy, or under Horovod.
+
+Both give the loop the same thing: `step(x, y)` on the *global* batch (each
+replica takes its own slice), returning the global-mean loss and the clip
+result, identical on every replica and every process.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Tuple
+
+import tensorflow as tf
+
+import distclip
+
+# replica_fn(x, y, loss_denominator) -> (loss, ClipResult); `loss` is this replica's share.
+ReplicaFn = Callable[[tf.Tensor, tf.Tensor, float], Tuple[tf.Tensor, distclip.ClipResult]]
+
+
+class DistributeEngine:
+    """A tf.distribute strategy: per-replica loss divided by the global batch, SUM all-reduce."""
+
+    def __init__(self, strategy: tf.distribute.Strategy):
+        self.strategy = strategy
+        self.replicas = strategy.num_replicas_in_sync
+        resolver = getattr(strategy, "cluster_resolver", None)
+        task_type = getattr(resolver, "task_type", None)
+        self.chief = not task_type or task_type == "chief" or (task_type == "worker" and resolver.task_id == 0)
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            self.name = "MultiWorkerMirroredStrategy"
+        elif not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
+            self.name = "default strategy"
+        else:
+            self.name = type(strategy).__name__
+
+    def scope(self):
+        return self.strategy.scope()
+
+    def broadcast(self, variables) -> None:
+        distclip.broadcast_from_root(variables)  # a no-op: mirrored variables start identical
+
+    def compile(self, replica_fn: ReplicaFn, global_batch: int):
+        strategy, per = self.strategy, global_batch // self.replicas
+
+        @tf.function
+        def step(x, y):
+            def fn(x, y):
+                loss, r = replica_fn(x, y, float(global_batch))
+                return loss, r.global_norm, r.scale, r.clipped, r.finite
+
+            loss, *rest = strategy.run(fn, args=(x, y))
+            first = [strategy.experimental_local_results(v)[0] for v in rest]  # identical on every replica
+            return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None), *first)
+
+        def shard(array):
+            return strategy.experimental_distribute_values_from_function(
+                lambda ctx: tf.constant(array[ctx.replica_id_in_sync_group * per:][:per])
+            )
+
+        return lambda x, y: step(shard(x), shard(y))
+
+    def read(self, variable) -> int:
+        return int(self.strategy.experimental_local_results(variable)[0].numpy())
+
+
+class HorovodEngine:
+    """One replica per process: per-rank mean loss, Average all-reduce (`hvd.grouped_allreduce`)."""
+
+    name = "Horovod"
+
+    def __init__(self):
+        import horovod.tensorflow as hvd
+
+        hvd.init()
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:  # one GPU per process, by local rank
+            tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
+        self.hvd = hvd
+        self.replicas = hvd.size()
+        self.chief = hvd.rank() == 0
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+    def broadcast(self, variables) -> None:
+        distclip.broadcast_from_root(variables, root=0)
+
+    def compile(self, replica_fn: ReplicaFn, global_batch: int):
+        hvd, per = self.hvd, global_batch // self.replicas
+        rank = hvd.rank()
+
+        @tf.function
+        def step(x, y):
+            loss, r = replica_fn(x, y, float(per))
+            loss = hvd.allreduce(loss, op=hvd.Average, name="distclip_train_loss")
+            return loss, r.global_norm, r.scale, r.clipped, r.finite
+
+        return lambda x, y: step(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
+
+    def read(self, variable) -> int:
+        return int(variable.numpy())
+
+
+def make_engine(strategy_name: str, replicas: int):
+    """The engine for `--strategy`: "horovod", or a tf.distribute strategy by name."""
+    if strategy_name == "horovod":
+        return HorovodEngine()
+    from distclip.strategies import make_strategy
+
+    return DistributeEngine(make_strategy(strategy_name, replicas))

@@ -1,0 +1,78 @@
+"""Shared by the benchmarks: the ~5M-parameter model, alternating timing, and the report."""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+import keras
+import numpy as np
+
+IN, HIDDEN, OUT = 512, 2048, 10
+
+
+def build(seed: int = 0):
+    """An MLP of 5.27M parameters and a built Adam.
+
+    A tiny learning rate keeps the gradients (and so whether the threshold
+    binds) the same from step to step; the update does the same work.
+    """
+    model = keras.Sequential([
+        keras.Input((IN,)),
+        keras.layers.Dense(HIDDEN, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(seed)),
+        keras.layers.Dense(HIDDEN, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(seed + 1)),
+        keras.layers.Dense(OUT, kernel_initializer=keras.initializers.GlorotUniform(seed + 2)),
+    ])
+    optimizer = keras.optimizers.Adam(1e-7)
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def data(batch: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(batch, IN)).astype("float32"), rng.integers(0, OUT, size=(batch,)).astype("int32")
+
+
+def alternate(steps: Dict[str, Callable[[], Tuple]], rounds: int, block: int) -> Tuple[Dict[str, List[float]], List[float], List[float]]:
+    """Times `block` steps of each entry in turn (A B, then B A, ...) after two warm-up blocks each.
+
+    Each step returns (something to wait on, the pre-clip norm or NaN). Returns
+    per-entry seconds per step, per-round ratios (second entry / first), and the norms seen.
+    """
+    names = list(steps)
+    norms: List[float] = []
+
+    def run(name):
+        start = time.perf_counter()
+        for _ in range(block):
+            out = steps[name]()
+        np.asarray(out[0])  # wait for the last step
+        norms.append(float(np.asarray(out[1])))
+        return (time.perf_counter() - start) / block
+
+    for name in names:
+        run(name)
+        run(name)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    ratios = []
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name].append(run(name))
+        ratios.append(times[names[1]][-1] / times[names[0]][-1])
+    return times, ratios, [n for n in norms if n == n]
+
+
+def report(command: str, setup: str, times: Dict[str, List[float]], ratios: List[float], norms: List[float],
+           clip_norm: float, target: str) -> None:
+    q = statistics.quantiles(ratios, n=4)
+    names = list(times)
+    print(f"command: {command}")
+    print(f"setup: {setup}")
+    for name in names:
+        print(f"{name:>28}: median {statistics.median(times[name]) * 1e3:.1f} ms/step")
+    binds = "binds" if min(norms) > clip_norm else "does not bind" if max(norms) <= clip_norm else "binds on some steps"
+    print(f"global norm before clipping: min {min(norms):.3g}, max {max(norms):.3g} (clip_norm {clip_norm}: {binds})")
+    print(f"ratio {names[1]}/{names[0]}: median {statistics.median(ratios):.3f} "
+          f"(IQR {q[0]:.3f}-{q[2]:.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}); target {target}")
+    sys.stdout.flush()

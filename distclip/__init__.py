@@ -9,7 +9,10 @@ from distclip.errors import ArgumentError, ContextError
 from distclip.result import ClipResult
 from distclip.step import ClipStep
 from distclip.sync import broadcast_from_root
+from distclip.verify import ReplicaMismatchError, verify_replicas
+from distclip import cluster
 
 __version__ = "0.1.0"
 
-__all__ = ["sync_and_clip", "ClipStep", "ClipResult", "broadcast_from_root", "ArgumentError", "ContextError", "__version__"]
+__all__ = ["sync_and_clip", "ClipStep", "ClipResult", "broadcast_from_root", "verify_replicas", "cluster",
+           "ArgumentError", "ContextError", "ReplicaMismatchError", "__version__"]

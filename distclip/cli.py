@@ -78,6 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"  final loss (mean training MSE, last 100 steps): {summary['final_loss']:.4g}\n"
         f"  held-out MSE (1024 sequences):                  {summary['eval_mse']:.4g}\n"
         f"  steps clipped: {summary['steps_clipped']}   steps skipped (non-finite norm): {summary['steps_skipped']}\n"
+        f"  replicas identical: {summary['variables_verified_identical']} variables checked (verify_replicas)\n"
         f"  outputs: {os.path.abspath(cfg.out)}/{{metrics.csv, tensorboard/, plot.png, summary.json}}",
         flush=True,
     )

@@ -45,6 +45,9 @@ def test_train_writes_csv_tensorboard_plot_and_summary(tmp_path):
     assert summary["steps_clipped"] == sum(int(r["clipped"]) for r in rows) > 0
     assert summary["replicas"] == 2 and summary["steps_skipped"] == 0
     assert f"steps clipped: {summary['steps_clipped']}" in r.stdout
+    # Model (5) and optimizer variables (iterations, learning rate, 5 momenta) all checked across replicas.
+    assert summary["variables_verified_identical"] >= 12
+    assert f"replicas identical: {summary['variables_verified_identical']} variables checked" in r.stdout
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tags = _scalars(out / "tensorboard")
     assert sorted(tags["global_norm"]) == list(range(40))
@@ -79,7 +82,7 @@ def test_train_multiworker_two_processes(tmp_path):
     results = run_all(commands, envs, timeout=240)
     for i, r in enumerate(results):
         assert r.returncode == 0, f"worker {i}: {r.stdout[-3000:]}"
-    summaries = [r.stdout[r.stdout.index("distclip train:"):].splitlines()[:4] for r in results]
+    summaries = [r.stdout[r.stdout.index("distclip train:"):].splitlines()[:5] for r in results]
     assert summaries[0] == summaries[1]
     assert "MultiWorkerMirroredStrategy x2" in summaries[0][0]
     assert (tmp_path / "w0" / "metrics.csv").exists() and not (tmp_path / "w1").exists()

@@ -44,6 +44,18 @@ def test_ranks_match_single_process_reference(tmp_path, launcher):
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["norms"] == ranks[1]["norms"]
     assert all(n > clip_norm for n in ref_norms)
+    # The cluster helpers see the launch: from Horovod itself, and from the launcher's environment alone.
+    env_launcher = {"horovodrun-gloo": "horovodrun", "horovodrun-mpi": "mpirun", "mpirun": "mpirun"}[launcher]
+    for r in ranks:
+        assert r["verified"] == "ok"
+        assert r["cluster"] == {"rank": r["rank"], "size": 2, "local_rank": r["rank"], "local_size": 2, "launcher": "horovod"}
+        assert r["env_cluster"] == dict(r["cluster"], launcher=env_launcher)
+
+
+def test_verify_replicas_catches_a_perturbed_rank(tmp_path):
+    ranks = _launch("mpirun", tmp_path, 0.2, 2, -1, 1)
+    for r in ranks:
+        assert r["verified"].startswith("variable 'sequential/dense/kernel' differs across replicas: checksums by replica [")
 
 
 def test_nonfinite_on_one_rank_skips_on_every_rank(tmp_path):
@@ -76,9 +88,9 @@ def test_distclip_train_under_horovodrun_matches_mirrored(tmp_path):
                 if line.startswith("[") and "]<stdout>:" in line:
                     rank, text = line[1:].split("]<stdout>:", 1)
                     per_rank.setdefault(rank, []).append(text)
-            summaries = {k: [t for t in v if t.startswith(("distclip train:", "  final", "  held-out", "  steps"))]
+            summaries = {k: [t for t in v if t.startswith(("distclip train:", "  final", "  held-out", "  steps", "  replicas"))]
                          for k, v in per_rank.items()}
-            assert set(summaries) == {"0", "1"} and summaries["0"] == summaries["1"] and len(summaries["0"]) == 4
+            assert set(summaries) == {"0", "1"} and summaries["0"] == summaries["1"] and len(summaries["0"]) == 5
             assert "Horovod x2" in summaries["0"][0]
 
     def rows(name):

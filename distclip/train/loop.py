@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from distclip.step import ClipStep
+from distclip.verify import verify_replicas
 from distclip.train import adding
 from distclip.train.logs import StepLog, plot
 
@@ -81,6 +82,8 @@ def run(cfg: Config, engine) -> dict:
             log.write(row)
         bar.update(step + 1, [("loss", float(loss)), ("norm", float(norm)), ("clip", float(clipped))])
     elapsed = time.monotonic() - start
+    # Raises ReplicaMismatchError naming the first variable that differs.
+    checked = len(verify_replicas(model.variables + optimizer.variables))
 
     x, y = adding.batch(cfg.seed + 10_000, 0, 1024, cfg.length)
     eval_mse = float(tf.reduce_mean(tf.square(model(x) - y)))
@@ -94,6 +97,7 @@ def run(cfg: Config, engine) -> dict:
         "steps_clipped": clipped_steps,
         "steps_skipped": skipped_steps,
         "skipped_steps_variable": engine.read(clip.skipped_steps),
+        "variables_verified_identical": checked,
         "seconds": round(elapsed, 1),
         "config": asdict(cfg),
     }

@@ -1,10 +1,12 @@
 """One rank of a Horovod run (horovodrun --gloo/--mpi, mpirun, srun): ClipStep on this rank's shard.
 
-    horovod_train.py OUT_DIR CLIP_NORM STEPS [POISON_STEP]
+    horovod_train.py OUT_DIR CLIP_NORM STEPS [POISON_STEP [PERTURB]]
 
 Each rank's loss is the mean over its own shard (Horovod's convention; the
-backend averages). At POISON_STEP, rank 1's shard holds an inf. Writes
-OUT_DIR/rank{R}.json with the final weights, norms and skip count.
+backend averages). At POISON_STEP, rank 1's shard holds an inf. With PERTURB=1,
+rank 1 nudges one weight before verify_replicas. Writes OUT_DIR/rank{R}.json
+with the final weights, norms, skip count, cluster info and what
+verify_replicas said.
 """
 import json
 import os
@@ -22,6 +24,7 @@ from common import GLOBAL_BATCH, global_batch, make_model, make_optimizer  # noq
 hvd.init()
 out_dir, clip_norm, steps = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 poison = int(sys.argv[4]) if len(sys.argv) > 4 else -1
+perturb = len(sys.argv) > 5 and sys.argv[5] == "1"
 rank, size = hvd.rank(), hvd.size()
 per = GLOBAL_BATCH // size
 
@@ -48,8 +51,18 @@ for s in range(steps):
     norm, finite = train_step(x, y[rank * per:(rank + 1) * per])
     norms.append(float(norm))
 
+if perturb and rank == 1:
+    model.trainable_variables[0].assign_add(np.full(model.trainable_variables[0].shape, 1e-7, "float32"))
+try:
+    distclip.verify_replicas(model.variables + optimizer.variables)
+    verified = "ok"
+except distclip.ReplicaMismatchError as e:
+    verified = str(e)
+
 os.makedirs(out_dir, exist_ok=True)
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"rank": rank, "size": size, "norms": norms, "skipped": int(clip.skipped_steps.numpy()),
+               "cluster": vars(distclip.cluster.info()), "env_cluster": vars(distclip.cluster.info(dict(os.environ))),
+               "verified": verified,
                "iterations": int(optimizer.iterations.numpy()),
                "weights": [w.tolist() for w in model.get_weights()]}, f)

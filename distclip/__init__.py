@@ -3,16 +3,46 @@
     result = distclip.sync_and_clip(grads, clip_norm=1.0)      # inside strategy.run
     step = distclip.ClipStep(optimizer, clip_norm=1.0)          # under strategy.scope()
     result = step.apply(grads, model.trainable_variables)       # inside strategy.run
+
+Names are imported on first use, so `python -m distclip.launcher` and
+`distclip --help` start without loading TensorFlow.
 """
-from distclip.clip import sync_and_clip
-from distclip.errors import ArgumentError, ContextError
-from distclip.result import ClipResult
-from distclip.step import ClipStep
-from distclip.sync import broadcast_from_root
-from distclip.verify import ReplicaMismatchError, verify_replicas
-from distclip import cluster
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["sync_and_clip", "ClipStep", "ClipResult", "broadcast_from_root", "verify_replicas", "cluster",
-           "ArgumentError", "ContextError", "ReplicaMismatchError", "__version__"]
+_EXPORTS = {
+    "sync_and_clip": "distclip.clip",
+    "ClipStep": "distclip.step",
+    "ClipResult": "distclip.result",
+    "broadcast_from_root": "distclip.sync",
+    "verify_replicas": "distclip.verify",
+    "ReplicaMismatchError": "distclip.verify",
+    "ArgumentError": "distclip.errors",
+    "ContextError": "distclip.errors",
+}
+__all__ = sorted(_EXPORTS) + ["cluster", "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distclip import cluster  # noqa: F401
+    from distclip.clip import sync_and_clip  # noqa: F401
+    from distclip.errors import ArgumentError, ContextError  # noqa: F401
+    from distclip.result import ClipResult  # noqa: F401
+    from distclip.step import ClipStep  # noqa: F401
+    from distclip.sync import broadcast_from_root  # noqa: F401
+    from distclip.verify import ReplicaMismatchError, verify_replicas  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name == "cluster":
+        return import_module("distclip.cluster")
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'distclip' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -8,7 +8,7 @@ import sys
 from typing import List, Optional
 
 from distclip.strategies import STRATEGIES
-from distclip.train.loop import Config
+from distclip.train.config import Config
 
 
 def _clip_norm(text: str) -> Optional[float]:

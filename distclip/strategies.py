@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 
-import tensorflow as tf
-
 from distclip.errors import ArgumentError
 
 STRATEGIES = ("auto", "default", "mirrored", "multiworker", "tpu")
@@ -23,7 +21,7 @@ def _tf_config_workers() -> int:
     return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
 
 
-def make_strategy(name: str = "auto", replicas: int = 2, collective_timeout_s: float = 120.0) -> tf.distribute.Strategy:
+def make_strategy(name: str = "auto", replicas: int = 2, collective_timeout_s: float = 120.0):
     """The strategy called `name`:
 
     * "default": no distribution (TensorFlow's default strategy);
@@ -34,6 +32,8 @@ def make_strategy(name: str = "auto", replicas: int = 2, collective_timeout_s: f
     * "tpu": `TPUStrategy` on the TPU that `TPUClusterResolver` finds;
     * "auto": "multiworker" if `TF_CONFIG` names more than one worker, else "mirrored".
     """
+    import tensorflow as tf
+
     if name not in STRATEGIES:
         raise ArgumentError(f"strategy must be one of {STRATEGIES}; got strategy={name!r}")
     if not isinstance(replicas, int) or replicas < 1:

@@ -15,7 +15,7 @@ that is identical on every replica (decided from the synchronized norm).
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import keras
 import tensorflow as tf

@@ -6,8 +6,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import asdict
 
 import keras
 import numpy as np
@@ -16,26 +15,12 @@ import tensorflow as tf
 from distclip.step import ClipStep
 from distclip.verify import verify_replicas
 from distclip.train import adding
+from distclip.train.config import Config
 from distclip.train.logs import StepLog, plot
 
 # With no clipping the same ClipStep runs with the largest finite float32
 # threshold and nonfinite="propagate": exactly plain SGD, and the norm is logged.
 NO_CLIP = float(np.finfo(np.float32).max)
-
-
-@dataclass
-class Config:
-    strategy: str = "auto"
-    replicas: int = 2
-    clip_norm: Optional[float] = 1.0
-    steps: int = 10000
-    batch_size: int = 64
-    length: int = 50
-    units: int = 64
-    recurrent_gain: float = 1.0
-    learning_rate: float = 0.01
-    seed: int = 0
-    out: str = "runs/adding"
 
 
 def run(cfg: Config, engine) -> dict:

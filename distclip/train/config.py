@@ -1,0 +1,20 @@
+"""The configuration of `distclip train` (no TensorFlow import, so `distclip --help` is fast)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class Config:
+    strategy: str = "auto"
+    replicas: int = 2
+    clip_norm: Optional[float] = 1.0
+    steps: int = 10000
+    batch_size: int = 64
+    length: int = 50
+    units: int = 64
+    recurrent_gain: float = 1.0
+    learning_rate: float = 0.01
+    seed: int = 0
+    out: str = "runs/adding"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Horovod (or mpi4py, or MultiWorkerMirroredStrategy via distclip.cluster.set_tf_config) under plain mpirun.
+#   NP=2 launch/mpirun.sh                                  # distclip train --strategy horovod
+#   NP=2 launch/mpirun.sh distclip train --strategy multiworker
+#   NP=8 HOSTFILE=hosts launch/mpirun.sh python my_train.py
+# Open MPI ends the whole job when one process dies abnormally.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$here/env.sh"
+NP="${NP:-2}"
+(($#)) || set -- distclip train --strategy horovod
+hosts=()
+[[ -n "${HOSTFILE:-}" ]] && hosts=(--hostfile "$HOSTFILE")
+# --bind-to none: TensorFlow runs its own thread pools; -x passes the environment Horovod and TF read.
+exec mpirun -np "$NP" "${hosts[@]}" --oversubscribe --bind-to none \
+  -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH -x TF_CPP_MIN_LOG_LEVEL "$@"

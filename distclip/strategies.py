@@ -27,8 +27,9 @@ def make_strategy(name: str = "auto", replicas: int = 2, collective_timeout_s: f
     * "default": no distribution (TensorFlow's default strategy);
     * "mirrored": `MirroredStrategy` over `replicas` GPUs, or, without GPUs,
       over `replicas` logical devices split from the CPU;
-    * "multiworker": `MultiWorkerMirroredStrategy` from `TF_CONFIG`; a collective
-      that waits on a dead peer fails after `collective_timeout_s` seconds;
+    * "multiworker": `MultiWorkerMirroredStrategy` from `TF_CONFIG`, or, without
+      one, from the ranks of `mpirun`/`srun` (`distclip.cluster.set_tf_config`);
+      a collective that waits on a dead peer fails after `collective_timeout_s` seconds;
     * "tpu": `TPUStrategy` on the TPU that `TPUClusterResolver` finds;
     * "auto": "multiworker" if `TF_CONFIG` names more than one worker, else "mirrored".
     """
@@ -43,6 +44,9 @@ def make_strategy(name: str = "auto", replicas: int = 2, collective_timeout_s: f
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "multiworker":
+        from distclip.cluster import set_tf_config
+
+        set_tf_config()  # unless TF_CONFIG is set: from the ranks of mpirun or srun
         options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout_s)
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if name == "tpu":

@@ -113,3 +113,23 @@ def replica_values(strategy, variables):
         v = v.value if isinstance(v, keras.Variable) else v
         out.append([np.array(x) for x in strategy.experimental_local_results(v)])
     return out
+
+
+def check_multiworker_outputs(outs, clip_norm, steps):
+    """The JSON files of 2 workers/multiworker_train.py runs: equal to the reference and to each other."""
+    import json
+
+    import pytest
+
+    ref_weights, ref_norms = reference_train(clip_norm, steps, "adam")
+    got = [json.loads(o.read_text()) for o in outs]
+    assert sorted(g["task"] for g in got) == [0, 1]
+    for g in got:
+        weights = [np.array(w, "float32") for w in g["weights"]]
+        assert max_abs_diff(weights, ref_weights) <= 1e-5
+        assert [n[0] for n in g["norms"]] == pytest.approx(ref_norms, rel=1e-5)
+        assert all(n > clip_norm for n in ref_norms)
+    # Both workers hold the same weights and saw the same norms, bit for bit; verify_replicas agreed.
+    assert got[0]["weights"] == got[1]["weights"]
+    assert got[0]["norms"] == got[1]["norms"]
+    assert got[0]["checksums"] == got[1]["checksums"]

@@ -1,0 +1,66 @@
+"""The sbatch templates, submitted for real to a single-node Slurm cluster started here; and srun failures."""
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from common import check_multiworker_outputs, max_abs_diff, reference_train
+from slurm_cluster import SlurmCluster
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+VENV = sys.prefix  # the venv running the tests
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _submit(slurm, template, tmp_path, command):
+    out = tmp_path / "job.out"
+    env = {"DISTCLIP_CMD": command, "DISTCLIP_VENV": VENV, "PYTHONPATH": ROOT}
+    r = slurm.sbatch_wait(os.path.join(ROOT, "slurm", template),
+                          ["--nodes=1", "--ntasks-per-node=2", f"--output={out}", f"--chdir={ROOT}"], env)
+    log = out.read_text() if out.exists() else ""
+    assert r.returncode == 0, f"sbatch --wait {template} failed ({r.returncode}): {r.stderr}\n{log[-4000:]}\n{slurm.logs()}"
+    return log
+
+
+@pytest.mark.parametrize("template, env_launcher", [("horovod-srun.sbatch", "slurm"), ("horovod-horovodrun.sbatch", "horovodrun")])
+def test_horovod_templates(slurm, tmp_path, template, env_launcher):
+    import json
+
+    worker = os.path.join(HERE, "workers", "horovod_train.py")
+    _submit(slurm, template, tmp_path, f"python {worker} {tmp_path / 'out'} 0.2 4")
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in range(2)]
+    ref_weights, ref_norms = reference_train(0.2, 4)
+    for r in ranks:
+        assert max_abs_diff([np.array(w, "float32") for w in r["weights"]], ref_weights) <= 1e-5
+        assert r["norms"] == pytest.approx(ref_norms, rel=1e-5)
+        assert r["verified"] == "ok" and r["env_cluster"]["launcher"] == env_launcher
+        assert r["env_cluster"]["size"] == 2 and r["env_cluster"]["rank"] == r["rank"]
+    assert ranks[0]["norms"] == ranks[1]["norms"] and ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_multiworker_template(slurm, tmp_path):
+    worker = os.path.join(HERE, "workers", "multiworker_train.py")
+    log = _submit(slurm, "multiworker-srun.sbatch", tmp_path, f"python {worker} {tmp_path / 'w{rank}.json'} 0.2 4")
+    assert "2 workers on" in log
+    check_multiworker_outputs([tmp_path / "w0.json", tmp_path / "w1.json"], 0.2, 4)
+
+
+def test_killed_rank_under_srun_ends_the_step(slurm, tmp_path):
+    from procs import BOUND_S, kill_rank_and_wait
+
+    env = dict(slurm.env, TF_CPP_MIN_LOG_LEVEL="2", PATH=os.path.join(VENV, "bin") + os.pathsep + os.environ["PATH"])
+    srun = ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", "-n", "2"]
+    code, elapsed, output = kill_rank_and_wait(tmp_path, srun, "horovod", env)
+    assert code != 0 and elapsed < BOUND_S, (code, elapsed)
+    assert re.search(r"srun: error: \S+: task 1: Killed", output), output[-3000:]

@@ -73,8 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = Config(**{k: v for k, v in vars(args).items() if k != "command"})
     summary = run(cfg, engine)
     print(
-        f"\ndistclip train: {summary['strategy']} x{summary['replicas']}, clip_norm={cfg.clip_norm}, "
-        f"{cfg.steps} steps in {summary['seconds']} s\n"
+        f"\ndistclip train: {summary['strategy']} x{summary['replicas']}, clip_norm={cfg.clip_norm}, {cfg.steps} steps\n"
         f"  final loss (mean training MSE, last 100 steps): {summary['final_loss']:.4g}\n"
         f"  held-out MSE (1024 sequences):                  {summary['eval_mse']:.4g}\n"
         f"  steps clipped: {summary['steps_clipped']}   steps skipped (non-finite norm): {summary['steps_skipped']}\n"

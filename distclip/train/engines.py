@@ -12,6 +12,7 @@ from typing import Callable, Tuple
 import tensorflow as tf
 
 import distclip
+from distclip import cluster
 
 # replica_fn(x, y, loss_denominator) -> (loss, ClipResult); `loss` is this replica's share.
 ReplicaFn = Callable[[tf.Tensor, tf.Tensor, float], Tuple[tf.Tensor, distclip.ClipResult]]
@@ -72,9 +73,7 @@ class HorovodEngine:
         import horovod.tensorflow as hvd
 
         hvd.init()
-        gpus = tf.config.list_physical_devices("GPU")
-        if gpus:  # one GPU per process, by local rank
-            tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
+        cluster.pin_gpu(cluster.info())  # one GPU per process, by local rank
         self.hvd = hvd
         self.replicas = hvd.size()
         self.chief = hvd.rank() == 0

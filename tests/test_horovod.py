@@ -100,3 +100,29 @@ def test_distclip_train_under_horovodrun_matches_mirrored(tmp_path):
     for h, m in zip(rows("hvd"), rows("mirrored")):
         for col in ("loss", "global_norm", "scale"):
             assert float(h[col]) == pytest.approx(float(m[col]), rel=1e-4), (h["step"], col)
+
+
+def test_indexed_slices_and_compression_under_horovod(tmp_path):
+    """All-gathered by default, densified on request, fp16 on the wire: the norm is the dense one every time."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.path.dirname(HERE), **ROOT_OK)
+    cmd = LAUNCHERS["horovodrun-gloo"] + [python(), os.path.join(HERE, "workers", "horovod_sparse.py"), str(tmp_path)]
+    (r,) = run_all([cmd], [env], timeout=240)
+    assert r.returncode == 0, r.stdout[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+
+    # The dense gradients each rank stands for, averaged (Horovod's reduction).
+    emb = np.zeros((2, 6, 2))
+    for rank, idx in ((0, [0, 2, 2]), (1, [2, 5, 5])):
+        vals = np.array([[1.0 + rank, 2.0], [3.0, -1.0 - rank], [0.5, 0.5]])
+        for row, i in zip(vals, idx):
+            emb[rank, i] += row
+    emb = emb.mean(axis=0)
+    dense = np.mean([[1.0, -2.0, 0.5], [1.0, -4.0, 0.5]], axis=0)
+    want = np.sqrt((emb ** 2).sum() + (dense ** 2).sum())
+    for got in ranks:
+        for mode, tol in (("sparse", 1e-6), ("dense", 1e-6), ("fp16", 1e-3)):
+            assert got[mode]["norm"] == pytest.approx(want, rel=tol), mode
+            np.testing.assert_allclose(got[mode]["emb"], emb / want, rtol=tol, atol=tol)
+            np.testing.assert_allclose(got[mode]["dense"], dense / want, rtol=tol, atol=tol)
+        assert got["sparse"]["sparse"] and not got["dense"]["sparse"] and got["fp16"]["sparse"]
+    assert ranks[0] == ranks[1]

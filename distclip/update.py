@@ -122,21 +122,19 @@ def apply_update(
         with tf.control_dependencies([ok]):
             return update()
 
+    tf_vars = [_tf_variable(v) for v in keras_vars]
+    iterations = _tf_variable(optimizer.iterations)
+    counter = skipped_counter if skip_if_not_ok else None
+
     def merge_fn(strategy, grads, ok, lr):
-        tf_vars = [_tf_variable(v) for v in keras_vars]
         devices = strategy.extended.non_slot_devices(tf_vars)
-        counter = skipped_counter if skip_if_not_ok else None
-        strategy.extended.update_non_slot(
-            devices, on_device, args=(grads, tf_vars, _tf_variable(optimizer.iterations), counter, ok, lr), group=False
-        )
+        strategy.extended.update_non_slot(devices, on_device, args=(grads, tf_vars, iterations, counter, ok, lr), group=False)
 
     with tf.name_scope(optimizer.name):
         present = [g for g, _ in pairs]
         if not tf.distribute.has_strategy():  # no strategy, or the default one: nothing to place
-            counter = skipped_counter if skip_if_not_ok else None
-            tf_vars = [_tf_variable(v) for v in keras_vars]
-            on_device(present, tf_vars, _tf_variable(optimizer.iterations), counter, ok, learning_rate)
-            return
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            merge_fn, tf.distribute.get_strategy(), present, ok, learning_rate
-        )
+            on_device(present, tf_vars, iterations, counter, ok, learning_rate)
+        else:
+            tf.__internal__.distribute.interim.maybe_merge_call(
+                merge_fn, tf.distribute.get_strategy(), present, ok, learning_rate
+            )

@@ -101,10 +101,16 @@ def pin_gpu(cluster: Optional[ClusterInfo] = None) -> Optional[str]:
     return gpu.name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def free_ports(n: int, host: str = "") -> List[int]:
+    """`n` distinct ports free on `host` ("" = every interface) right now, held together while picked."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def tf_config(cluster: Optional[ClusterInfo] = None) -> dict:
@@ -123,7 +129,7 @@ def tf_config(cluster: Optional[ClusterInfo] = None) -> dict:
             MPI = None
         if MPI is not None and MPI.COMM_WORLD.Get_size() == cluster.size > 1:
             comm = MPI.COMM_WORLD
-            workers = comm.allgather(f"{socket.gethostname()}:{_free_port()}")
+            workers = comm.allgather(f"{socket.gethostname()}:{free_ports(1)[0]}")
             return {"cluster": {"worker": workers}, "task": {"type": "worker", "index": comm.Get_rank()}}
         if cluster.launcher == "slurm":
             import tensorflow as tf
@@ -133,7 +139,7 @@ def tf_config(cluster: Optional[ClusterInfo] = None) -> dict:
             return {"cluster": resolver.cluster_spec().as_dict(),
                     "task": {"type": resolver.task_type, "index": resolver.task_id}}
     if cluster.size == 1:
-        return {"cluster": {"worker": [f"localhost:{_free_port()}"]}, "task": {"type": "worker", "index": 0}}
+        return {"cluster": {"worker": [f"localhost:{free_ports(1)[0]}"]}, "task": {"type": "worker", "index": 0}}
     raise ContextError(f"cannot build a TF_CONFIG for {cluster.size} ranks launched by {cluster.launcher}: "
                        "launch with mpirun or srun (and mpi4py), or set TF_CONFIG yourself")
 

@@ -16,22 +16,12 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import List, Optional, Sequence
 
-
-def free_ports(n: int) -> List[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from distclip.cluster import free_ports
 
 
 def describe(code: int) -> str:
@@ -46,7 +36,7 @@ def describe(code: int) -> str:
 def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, grace: float = 10.0,
            log=sys.stderr) -> int:
     """Runs `command` as `nproc` workers; returns 0 if all succeed, else a non-zero status."""
-    workers = [f"localhost:{p}" for p in free_ports(nproc)]
+    workers = [f"localhost:{p}" for p in free_ports(nproc, "127.0.0.1")]
     procs: List[subprocess.Popen] = []
     for i in range(nproc):
         env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))

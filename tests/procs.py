@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,23 +11,10 @@ from typing import List, Sequence
 import psutil
 import pytest
 
-from distclip.cluster import info
+from distclip.cluster import free_ports, info  # noqa: F401  (free_ports: for the tests)
 
 #: A killed worker must end the whole run within this many seconds.
 BOUND_S = 60
-
-
-def free_ports(n: int) -> List[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def run_all(commands: Sequence[Sequence[str]], envs: Sequence[dict], timeout: float) -> List[subprocess.CompletedProcess]:

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from distclip.cluster import free_ports
+
 CONF = """\
 ClusterName=distclip-test
 SlurmctldHost={host}
@@ -68,7 +70,7 @@ class SlurmCluster:
         self._steps_before = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "slurmstepd"}
         for sub in ("state", "spool"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        ports = _free_ports(2)
+        ports = free_ports(2)
         # Job ids start high and vary, and PMIx keeps its per-step folders in our scratch folder:
         # a step killed by an earlier run leaves /tmp/spmix_appdir_<uid>_<job>.<step> behind,
         # which would make the same step id of a new cluster fail to launch.
@@ -151,14 +153,3 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def _free_ports(n: int) -> List[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()

@@ -29,6 +29,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20, help="steps per block")
     p.add_argument("--batch-size", type=int, default=128, help="batch per rank")
     p.add_argument("--clip-norm", type=float, default=0.1, help="threshold; the global norm here is about 2.3, so 0.1 binds on every step")
+    p.add_argument("--nonfinite", default="skip", choices=["skip", "raise", "propagate"])
     args = p.parse_args()
     hvd.init()
 
@@ -36,7 +37,7 @@ def main() -> int:
     x, y = (tf.constant(a) for a in data(args.batch_size, seed=hvd.rank()))
     today_model, today_opt = build(0)
     clip_model, clip_opt = build(0)
-    clip = distclip.ClipStep(clip_opt, clip_norm=args.clip_norm)
+    clip = distclip.ClipStep(clip_opt, clip_norm=args.clip_norm, nonfinite=args.nonfinite)
 
     @tf.function
     def today():

@@ -1,6 +1,7 @@
 """Shared by the benchmarks: the ~5M-parameter model, alternating timing, and the report."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -76,3 +77,15 @@ def report(command: str, setup: str, times: Dict[str, List[float]], ratios: List
     print(f"ratio {names[1]}/{names[0]}: median {statistics.median(ratios):.3f} "
           f"(IQR {q[0]:.3f}-{q[2]:.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}); target {target}")
     sys.stdout.flush()
+
+
+def arg_parser(doc: str, batch_default: int, batch_help: str) -> argparse.ArgumentParser:
+    """The flags both benchmarks take."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=20, help="alternating block pairs")
+    p.add_argument("--steps", type=int, default=20, help="steps per block")
+    p.add_argument("--batch-size", type=int, default=batch_default, help=batch_help)
+    p.add_argument("--clip-norm", type=float, default=0.1,
+                   help="threshold; the global norm here is about 2.3, so 0.1 binds on every step")
+    p.add_argument("--nonfinite", default="skip", choices=["skip", "raise", "propagate"])
+    return p

@@ -9,7 +9,6 @@ the median per-round ratio ClipStep / plain with its spread.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -23,7 +22,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import distclip  # noqa: E402
-from bench_common import alternate, build, data, report  # noqa: E402
+from bench_common import alternate, arg_parser, build, data, report  # noqa: E402
 
 
 def make_step(model, optimizer, clip, global_batch):
@@ -47,13 +46,7 @@ def make_step(model, optimizer, clip, global_batch):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=20, help="alternating block pairs")
-    p.add_argument("--steps", type=int, default=20, help="steps per block")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch")
-    p.add_argument("--clip-norm", type=float, default=0.1, help="threshold; the global norm here is about 2.3, so 0.1 binds on every step")
-    p.add_argument("--nonfinite", default="skip", choices=["skip", "raise", "propagate"])
-    args = p.parse_args()
+    args = arg_parser(__doc__, 256, "global batch").parse_args()
 
     with strategy.scope():
         plain_model, plain_opt = build(0)

@@ -9,7 +9,6 @@ every rank in lockstep. Rank 0 prints the median per-round ratio.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,17 +19,11 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import distclip  # noqa: E402
-from bench_common import alternate, build, data, report  # noqa: E402
+from bench_common import alternate, arg_parser, build, data, report  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=20, help="alternating block pairs")
-    p.add_argument("--steps", type=int, default=20, help="steps per block")
-    p.add_argument("--batch-size", type=int, default=128, help="batch per rank")
-    p.add_argument("--clip-norm", type=float, default=0.1, help="threshold; the global norm here is about 2.3, so 0.1 binds on every step")
-    p.add_argument("--nonfinite", default="skip", choices=["skip", "raise", "propagate"])
-    args = p.parse_args()
+    args = arg_parser(__doc__, 128, "batch per rank").parse_args()
     hvd.init()
 
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -10,7 +10,7 @@ from distclip.checks import NONFINITE, check_choice, check_gradients, check_wire
 from distclip.sync import wire
 from distclip.norm import clip_scale, global_norm, scale_gradients
 from distclip.result import ClipResult
-from distclip.threshold import ClipNorm, check_clip_norm, resolve_clip_norm
+from distclip.threshold import ClipNorm, resolve_clip_norm
 
 
 def sync_and_clip(
@@ -55,12 +55,11 @@ def sync_and_clip(
     Must run in a replica context: inside `strategy.run`, or with no strategy.
     """
     grads = check_gradients(grads)
-    check_clip_norm(clip_norm)
+    threshold = resolve_clip_norm(clip_norm, step)  # checks clip_norm
     check_choice("nonfinite", nonfinite, NONFINITE)
     check_wire(sparse_as_dense, compression)
     engine = sync.select(backend, caller="sync_and_clip")
     op = sync.resolve_reduction(reduction, engine)
-    threshold = resolve_clip_norm(clip_norm, step)
 
     present = [i for i, g in enumerate(grads) if g is not None]
     sent, dtypes = wire.encode([grads[i] for i in present], sparse_as_dense=sparse_as_dense, compression=compression)

@@ -71,8 +71,8 @@ def _static_value(value) -> Optional[float]:
 def resolve_clip_norm(clip_norm: ClipNorm, step: Optional[tf.Tensor] = None) -> tf.Tensor:
     """The threshold for this step as a float32 scalar tensor.
 
-    Python numbers were checked by `check_clip_norm`. A tensor, variable or
-    schedule value is checked here: eagerly it raises `ArgumentError`; in a graph
+    `clip_norm` is checked first (`check_clip_norm`). A tensor, variable or
+    schedule value is checked again as it is now: eagerly it raises `ArgumentError`; in a graph
     it adds an assertion the rest of the step depends on, so an invalid
     threshold fails the step before anything is applied (XLA drops assertions).
     """
@@ -93,12 +93,9 @@ def resolve_clip_norm(clip_norm: ClipNorm, step: Optional[tf.Tensor] = None) -> 
     value = tf.cast(tf.convert_to_tensor(value), tf.float32)
     if value.shape.rank not in (None, 0):
         raise ArgumentError(f"{_RULE}; clip_norm gave a value of shape {value.shape}")
-    static = _static_value(value)
-    if tf.executing_eagerly():
-        _check_number(float(value.numpy()), float(value.numpy()))
-        return value
-    if static is not None:
-        _check_number(static, static)
+    known = float(value.numpy()) if tf.executing_eagerly() else _static_value(value)
+    if known is not None:
+        _check_number(known, known)
         return value
     ok = tf.logical_and(tf.math.is_finite(value), value > 0)
     check = tf.debugging.Assert(ok, ["distclip: clip_norm must be a positive finite number; got clip_norm =", value])

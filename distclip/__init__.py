@@ -3,6 +3,7 @@
     result = distclip.sync_and_clip(grads, clip_norm=1.0)      # inside strategy.run
     step = distclip.ClipStep(optimizer, clip_norm=1.0)          # under strategy.scope()
     result = step.apply(grads, model.trainable_variables)       # inside strategy.run
+    model.compile(optimizer=distclip.keras.ClipOptimizer(optimizer, clip_norm=1.0), ...)
 
 Names are imported on first use, so `python -m distclip.launcher` and
 `distclip --help` start without loading TensorFlow.
@@ -21,13 +22,17 @@ _EXPORTS = {
     "ReplicaMismatchError": "distclip.verify",
     "ArgumentError": "distclip.errors",
     "ContextError": "distclip.errors",
+    "AutoClip": "distclip.policies",
+    "SpikeClip": "distclip.policies",
 }
-__all__ = sorted(_EXPORTS) + ["cluster", "__version__"]
+__all__ = sorted(_EXPORTS) + ["cluster", "keras", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from distclip import cluster  # noqa: F401
     from distclip.clip import sync_and_clip  # noqa: F401
+    from distclip import keras  # noqa: F401
     from distclip.errors import ArgumentError, ContextError  # noqa: F401
+    from distclip.policies import AutoClip, SpikeClip  # noqa: F401
     from distclip.result import ClipResult  # noqa: F401
     from distclip.step import ClipStep  # noqa: F401
     from distclip.sync import broadcast_from_root  # noqa: F401
@@ -35,8 +40,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def __getattr__(name: str):
-    if name == "cluster":
-        return import_module("distclip.cluster")
+    if name in ("cluster", "keras"):
+        return import_module(f"distclip.{name}")
     if name in _EXPORTS:
         value = getattr(import_module(_EXPORTS[name]), name)
         globals()[name] = value

@@ -1,12 +1,14 @@
 """`sync_and_clip`: synchronize across replicas, then clip by the global norm."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
 from distclip import sync
 from distclip.checks import NONFINITE, check_choice, check_gradients, check_wire
+from distclip.errors import ArgumentError
+from distclip.policies import Policy
 from distclip.sync import wire
 from distclip.norm import clip_scale, global_norm, scale_gradients
 from distclip.result import ClipResult
@@ -33,7 +35,9 @@ def sync_and_clip(
         g_i        <- g_i * scale
 
     which is `tf.clip_by_global_norm` applied to the synchronized gradients, so
-    the result equals single-device training on the global batch.
+    the result equals single-device training on the global batch. Under
+    `reduction="mean"` the replicas' gradients are summed and the 1/n is part
+    of the one multiply by `scale / n`.
 
     Args:
       grads: this replica's gradients; `None` entries pass through as `None`.
@@ -55,19 +59,49 @@ def sync_and_clip(
     Must run in a replica context: inside `strategy.run`, or with no strategy.
     """
     grads = check_gradients(grads)
+    if isinstance(clip_norm, Policy):
+        raise ArgumentError(
+            f"clip_norm={clip_norm!r} is a policy, which keeps state from step to step: use "
+            "distclip.ClipStep or distclip.keras.ClipOptimizer, which hold it in variables"
+        )
     threshold = resolve_clip_norm(clip_norm, step)  # checks clip_norm
+    result, _ = clip_synchronized(
+        grads, lambda norm: threshold, nonfinite=nonfinite, reduction=reduction, backend=backend,
+        sparse_as_dense=sparse_as_dense, compression=compression, caller="sync_and_clip",
+    )
+    return result
+
+
+def clip_synchronized(
+    grads: List[Optional[Any]],
+    threshold_of: Callable[[tf.Tensor], tf.Tensor],
+    *,
+    nonfinite: str,
+    reduction: str,
+    backend: str,
+    sparse_as_dense: bool,
+    compression: Optional[str],
+    caller: str,
+) -> Tuple[ClipResult, tf.Tensor]:
+    """`sync_and_clip` with the threshold a function of the synchronized norm; also returns the threshold.
+
+    `grads` must have been checked (`check_gradients`).
+    """
     check_choice("nonfinite", nonfinite, NONFINITE)
     check_wire(sparse_as_dense, compression)
-    engine = sync.select(backend, caller="sync_and_clip")
+    engine = sync.select(backend, caller=caller)
     op = sync.resolve_reduction(reduction, engine)
 
     present = [i for i, g in enumerate(grads) if g is not None]
     sent, dtypes = wire.encode([grads[i] for i in present], sparse_as_dense=sparse_as_dense, compression=compression)
-    synced = wire.decode(engine.all_reduce(sent, op), dtypes)
-    norm = global_norm(synced)
+    summed = wire.decode(engine.all_reduce_sum(sent), dtypes)
+    # A mean is the sum times 1/n; that factor rides on the clip multiply.
+    to_mean = 1.0 / engine.num_replicas() if op == sync.MEAN else 1.0
+    norm = global_norm(summed) * to_mean
     finite = tf.math.is_finite(norm)
+    threshold = threshold_of(norm)
     scale = _on_nonfinite(nonfinite, clip_scale(norm, threshold), norm, finite)
-    clipped = scale_gradients(synced, scale, zero_on_zero_scale=nonfinite == "skip")
+    clipped = scale_gradients(summed, scale * to_mean, zero_on_zero_scale=nonfinite == "skip")
 
     out: List[Optional[Any]] = [None] * len(grads)
     for i, g in zip(present, clipped):
@@ -78,7 +112,7 @@ def sync_and_clip(
         scale=scale,
         clipped=tf.logical_and(finite, norm > threshold),
         finite=finite,
-    )
+    ), threshold
 
 
 def _on_nonfinite(nonfinite: str, scale: tf.Tensor, norm: tf.Tensor, finite: tf.Tensor) -> tf.Tensor:

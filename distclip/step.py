@@ -1,15 +1,15 @@
 """`ClipStep`: synchronize once, clip, and apply the update with a Keras 3 optimizer once."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
 from distclip import sync, update
 from distclip.checks import NONFINITE, check_choice, check_pairs, check_wire, split_pairs
-from distclip.clip import sync_and_clip
+from distclip.clip import clip_synchronized
 from distclip.result import ClipResult
-from distclip.threshold import ClipNorm, check_clip_norm
+from distclip.threshold import ClipNorm, Threshold
 
 
 class ClipStep(tf.Module):
@@ -35,8 +35,11 @@ class ClipStep(tf.Module):
     Per step: the gradients are reduced across replicas in one packed collective
     (no second reduction inside the optimizer), `scale = min(1, clip_norm /
     global_norm)` is applied, and `optimizer.update_step` runs once per variable.
-    `clip_norm` may be a number, a scalar tensor or variable, or a callable of the
-    optimizer's iteration count (a Keras `LearningRateSchedule` works).
+    `clip_norm` may be a number, a scalar tensor or variable, a callable of the
+    optimizer's iteration count (a Keras `LearningRateSchedule` works), or a
+    policy (`distclip.AutoClip`, `distclip.SpikeClip`) whose state this module
+    keeps in variables (`policy_state`, saved by `tf.train.Checkpoint`) and
+    updates from the synchronized norm, identically on every replica.
 
     `backend`, `reduction`, `sparse_as_dense` and `compression` mean what they
     mean for `sync_and_clip`; under Horovod (`backend="auto"` finds it) each
@@ -64,7 +67,6 @@ class ClipStep(tf.Module):
         super().__init__(name=name)
         update.check_optimizer(optimizer)
         self.optimizer = optimizer
-        self.clip_norm = check_clip_norm(clip_norm)
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
         self.reduction = check_choice("reduction", reduction, sync.REDUCTIONS)
         self.backend = check_choice("backend", backend, sync.BACKENDS)
@@ -73,11 +75,11 @@ class ClipStep(tf.Module):
         self._strategy = tf.distribute.get_strategy()
         with tf.name_scope(name):
             #: Steps skipped because the synchronized global norm was not finite.
-            self.skipped_steps = tf.Variable(
-                0, dtype=tf.int64, trainable=False, name="skipped_steps",
-                synchronization=tf.VariableSynchronization.ON_WRITE,
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-            )
+            self.skipped_steps = _variable("skipped_steps", (), tf.int64, 0)
+            self._threshold = Threshold(clip_norm, _variable)
+        self.clip_norm = clip_norm
+        #: The policy's state variables by name (empty unless `clip_norm` is a policy).
+        self.policy_state = self._threshold.state
 
     def build(self, trainable_variables: Sequence[Any]) -> None:
         """Creates the optimizer's variables now (otherwise done on the first `apply`)."""
@@ -85,26 +87,57 @@ class ClipStep(tf.Module):
 
     def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any]) -> ClipResult:
         """Synchronizes `grads`, clips them by their global norm and applies them to `trainable_variables`."""
-        grads, variables = check_pairs(grads, trainable_variables)
         update.check_strategy(self.optimizer, self._strategy, "ClipStep")
-        sync.check_replica_context("ClipStep.apply")
-        self.build(variables)
-        result = sync_and_clip(
-            grads, self.clip_norm, nonfinite=self.nonfinite, reduction=self.reduction,
-            backend=self.backend, step=self.optimizer.iterations,
+        return clip_and_apply(
+            self.optimizer, grads, trainable_variables, self._threshold, self.skipped_steps, caller="ClipStep.apply",
+            nonfinite=self.nonfinite, reduction=self.reduction, backend=self.backend,
             sparse_as_dense=self.sparse_as_dense, compression=self.compression,
         )
-        # Nothing is applied before every check of this step has passed: the
-        # threshold's and, with nonfinite="raise", the norm's (both feed `scale`).
-        with tf.control_dependencies([result.scale]):
-            ok = tf.identity(result.finite)
-        update.apply_update(
-            self.optimizer, result.grads, variables, ok,
-            skip_if_not_ok=self.nonfinite == "skip", skipped_counter=self.skipped_steps,
-        )
-        return result
 
     def apply_gradients(self, grads_and_vars: Iterable[Tuple[Any, Any]]) -> ClipResult:
         """`apply` for `(gradient, variable)` pairs, as Keras 2's `optimizer.apply_gradients` took them."""
         grads, variables = split_pairs(grads_and_vars)
         return self.apply(grads, variables)
+
+
+def _variable(name: str, shape: Tuple[int, ...], dtype: tf.DType, initial: float) -> tf.Variable:
+    """A variable identical on every replica, written only with values that are."""
+    return tf.Variable(
+        tf.fill(shape, tf.constant(initial, dtype)), trainable=False, name=name,
+        synchronization=tf.VariableSynchronization.ON_WRITE,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
+
+
+def clip_and_apply(
+    optimizer: Any,
+    grads: Sequence[Any],
+    trainable_variables: Sequence[Any],
+    threshold: Threshold,
+    skipped_counter: Any,
+    *,
+    caller: str,
+    record: Optional[Callable[[ClipResult, tf.Tensor], Sequence[Tuple[Any, tf.Tensor]]]] = None,
+    **options: Any,
+) -> ClipResult:
+    """The step `ClipStep` and `distclip.keras.ClipOptimizer` share.
+
+    `record(result, threshold)` may name (variable, value) pairs to assign on
+    every step, skipped or not. `options`: `nonfinite`, `reduction`,
+    `backend`, `sparse_as_dense`, `compression`.
+    """
+    grads, variables = check_pairs(grads, trainable_variables)
+    sync.check_replica_context(caller)
+    update.build(optimizer, variables)
+    result, used = clip_synchronized(grads, threshold.at(optimizer.iterations), caller=caller, **options)
+    # Nothing is applied before every check of this step has passed: the
+    # threshold's and, with nonfinite="raise", the norm's (both feed `scale`).
+    with tf.control_dependencies([result.scale]):
+        ok = tf.identity(result.finite)
+    update.apply_update(
+        optimizer, result.grads, variables, ok,
+        skip_if_not_ok=options["nonfinite"] == "skip", skipped_counter=skipped_counter,
+        assignments=threshold.updates(result.global_norm, result.finite),
+        records=record(result, used) if record else (),
+    )
+    return result

@@ -1,6 +1,7 @@
 """Clip thresholds: what `clip_norm` may be, checked, and turned into a float32 scalar.
 
 A threshold is one of
+  * a policy (`distclip.AutoClip`, `distclip.SpikeClip`), whose state `Threshold` keeps;
   * a positive finite Python number (checked when it is given);
   * a scalar `tf.Tensor` or `tf.Variable` (checked when given if its value is
     known, and at every step otherwise, without a host sync);
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from distclip.errors import ArgumentError
+from distclip.policies import Policy
 
 ClipNorm = Union[float, int, tf.Tensor, tf.Variable, Callable[[tf.Tensor], tf.Tensor]]
 
@@ -101,3 +103,42 @@ def resolve_clip_norm(clip_norm: ClipNorm, step: Optional[tf.Tensor] = None) -> 
     check = tf.debugging.Assert(ok, ["distclip: clip_norm must be a positive finite number; got clip_norm =", value])
     with tf.control_dependencies([check]):
         return tf.identity(value)
+
+
+MakeVariable = Callable[[str, Tuple[int, ...], tf.DType, float], Any]
+
+
+class Threshold:
+    """A step's `clip_norm` as the step uses it, with a policy's state in variables.
+
+    `clip_norm` is anything `check_clip_norm` accepts, or a `distclip.policies.Policy`,
+    whose state lives in variables made by `make_variable(name, shape, dtype, initial)`
+    (tf.Variables for `ClipStep`, Keras variables for `ClipOptimizer`, so each
+    is saved the way its owner is).
+    """
+
+    def __init__(self, clip_norm: Any, make_variable: MakeVariable):
+        self.policy = clip_norm if isinstance(clip_norm, Policy) else None
+        self.clip_norm = clip_norm if self.policy else check_clip_norm(clip_norm)
+        spec = self.policy.state_spec() if self.policy else {}
+        self.state = {name: make_variable(name, shape, dtype, initial) for name, (shape, dtype, initial) in spec.items()}
+
+    def _values(self) -> Dict[str, tf.Tensor]:
+        return {k: tf.convert_to_tensor(v.value if isinstance(v, keras.Variable) else v) for k, v in self.state.items()}
+
+    def at(self, step: Optional[tf.Tensor]) -> Callable[[tf.Tensor], tf.Tensor]:
+        """This step's threshold as a function of the synchronized norm (a fixed value or schedule is resolved now)."""
+        if self.policy is None:
+            value = resolve_clip_norm(self.clip_norm, step)
+            return lambda norm: value
+        values = self._values()
+        return lambda norm: tf.cast(self.policy.threshold(values, norm), tf.float32)
+
+    def updates(self, norm: tf.Tensor, finite: tf.Tensor) -> List[Tuple[Any, tf.Tensor]]:
+        """(variable, new value) pairs that advance the policy's state past `norm` (unchanged if not finite)."""
+        if self.policy is None:
+            return []
+        old = self._values()
+        safe = tf.where(finite, norm, 0.0)
+        new = self.policy.update(old, safe)
+        return [(self.state[k], tf.where(finite, tf.cast(new[k], old[k].dtype), old[k])) for k in self.state]

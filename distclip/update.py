@@ -15,7 +15,7 @@ that is identical on every replica (decided from the synchronized norm).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
@@ -81,6 +81,8 @@ def apply_update(
     *,
     skip_if_not_ok: bool,
     skipped_counter: Optional[tf.Variable] = None,
+    assignments: Sequence[Tuple[Any, tf.Tensor]] = (),
+    records: Sequence[Tuple[Any, tf.Tensor]] = (),
 ) -> None:
     """One optimizer step with `grads` (already synchronized), without reducing them.
 
@@ -88,7 +90,10 @@ def apply_update(
     for (so a failed check upstream leaves every variable as it was). With
     `skip_if_not_ok`, where `ok` is False no variable, slot or iteration count
     changes and `skipped_counter` grows by 1. `None` entries in `grads` are left
-    out, as `optimizer.apply` does.
+    out, as `optimizer.apply` does. `assignments`: (variable, value) pairs,
+    values identical on every replica, assigned along with the update (a
+    threshold policy's state); `records`: the same, assigned on skipped steps
+    too (what the step saw, for logging).
 
     Each device runs one `tf.cond` around all of its updates
     (`strategy.extended.update_non_slot` calls `on_device` once per device,
@@ -101,7 +106,11 @@ def apply_update(
     constraints = [getattr(v, "constraint", None) for v in keras_vars]
     learning_rate = optimizer.learning_rate
 
-    def on_device(grads, tf_vars, iterations, skipped, ok, lr):
+    def on_device(grads, tf_vars, iterations, skipped, ok, lr, state_vars, state_values, record_vars, record_values):
+        with tf.control_dependencies([ok]):
+            for var, value in zip(record_vars, record_values):
+                var.assign(value)
+
         def update():
             for grad, var, decay, constraint in zip(grads, tf_vars, decays, constraints):
                 if decay:
@@ -109,6 +118,8 @@ def apply_update(
                 optimizer.update_step(grad, var, lr)
                 if constraint is not None:
                     var.assign(constraint(var))
+            for var, value in zip(state_vars, state_values):
+                var.assign(value)
             iterations.assign_add(tf.ones([], iterations.dtype))
             return tf.constant(True)
 
@@ -125,16 +136,22 @@ def apply_update(
     tf_vars = [_tf_variable(v) for v in keras_vars]
     iterations = _tf_variable(optimizer.iterations)
     counter = skipped_counter if skip_if_not_ok else None
+    state_vars = [_tf_variable(v) for v, _ in assignments]
+    record_vars = [_tf_variable(v) for v, _ in records]
 
-    def merge_fn(strategy, grads, ok, lr):
+    def merge_fn(strategy, grads, ok, lr, state_values, record_values):
         devices = strategy.extended.non_slot_devices(tf_vars)
-        strategy.extended.update_non_slot(devices, on_device, args=(grads, tf_vars, iterations, counter, ok, lr), group=False)
+        strategy.extended.update_non_slot(devices, on_device, group=False, args=(
+            grads, tf_vars, iterations, counter, ok, lr, state_vars, state_values, record_vars, record_values))
 
     with tf.name_scope(optimizer.name):
         present = [g for g, _ in pairs]
+        state_values = [value for _, value in assignments]
+        record_values = [value for _, value in records]
         if not tf.distribute.has_strategy():  # no strategy, or the default one: nothing to place
-            on_device(present, tf_vars, iterations, counter, ok, learning_rate)
+            on_device(present, tf_vars, iterations, counter, ok, learning_rate, state_vars, state_values,
+                      record_vars, record_values)
         else:
             tf.__internal__.distribute.interim.maybe_merge_call(
-                merge_fn, tf.distribute.get_strategy(), present, ok, learning_rate
+                merge_fn, tf.distribute.get_strategy(), present, ok, learning_rate, state_values, record_values
             )

@@ -18,5 +18,5 @@ class LocalBackend:
     def num_replicas(self) -> int:
         return 1
 
-    def all_reduce(self, grads: Sequence[Gradient], reduction: str) -> List[Gradient]:
+    def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]:
         return list(grads)

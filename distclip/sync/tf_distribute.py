@@ -13,9 +13,7 @@ from typing import List, Sequence
 import tensorflow as tf
 
 from distclip.norm import Gradient
-from distclip.sync.base import MEAN, SUM
-
-_OPS = {SUM: tf.distribute.ReduceOp.SUM, MEAN: tf.distribute.ReduceOp.MEAN}
+from distclip.sync.base import SUM
 
 
 class TFDistributeBackend:
@@ -31,5 +29,5 @@ class TFDistributeBackend:
     def num_replicas(self) -> int:
         return self._ctx.num_replicas_in_sync
 
-    def all_reduce(self, grads: Sequence[Gradient], reduction: str) -> List[Gradient]:
-        return list(self._ctx.all_reduce(_OPS[reduction], list(grads)))
+    def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]:
+        return list(self._ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(grads)))

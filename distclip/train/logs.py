@@ -27,7 +27,7 @@ class StepLog:
         self.rows.append(row)
         self._csv.writerow([row[c] for c in COLUMNS])
         with self._tb.as_default(step=int(row["step"])):
-            for name in ("loss", "global_norm", "scale", "clip_norm"):
+            for name in ("loss", "global_norm", "scale", "clip_norm", "skipped"):
                 if math.isfinite(row[name]):
                     tf.summary.scalar(name, row[name])
 

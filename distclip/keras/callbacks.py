@@ -1,0 +1,105 @@
+"""Callbacks for `model.fit` with `ClipOptimizer`."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import keras
+
+from distclip import cluster
+from distclip.errors import ContextError
+from distclip.sync import broadcast_from_root
+from distclip.train.logs import StepLog
+
+
+class BroadcastCallback(keras.callbacks.Callback):
+    """Makes every process start from rank `root`'s model and optimizer variables (Horovod).
+
+    At the start of `fit` (the optimizer is built by then) it calls
+    `distclip.broadcast_from_root(model.variables + optimizer.variables, root)`:
+    a broadcast under Horovod, nothing under tf.distribute, whose strategies
+    create identical variables on every replica already.
+    """
+
+    def __init__(self, root: int = 0):
+        super().__init__()
+        self.root = root
+
+    def on_train_begin(self, logs=None) -> None:
+        optimizer = getattr(self.model, "optimizer", None)
+        variables = list(self.model.variables) + (list(optimizer.variables) if optimizer is not None else [])
+        broadcast_from_root(variables, self.root)
+
+
+class ClipLogger(keras.callbacks.Callback):
+    """Puts what `ClipOptimizer` saw each step into `fit`'s logs, and optionally TensorBoard and a CSV.
+
+    Logs (progress bar and `History`): `global_norm` and `clip_scale`, means
+    over the epoch's steps with a finite norm so far, and `skipped_steps`, the
+    steps skipped since the start (non-finite synchronized norm).
+
+    With `log_dir`, rank 0 only (`distclip.cluster.info().rank`) writes a row
+    per step to `log_dir/metrics.csv` (step, loss, global_norm before clipping,
+    scale, clip_norm, clipped, skipped; what `distclip plot log_dir` draws) and
+    the same scalars to TensorBoard under `log_dir/tensorboard`. It reads the
+    optimizer's variables at each batch end `fit` reports (every
+    `steps_per_execution` steps).
+    """
+
+    def __init__(self, log_dir: Optional[str] = None):
+        super().__init__()
+        self.log_dir = log_dir
+        self._log: Optional[StepLog] = None
+        self._step = 0
+        self._skipped = 0
+
+    def _optimizer(self):
+        from distclip.keras.optimizer import ClipOptimizer
+
+        optimizer = getattr(self.model, "optimizer", None)
+        if not isinstance(optimizer, ClipOptimizer):
+            raise ContextError(f"ClipLogger needs a model compiled with distclip.keras.ClipOptimizer; got {optimizer!r}")
+        return optimizer
+
+    def on_train_begin(self, logs=None) -> None:
+        optimizer = self._optimizer()
+        self._skipped = int(optimizer.skipped_steps.numpy()) if optimizer.built else 0
+        if self.log_dir and cluster.info().rank == 0:
+            self._log = StepLog(self.log_dir)
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        self._sums = {"global_norm": 0.0, "clip_scale": 0.0}
+        self._finite = 0
+
+    def _summary(self) -> Dict[str, float]:
+        means = {k: v / self._finite if self._finite else float("nan") for k, v in self._sums.items()}
+        return {**means, "skipped_steps": float(self._skipped)}
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        optimizer = self._optimizer()
+        norm, scale = float(optimizer.global_norm.numpy()), float(optimizer.clip_scale.numpy())
+        skipped = int(optimizer.skipped_steps.numpy())
+        self._step += 1
+        if math.isfinite(norm):
+            self._finite += 1
+            self._sums["global_norm"] += norm
+            self._sums["clip_scale"] += scale
+        threshold = float(optimizer.clip_norm_used.numpy())
+        if self._log is not None:
+            self._log.write({
+                "step": self._step, "loss": float((logs or {}).get("loss", math.nan)), "global_norm": norm,
+                "scale": scale, "clip_norm": threshold, "clipped": int(math.isfinite(norm) and norm > threshold),
+                "skipped": skipped - self._skipped,
+            })
+        self._skipped = skipped
+        if logs is not None:
+            logs.update(self._summary())
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        if logs is not None:
+            logs.update(self._summary())
+
+    def on_train_end(self, logs=None) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None

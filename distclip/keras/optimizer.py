@@ -1,0 +1,170 @@
+"""`ClipOptimizer`: the synchronized clip step as a Keras 3 optimizer, for `model.compile` / `model.fit`."""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Dict, List, Optional
+
+import keras
+import tensorflow as tf
+
+from distclip import sync, update
+from distclip.checks import NONFINITE, check_choice, check_wire
+from distclip.errors import ArgumentError
+from distclip.policies import Policy
+from distclip.step import clip_and_apply
+from distclip.threshold import ClipNorm, Threshold, check_clip_norm
+
+
+@keras.saving.register_keras_serializable(package="distclip")
+class ClipOptimizer(keras.optimizers.Optimizer):
+    """Wraps a Keras 3 optimizer so that `model.fit` clips the synchronized gradients.
+
+        model.compile(optimizer=distclip.keras.ClipOptimizer(keras.optimizers.Adam(1e-3), clip_norm=1.0),
+                      loss=..., metrics=[...])
+
+    Each step (under the default strategy, MirroredStrategy,
+    MultiWorkerMirroredStrategy, TPUStrategy, or Horovod with one process per
+    replica), with `g_i` the gradients summed (tf.distribute) or averaged
+    (Horovod) across replicas in one packed all-reduce:
+
+        global_norm = sqrt(sum_i ||g_i||_2^2)
+        g_i        <- g_i * min(1, clip_norm / global_norm)
+
+    then `optimizer.update_step` once per variable, with no second reduction.
+    This is single-device training on the global batch with `global_clipnorm`.
+    Keras's own `global_clipnorm` under a strategy clips each replica's
+    gradients before they are reduced, which is not.
+
+    Args:
+      optimizer: the Keras 3 optimizer that takes the steps, without its own
+        `clipnorm`/`clipvalue`/`global_clipnorm`.
+      clip_norm: threshold in units of the global norm: a positive number, a
+        `keras.optimizers.schedules.LearningRateSchedule` or callable of the
+        step, or a policy (`distclip.AutoClip`, `distclip.SpikeClip`) whose
+        state is kept in this optimizer's variables (saved with it).
+      nonfinite: "skip" (default): a step whose synchronized norm is inf or
+        NaN changes nothing, on every replica; "raise"; "propagate".
+      reduction, backend, sparse_as_dense, compression: as for `distclip.sync_and_clip`.
+
+    Each step leaves what it saw in variables, identical on every replica:
+    `global_norm` (before clipping), `clip_norm` (the threshold used),
+    `clip_scale` and `skipped_steps` (skipped since the start).
+    `distclip.keras.ClipLogger` puts them in `fit`'s logs (progress bar,
+    `History`) and, given a `log_dir`, in TensorBoard and a CSV.
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        clip_norm: ClipNorm,
+        *,
+        nonfinite: str = "skip",
+        reduction: str = "auto",
+        backend: str = "auto",
+        sparse_as_dense: bool = False,
+        compression: Optional[str] = None,
+        name: Optional[str] = None,
+    ):
+        if isinstance(optimizer, dict):
+            optimizer = keras.saving.deserialize_keras_object(optimizer)
+        update.check_optimizer(optimizer)
+        if not isinstance(clip_norm, Policy):
+            check_clip_norm(clip_norm)
+        super().__init__(learning_rate=0.0, name=name or "clip_optimizer")
+        self.inner_optimizer = optimizer
+        self.clip_norm = clip_norm
+        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
+        self.reduction = check_choice("reduction", reduction, sync.REDUCTIONS)
+        self.backend = check_choice("backend", backend, sync.BACKENDS)
+        check_wire(sparse_as_dense, compression)
+        self.sparse_as_dense, self.compression = sparse_as_dense, compression
+
+    def build(self, var_list: List[Any]) -> None:
+        if self.built:
+            return
+        with tf.init_scope():  # not inside the traced step (fails under MirroredStrategy)
+            self.skipped_steps = self._state_variable("skipped_steps", (), tf.int64, 0)
+            self.global_norm = self._state_variable("global_norm", (), tf.float32, 0.0)
+            self.clip_norm_used = self._state_variable("clip_norm", (), tf.float32, 0.0)
+            self.clip_scale = self._state_variable("clip_scale", (), tf.float32, 1.0)
+            self._threshold = Threshold(self.clip_norm, self._state_variable)
+            self.inner_optimizer.build(var_list)
+            super().build(var_list)
+
+    def _state_variable(self, name, shape, dtype, initial):
+        return self.add_variable(
+            shape, initializer=keras.initializers.Constant(initial), dtype=dtype.name,
+            aggregation="only_first_replica", name=name)
+
+    @property
+    def variables(self) -> List[Any]:
+        return self._variables[:] + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def apply(self, grads, trainable_variables=None):
+        """Synchronizes, clips and applies `grads`; call it in the replica context (as `fit` does)."""
+        if trainable_variables is None:
+            if not self.built:
+                raise ArgumentError("ClipOptimizer.apply: pass trainable_variables (the optimizer is not built yet)")
+            trainable_variables = self._trainable_variables
+        grads, trainable_variables = list(grads), list(trainable_variables)
+        self.build(trainable_variables)
+        update.check_strategy(self.inner_optimizer, self._distribution_strategy, "ClipOptimizer")
+        return clip_and_apply(
+            self.inner_optimizer, grads, trainable_variables, self._threshold, self.skipped_steps,
+            caller="ClipOptimizer.apply", record=self._record, nonfinite=self.nonfinite, reduction=self.reduction,
+            backend=self.backend, sparse_as_dense=self.sparse_as_dense, compression=self.compression,
+        )
+
+    def _record(self, result, threshold):
+        return [(self.global_norm, result.global_norm), (self.clip_norm_used, threshold),
+                (self.clip_scale, result.scale)]
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        raise NotImplementedError("ClipOptimizer runs on the TensorFlow backend, which has no stateless_apply")
+
+    def get_config(self) -> Dict[str, Any]:
+        clip_norm = self.clip_norm
+        if isinstance(clip_norm, (Policy, keras.optimizers.schedules.LearningRateSchedule)):
+            clip_norm = keras.saving.serialize_keras_object(clip_norm)
+        elif not isinstance(clip_norm, numbers.Real):
+            raise NotImplementedError(
+                f"ClipOptimizer.get_config: clip_norm={clip_norm!r} cannot be saved; use a number, a "
+                "LearningRateSchedule or a distclip policy to save the optimizer with the model"
+            )
+        return {
+            "name": self.name,
+            "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "clip_norm": clip_norm,
+            "nonfinite": self.nonfinite,
+            "reduction": self.reduction,
+            "backend": self.backend,
+            "sparse_as_dense": self.sparse_as_dense,
+            "compression": self.compression,
+        }
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any], custom_objects=None) -> "ClipOptimizer":
+        config = dict(config)
+        optimizer = keras.saving.deserialize_keras_object(config.pop("optimizer"), custom_objects=custom_objects)
+        clip_norm = config.pop("clip_norm")
+        if isinstance(clip_norm, dict):
+            clip_norm = keras.saving.deserialize_keras_object(clip_norm, custom_objects=custom_objects)
+        return cls(optimizer, clip_norm, **config)

@@ -1,0 +1,168 @@
+"""Threshold policies: clip thresholds that follow the global norms seen so far.
+
+A policy is a pair of pure functions over a small state (a dict of tensors):
+
+    threshold = policy.threshold(state, norm)    # this step's clip_norm
+    state     = policy.update(state, norm)       # after a step with a finite norm
+
+`norm` is the synchronized global norm (identical on every replica), so the
+state is identical on every replica too. `ClipStep` and
+`distclip.keras.ClipOptimizer` keep the state in variables (saved in
+checkpoints) and update it inside the step, only on steps whose norm is finite.
+Nothing here reads a value back to the host, so both compile under XLA.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Dict, Optional, Tuple
+
+import keras
+import tensorflow as tf
+
+from distclip.errors import ArgumentError
+
+State = Dict[str, tf.Tensor]
+#: name -> (shape, dtype, initial value)
+StateSpec = Dict[str, Tuple[Tuple[int, ...], tf.DType, float]]
+
+# A policy's threshold never goes below this (a zero threshold would zero the step).
+_FLOOR = 1e-12
+_NO_CLIP = 3.4e38  # float32's largest: min(1, _NO_CLIP / norm) == 1 for every finite norm
+
+
+class Policy:
+    """Base class of threshold policies (see the module docstring)."""
+
+    def state_spec(self) -> StateSpec:
+        raise NotImplementedError
+
+    def threshold(self, state: State, norm: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
+    def update(self, state: State, norm: tf.Tensor) -> State:
+        raise NotImplementedError
+
+    def get_config(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> "Policy":
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = True,
+            integer: bool = False) -> Any:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = isinstance(value, numbers.Integral)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
+        raise ArgumentError(f"{name} must be {kind} {bound}; got {name}={value!r}")
+    return value
+
+
+@keras.saving.register_keras_serializable(package="distclip")
+class AutoClip(Policy):
+    """The `percentile`-th percentile of the global norms seen so far (Seetharaman et al., 2020).
+
+        threshold_t = percentile_p(norm_{t-h+1}, ..., norm_t)
+
+    over the last `history` finite global norms including this step's, with
+    linear interpolation between order statistics (as `numpy.percentile`).
+    Applied to the global norm of all gradients, not per tensor. Units: those
+    of the global norm. State: a ring buffer of `history` float32 norms and a
+    count of the norms seen.
+    """
+
+    def __init__(self, percentile: float = 10.0, history: int = 1000):
+        self.percentile = float(_number("percentile", percentile, 0.0, 100.0, low_open=False))
+        self.history = int(_number("history", history, 0, integer=True))
+
+    def state_spec(self) -> StateSpec:
+        return {"norms": ((self.history,), tf.float32, 0.0), "count": ((), tf.int64, 0)}
+
+    def threshold(self, state: State, norm: tf.Tensor) -> tf.Tensor:
+        norms = self._append(state, norm)["norms"]
+        n = tf.minimum(state["count"] + 1, self.history)
+        # Unfilled slots hold +inf and sort last; the first n sorted values are the history.
+        filled = tf.range(self.history, dtype=tf.int64) < n
+        ordered = tf.sort(tf.where(filled, norms, tf.fill(tf.shape(norms), math.inf)))
+        position = self.percentile / 100.0 * tf.cast(n - 1, tf.float32)
+        low = tf.floor(position)
+        frac = position - low
+        low_i = tf.cast(low, tf.int64)
+        high_i = tf.minimum(low_i + 1, n - 1)
+        value = ordered[low_i] * (1.0 - frac) + tf.gather(ordered, high_i) * frac
+        return tf.maximum(value, _FLOOR)
+
+    def update(self, state: State, norm: tf.Tensor) -> State:
+        return self._append(state, norm)
+
+    def _append(self, state: State, norm: tf.Tensor) -> State:
+        slot = tf.math.floormod(state["count"], self.history)
+        norms = tf.tensor_scatter_nd_update(state["norms"], tf.reshape(slot, [1, 1]), tf.reshape(norm, [1]))
+        return {"norms": norms, "count": state["count"] + 1}
+
+    def get_config(self) -> Dict[str, Any]:
+        return {"percentile": self.percentile, "history": self.history}
+
+
+@keras.saving.register_keras_serializable(package="distclip")
+class SpikeClip(Policy):
+    """Clips norms more than `z` standard deviations above their moving mean.
+
+        threshold_t = mean_{t-1} + z * std_{t-1}
+        mean_t = decay * mean_{t-1} + (1 - decay) * c_t
+        var_t  = decay * (var_{t-1} + (1 - decay) * (c_t - mean_{t-1})^2)
+
+    where `c_t = min(norm_t, threshold_t)` is the norm after clipping, so a
+    spike does not inflate the statistics that judge the next one (the idea of
+    ZClip, Kumar et al., 2025, and of Lingvo's gradient-norm tracker). During
+    the first `warmup` finite steps the mean and variance are plain averages of
+    the norms seen and the threshold is `initial_clip_norm` (no clipping if
+    None). Units: those of the global norm.
+    """
+
+    def __init__(self, z: float = 3.0, decay: float = 0.99, warmup: int = 100,
+                 initial_clip_norm: Optional[float] = None):
+        self.z = float(_number("z", z, 0.0))
+        self.decay = float(_number("decay", decay, 0.0, 1.0, low_open=False))
+        if self.decay == 1.0:
+            raise ArgumentError(f"decay must be < 1 (the statistics would never move); got decay={decay!r}")
+        self.warmup = int(_number("warmup", warmup, 1, low_open=False, integer=True))
+        if initial_clip_norm is not None:
+            initial_clip_norm = float(_number("initial_clip_norm", initial_clip_norm, 0.0))
+        self.initial_clip_norm = initial_clip_norm
+
+    def state_spec(self) -> StateSpec:
+        return {"mean": ((), tf.float32, 0.0), "var": ((), tf.float32, 0.0), "count": ((), tf.int64, 0)}
+
+    def threshold(self, state: State, norm: tf.Tensor) -> tf.Tensor:
+        spike = state["mean"] + self.z * tf.sqrt(state["var"])
+        initial = _NO_CLIP if self.initial_clip_norm is None else self.initial_clip_norm
+        warming = state["count"] < self.warmup
+        return tf.maximum(tf.where(warming, tf.constant(initial, tf.float32), spike), _FLOOR)
+
+    def update(self, state: State, norm: tf.Tensor) -> State:
+        seen = tf.minimum(norm, self.threshold(state, norm))
+        count = state["count"] + 1
+        # Plain running averages while warming up (weight 1/count), then the moving average.
+        weight = tf.where(state["count"] < self.warmup, 1.0 / tf.cast(count, tf.float32), 1.0 - self.decay)
+        delta = seen - state["mean"]
+        mean = state["mean"] + weight * delta
+        var = (1.0 - weight) * (state["var"] + weight * tf.square(delta))
+        return {"mean": mean, "var": var, "count": count}
+
+    def get_config(self) -> Dict[str, Any]:
+        return {"z": self.z, "decay": self.decay, "warmup": self.warmup, "initial_clip_norm": self.initial_clip_norm}
+
+
+POLICIES = {cls.__name__: cls for cls in (AutoClip, SpikeClip)}

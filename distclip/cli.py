@@ -58,11 +58,39 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--learning-rate", type=float, default=d.learning_rate, help="SGD learning rate (momentum 0.9)")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--out", default=d.out, help="output directory")
+    pl = sub.add_parser(
+        "plot",
+        help="draw a run's metrics.csv (from distclip train or distclip.keras.ClipLogger) as a PNG",
+        description="Reads RUN_DIR/metrics.csv and draws the global norm before clipping against the threshold, "
+        "and the loss, over steps.",
+    )
+    pl.add_argument("run_dir", metavar="RUN_DIR", help="a directory holding metrics.csv")
+    pl.add_argument("--out", help="PNG to write (default: RUN_DIR/plot.png)")
+    pl.add_argument("--title", help="plot title (default: RUN_DIR)")
     return p
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from distclip.train.logs import plot, read_csv
+
+    path = os.path.join(args.run_dir, "metrics.csv")
+    if not os.path.isfile(path):
+        print(f"distclip plot: no metrics.csv in {args.run_dir!r}", file=sys.stderr)
+        return 2
+    rows = read_csv(path)
+    if not rows:
+        print(f"distclip plot: {path} has no rows", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join(args.run_dir, "plot.png")
+    plot(rows, out, args.title or os.path.abspath(args.run_dir))
+    print(f"distclip plot: {len(rows)} steps -> {out}")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "plot":
+        return _plot(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # The strategy must be created before anything else touches TensorFlow.
     from distclip.train.engines import make_engine

@@ -63,11 +63,13 @@ def shard(strategy, array):
     )
 
 
-def distributed_train(strategy, clip_norm, steps, opt="adam", batches=None, mode="clipstep", **clip_kwargs):
+def distributed_train(strategy, clip_norm, steps, opt="adam", batches=None, mode="clipstep", restore=None,
+                      **clip_kwargs):
     """Each replica computes gradients on its shard, then one of three updates (`mode`):
     "clipstep" (distclip.ClipStep), "keras_global_clipnorm" (optimizer.apply with
     Keras's own global_clipnorm), or "unclipped" (plain optimizer.apply).
 
+    `restore(objects)`, if given, runs once everything is built (to load a checkpoint).
     Returns (weights, per-step per-replica norms, per-variable per-replica values, objects).
     """
     assert mode in ("clipstep", "keras_global_clipnorm", "unclipped"), mode
@@ -77,6 +79,8 @@ def distributed_train(strategy, clip_norm, steps, opt="adam", batches=None, mode
         optimizer = make_optimizer(opt, **extra)
         clip = distclip.ClipStep(optimizer, clip_norm, **clip_kwargs) if mode == "clipstep" else None
         optimizer.build(model.trainable_variables)
+    if restore is not None:
+        restore(dict(model=model, optimizer=optimizer, clip=clip))
     if batches is None:
         batches = [global_batch(s) for s in range(steps)]
 

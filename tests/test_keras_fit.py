@@ -1,4 +1,5 @@
 """model.fit with distclip.keras.ClipOptimizer, in this process: default strategy and MirroredStrategy."""
+import json
 import os
 
 import keras
@@ -7,8 +8,10 @@ import pytest
 import tensorflow as tf
 
 import distclip
+from distclip import cli
 from common import GLOBAL_BATCH, global_batch, make_model, max_abs_diff, reference_train
 from distclip.train.logs import read_csv
+from procs import free_ports, python, run_all
 
 CLIP = 0.3
 STEPS = 4
@@ -70,6 +73,10 @@ def test_fit_matches_single_device_global_clipnorm(reference, mirrored, where, t
     assert [r["scale"] for r in rows] == pytest.approx([CLIP / n for n in ref_norms], rel=1e-5)
     assert [r["clipped"] for r in rows] == [1.0] * STEPS and [r["skipped"] for r in rows] == [0.0] * STEPS
     assert os.listdir(os.path.join(tmp_path, "tensorboard"))
+    # `distclip plot` draws it.
+    assert cli.main(["plot", str(tmp_path)]) == 0
+    assert os.path.getsize(os.path.join(tmp_path, "plot.png")) > 10_000
+    assert cli.main(["plot", str(tmp_path / "tensorboard")]) == 2  # no metrics.csv there
 
 
 def test_keras_global_clipnorm_under_mirrored_does_not_match(reference, mirrored):
@@ -164,3 +171,60 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path, mirrored):
     assert int(resumed_opt.iterations.numpy()) == 4
     assert max_abs_diff(resumed.get_weights(), whole.get_weights()) == 0.0
     assert max_abs_diff([v.numpy() for v in resumed_opt.variables], [v.numpy() for v in whole_opt.variables]) == 0.0
+
+
+@pytest.mark.parametrize("engine", ["multiworker", "horovod"])
+def test_fit_across_processes_matches_single_device(reference, tmp_path, engine):
+    """2 processes equal single-device global_clipnorm fit: `fit` under horovodrun --gloo, `apply` under MWMS.
+
+    (Keras 3.15's `fit` fails under MultiWorkerMirroredStrategy with any optimizer, keras-team/keras#20585.)
+    """
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "fit_train.py")
+    args = [worker, engine, str(tmp_path), str(CLIP), str(STEPS)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    if engine == "multiworker":
+        workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+        envs = [dict(env, TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
+                for i in range(2)]
+        results = run_all([[python()] + args] * 2, envs, timeout=240)
+    else:
+        horovodrun = os.path.join(os.path.dirname(python()), "horovodrun")
+        results = run_all([[horovodrun, "--gloo", "-np", "2", "-H", "localhost:2", python()] + args], [env], timeout=240)
+    for r in results:
+        assert r.returncode == 0, r.stdout[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    ref_weights, ref_norms = reference
+    for r in ranks:
+        assert max_abs_diff([np.array(w, "float32") for w in r["weights"]], ref_weights) <= 1e-5
+        assert r["history"]["global_norm"] == pytest.approx([np.mean(ref_norms)], rel=1e-5)
+        assert r["iterations"] == STEPS
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    clip_logs = [{k: v for k, v in r["history"].items() if k != "loss"} for r in ranks]  # loss: each rank's own
+    assert clip_logs[0] == clip_logs[1]
+    if engine != "horovod":
+        return
+    # Only rank 0 writes the log; its norms are the reference's.
+    rows = read_csv(os.path.join(tmp_path, "log", "metrics.csv"))
+    assert [r["global_norm"] for r in rows] == pytest.approx(ref_norms, rel=1e-5)
+    assert len(os.listdir(os.path.join(tmp_path, "log", "tensorboard"))) == 1
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda: distclip.keras.ClipOptimizer("adam", 1.0), "optimizer"),
+    (lambda: distclip.keras.ClipOptimizer(keras.optimizers.SGD(0.1), -1.0), "clip_norm"),
+    (lambda: distclip.keras.ClipOptimizer(keras.optimizers.SGD(0.1), float("nan")), "clip_norm"),
+    (lambda: distclip.keras.ClipOptimizer(keras.optimizers.SGD(0.1, global_clipnorm=1.0), 1.0), "global_clipnorm"),
+    (lambda: distclip.keras.ClipOptimizer(keras.optimizers.SGD(0.1), 1.0, nonfinite="ignore"), "nonfinite"),
+    (lambda: distclip.keras.ClipOptimizer(keras.optimizers.SGD(0.1), 1.0, backend="nccl"), "backend"),
+])
+def test_bad_arguments_name_the_argument(make, named):
+    with pytest.raises(distclip.ArgumentError, match=named):
+        make()
+
+
+def test_clip_logger_needs_a_clip_optimizer():
+    model = make_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x, y = data(1)
+    with pytest.raises(distclip.ContextError, match="ClipOptimizer"):
+        model.fit(x, y, batch_size=GLOBAL_BATCH, verbose=0, callbacks=[distclip.keras.ClipLogger()])

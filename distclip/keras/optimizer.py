@@ -82,7 +82,8 @@ class ClipOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list: List[Any]) -> None:
         if self.built:
             return
-        with tf.init_scope():  # not inside the traced step (fails under MirroredStrategy)
+        # Not inside the traced step (fails under MirroredStrategy), and under the optimizer's strategy.
+        with tf.init_scope(), self._distribution_strategy.scope():
             self.skipped_steps = self._state_variable("skipped_steps", (), tf.int64, 0)
             self.global_norm = self._state_variable("global_norm", (), tf.float32, 0.0)
             self.clip_norm_used = self._state_variable("clip_norm", (), tf.float32, 0.0)

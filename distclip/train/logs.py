@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -49,8 +49,11 @@ def _running_median(values: Sequence[float], window: int) -> List[float]:
             else float("nan") for i in range(len(v))]
 
 
-def plot(rows: Sequence[Dict[str, float]], path: str, title: str) -> None:
-    """Global norm against the threshold (top) and loss (bottom) over steps, both log scale."""
+def plot(rows: Sequence[Dict[str, float]], path: str, title: str, baseline: Optional[Tuple[float, str]] = None) -> None:
+    """Global norm against the threshold (top) and loss (bottom) over steps, both log scale.
+
+    `baseline`: (loss, label) drawn as a dotted line under the loss.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,9 +78,10 @@ def plot(rows: Sequence[Dict[str, float]], path: str, title: str) -> None:
     losses = [r["loss"] for r in rows]
     bottom.plot(steps, losses, lw=0.5, alpha=0.5, color="tab:green")
     bottom.plot(steps, _running_median(losses, window), lw=1.2, color="darkgreen", label=f"running median ({window} steps)")
-    bottom.axhline(1 / 6, color="gray", ls=":", lw=1, label="predict the mean (MSE 0.167)")
+    if baseline is not None:
+        bottom.axhline(baseline[0], color="gray", ls=":", lw=1, label=baseline[1])
     bottom.set_yscale("log")
-    bottom.set_ylabel("training MSE")
+    bottom.set_ylabel("training loss")
     bottom.set_xlabel("step")
     bottom.legend(loc="upper right", fontsize=8)
     fig.tight_layout()

@@ -88,7 +88,7 @@ def run(cfg: Config, engine) -> dict:
         log.close()
         title = f"adding problem, T={cfg.length}, {replicas} replicas, " + (
             "no clipping" if cfg.clip_norm is None else f"clip_norm={cfg.clip_norm}")
-        plot(log.rows, os.path.join(cfg.out, "plot.png"), title)
+        plot(log.rows, os.path.join(cfg.out, "plot.png"), title, baseline=(1 / 6, "predict the mean (MSE 0.167)"))
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary

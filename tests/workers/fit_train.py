@@ -1,0 +1,73 @@
+"""One process of a 2-process run of distclip.keras.ClipOptimizer.
+
+    fit_train.py multiworker|horovod OUT_DIR CLIP_NORM STEPS
+
+horovod: under horovodrun, each rank runs `model.fit` on its own half of every
+global batch, with different initial weights that BroadcastCallback replaces
+by rank 0's; ClipLogger writes OUT_DIR/log/ on rank 0 only.
+multiworker: MultiWorkerMirroredStrategy (TF_CONFIG from the parent) with
+`optimizer.apply` in a custom loop, because Keras 3.15's `fit` itself fails
+under MultiWorkerMirroredStrategy before it reaches the optimizer
+(keras-team/keras#20585). Writes OUT_DIR/rank{R}.json.
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+engine, out_dir, clip_norm, steps = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+import tensorflow as tf  # noqa: E402
+
+if engine == "multiworker":
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(timeout_seconds=60.0))
+    rank = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+else:
+    import horovod.tensorflow as hvd
+
+    hvd.init()
+    strategy, rank = tf.distribute.get_strategy(), hvd.rank()
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import distclip  # noqa: E402
+from common import GLOBAL_BATCH, global_batch, make_model, shard  # noqa: E402
+
+x, y = (np.concatenate(a) for a in zip(*(global_batch(s) for s in range(steps))))
+batch = GLOBAL_BATCH
+if engine == "horovod":
+    half = GLOBAL_BATCH // 2
+    rows = np.concatenate([np.arange(s * GLOBAL_BATCH + rank * half, s * GLOBAL_BATCH + (rank + 1) * half)
+                           for s in range(steps)])
+    x, y, batch = x[rows], y[rows], half
+
+with strategy.scope():
+    model = make_model(seed=1 + (rank if engine == "horovod" else 0))
+    optimizer = distclip.keras.ClipOptimizer(keras.optimizers.Adam(0.05), clip_norm)
+    model.compile(optimizer=optimizer, loss="mse")
+if engine == "horovod":
+    callbacks = [distclip.keras.BroadcastCallback(), distclip.keras.ClipLogger(os.path.join(out_dir, "log"))]
+    history = model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=callbacks).history
+else:
+    @tf.function
+    def train_step(x, y):
+        def replica_fn(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.square(model(x) - y)) / GLOBAL_BATCH
+            optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        strategy.run(replica_fn, args=(x, y))
+
+    optimizer.build(model.trainable_variables)
+    norms = []
+    for s in range(steps):
+        xs, ys = global_batch(s)
+        train_step(shard(strategy, xs), shard(strategy, ys))
+        norms.append(float(optimizer.global_norm.numpy()))
+    history = {"global_norm": [sum(norms) / len(norms)]}
+
+with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+    json.dump({"rank": rank, "history": history, "iterations": int(optimizer.iterations.numpy()),
+               "weights": [w.tolist() for w in model.get_weights()]}, f)

@@ -58,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--learning-rate", type=float, default=d.learning_rate, help="SGD learning rate (momentum 0.9)")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--out", default=d.out, help="output directory")
+    t.add_argument("--fit", action="store_true",
+                   help="train with model.fit and distclip.keras.ClipOptimizer (+ ClipLogger) instead of the custom loop")
     pl = sub.add_parser(
         "plot",
         help="draw a run's metrics.csv (from distclip train or distclip.keras.ClipLogger) as a PNG",

@@ -92,3 +92,24 @@ def test_train_tpu_without_a_tpu_fails_clearly(tmp_path):
     r = _run([BIN, "train", "--strategy", "tpu", "--steps", "1", "--out", str(tmp_path / "tpu")])
     assert r.returncode != 0
     assert "--strategy tpu: no TPU could be reached" in r.stderr
+
+
+def test_train_fit_equals_the_custom_loop(tmp_path):
+    """`distclip train --fit` (model.fit, ClipOptimizer, ClipLogger) sees the custom loop's norms and ends the same."""
+    args = ["train", "--steps", "30", "--clip-norm", "0.5", "--seed", "3"]
+    runs = {}
+    for name, extra in (("loop", []), ("fit", ["--fit"])):
+        r = _run([BIN] + args + extra + ["--out", str(tmp_path / name)])
+        assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+        with open(tmp_path / name / "metrics.csv") as f:
+            runs[name] = (list(csv.DictReader(f)), json.loads((tmp_path / name / "summary.json").read_text()))
+    (loop_rows, loop_sum), (fit_rows, fit_sum) = runs["loop"], runs["fit"]
+    assert [r["step"] for r in fit_rows] == [r["step"] for r in loop_rows]
+    for a, b in zip(loop_rows, fit_rows):
+        assert abs(float(a["global_norm"]) - float(b["global_norm"])) <= 1e-4 * float(a["global_norm"])
+        assert a["clipped"] == b["clipped"] and a["skipped"] == b["skipped"]
+    assert fit_sum["steps_clipped"] == loop_sum["steps_clipped"] > 0
+    assert abs(fit_sum["eval_mse"] - loop_sum["eval_mse"]) <= 1e-4
+    assert abs(fit_sum["final_loss"] - loop_sum["final_loss"]) <= 1e-4
+    assert (tmp_path / "fit" / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"global_norm", "clip_norm", "scale", "skipped"} <= set(_scalars(tmp_path / "fit" / "tensorboard"))

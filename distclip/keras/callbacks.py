@@ -40,7 +40,8 @@ class ClipLogger(keras.callbacks.Callback):
 
     With `log_dir`, rank 0 only (`distclip.cluster.info().rank`) writes a row
     per step to `log_dir/metrics.csv` (step, loss, global_norm before clipping,
-    scale, clip_norm, clipped, skipped; what `distclip plot log_dir` draws) and
+    scale, clip_norm, clipped, skipped; steps count from 0; loss is `fit`'s
+    running mean over the epoch; what `distclip plot log_dir` draws) and
     the same scalars to TensorBoard under `log_dir/tensorboard`. It reads the
     optimizer's variables at each batch end `fit` reports (every
     `steps_per_execution` steps).
@@ -52,6 +53,8 @@ class ClipLogger(keras.callbacks.Callback):
         self._log: Optional[StepLog] = None
         self._step = 0
         self._skipped = 0
+        #: Steps whose norm exceeded the threshold, counted on every rank.
+        self.clipped_steps = 0
 
     def _optimizer(self):
         from distclip.keras.optimizer import ClipOptimizer
@@ -75,22 +78,28 @@ class ClipLogger(keras.callbacks.Callback):
         means = {k: v / self._finite if self._finite else float("nan") for k, v in self._sums.items()}
         return {**means, "skipped_steps": float(self._skipped)}
 
+    @property
+    def rows(self):
+        """The rows written so far (rank 0 with a `log_dir`), else None."""
+        return self._log.rows if self._log is not None else None
+
     def on_train_batch_end(self, batch, logs=None) -> None:
         optimizer = self._optimizer()
         norm, scale = float(optimizer.global_norm.numpy()), float(optimizer.clip_scale.numpy())
         skipped = int(optimizer.skipped_steps.numpy())
-        self._step += 1
         if math.isfinite(norm):
             self._finite += 1
             self._sums["global_norm"] += norm
             self._sums["clip_scale"] += scale
         threshold = float(optimizer.clip_norm_used.numpy())
+        clipped = int(math.isfinite(norm) and norm > threshold)
+        self.clipped_steps += clipped
         if self._log is not None:
             self._log.write({
                 "step": self._step, "loss": float((logs or {}).get("loss", math.nan)), "global_norm": norm,
-                "scale": scale, "clip_norm": threshold, "clipped": int(math.isfinite(norm) and norm > threshold),
-                "skipped": skipped - self._skipped,
+                "scale": scale, "clip_norm": threshold, "clipped": clipped, "skipped": skipped - self._skipped,
             })
+        self._step += 1
         self._skipped = skipped
         if logs is not None:
             logs.update(self._summary())
@@ -102,4 +111,3 @@ class ClipLogger(keras.callbacks.Callback):
     def on_train_end(self, logs=None) -> None:
         if self._log is not None:
             self._log.close()
-            self._log = None

@@ -18,3 +18,4 @@ class Config:
     learning_rate: float = 0.01
     seed: int = 0
     out: str = "runs/adding"
+    fit: bool = False

@@ -63,6 +63,14 @@ class DistributeEngine:
     def read(self, variable) -> int:
         return int(self.strategy.experimental_local_results(variable)[0].numpy())
 
+    def local_rows(self, global_batch: int) -> slice:
+        """The rows of a global batch this process feeds to `fit` (all: the strategy splits them)."""
+        return slice(None)
+
+    def mean(self, value: float) -> float:
+        """`value` averaged over processes (the same everywhere already: one process holds every replica's)."""
+        return value
+
 
 class HorovodEngine:
     """One replica per process: per-rank mean loss, Average all-reduce (`hvd.grouped_allreduce`)."""
@@ -98,6 +106,13 @@ class HorovodEngine:
 
     def read(self, variable) -> int:
         return int(variable.numpy())
+
+    def local_rows(self, global_batch: int) -> slice:
+        per = global_batch // self.replicas
+        return slice(self.hvd.rank() * per, (self.hvd.rank() + 1) * per)
+
+    def mean(self, value: float) -> float:
+        return float(self.hvd.allreduce(tf.constant(value, tf.float64), op=self.hvd.Average, name="distclip_train_mean"))
 
 
 def make_engine(strategy_name: str, replicas: int):

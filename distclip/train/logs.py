@@ -65,7 +65,8 @@ def plot(rows: Sequence[Dict[str, float]], path: str, title: str, baseline: Opti
     norms = [r["global_norm"] for r in rows]
     top.plot(steps, norms, lw=0.5, alpha=0.5, label="global norm (before clipping)")
     top.plot(steps, _running_median(norms, window), lw=1.2, color="tab:blue", label=f"running median ({window} steps)")
-    thresholds = [r["clip_norm"] for r in rows]
+    # A threshold of float32's largest value or more means "no clipping" (distclip train --clip-norm none).
+    thresholds = [r["clip_norm"] if r["clip_norm"] < 1e38 else math.nan for r in rows]
     if any(math.isfinite(t) for t in thresholds):
         top.plot(steps, thresholds, "r--", lw=1.2, label="clip_norm")
     skipped = [r["step"] for r in rows if r["skipped"]]

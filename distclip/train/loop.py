@@ -28,6 +28,10 @@ def run(cfg: Config, engine) -> dict:
     replicas = engine.replicas
     if cfg.batch_size % replicas:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {replicas} replicas")
+    if cfg.fit:
+        from distclip.train.fit import run_fit
+
+        return run_fit(cfg, engine)
     chief = engine.chief
 
     with engine.scope():
@@ -65,30 +69,36 @@ def run(cfg: Config, engine) -> dict:
         if log:
             log.write(row)
         bar.update(step + 1, [("loss", float(loss)), ("norm", float(norm)), ("clip", float(clipped))])
-    elapsed = time.monotonic() - start
-    # Raises ReplicaMismatchError naming the first variable that differs.
-    checked = len(verify_replicas(model.variables + optimizer.variables))
-
-    x, y = adding.batch(cfg.seed + 10_000, 0, 1024, cfg.length)
-    eval_mse = float(tf.reduce_mean(tf.square(model(x) - y)))
-    summary = {
-        "strategy": engine.name,
-        "replicas": replicas,
-        "clip_norm": cfg.clip_norm,
-        "steps": cfg.steps,
-        "final_loss": float(np.mean(losses[-100:])),  # mean training MSE over the last 100 steps
-        "eval_mse": eval_mse,
-        "steps_clipped": clipped_steps,
-        "steps_skipped": engine.read(clip.skipped_steps),  # ClipStep counts them, identically on every replica
-        "variables_verified_identical": checked,
-        "seconds": round(elapsed, 1),
-        "config": asdict(cfg),
-    }
     if log:
         log.close()
-        title = f"adding problem, T={cfg.length}, {replicas} replicas, " + (
-            "no clipping" if cfg.clip_norm is None else f"clip_norm={cfg.clip_norm}")
-        plot(log.rows, os.path.join(cfg.out, "plot.png"), title, baseline=(1 / 6, "predict the mean (MSE 0.167)"))
+    elapsed = time.monotonic() - start
+    return finish(cfg, engine, model, optimizer, final_loss=float(np.mean(losses[-100:])), clipped=clipped_steps,
+                  skipped=engine.read(clip.skipped_steps), seconds=elapsed, rows=log.rows if log else None)
+
+
+def finish(cfg: Config, engine, model, optimizer, *, final_loss: float, clipped: int, skipped: int, seconds: float,
+           rows) -> dict:
+    """Checks the replicas, evaluates, and (chief only, `rows` given) writes plot.png and summary.json."""
+    # Raises ReplicaMismatchError naming the first variable that differs.
+    checked = len(verify_replicas(model.variables + optimizer.variables))
+    x, y = adding.batch(cfg.seed + 10_000, 0, 1024, cfg.length)
+    summary = {
+        "strategy": engine.name,
+        "replicas": engine.replicas,
+        "clip_norm": cfg.clip_norm,
+        "steps": cfg.steps,
+        "final_loss": final_loss,
+        "eval_mse": float(tf.reduce_mean(tf.square(model(x) - y))),
+        "steps_clipped": clipped,
+        "steps_skipped": skipped,  # counted by the clip step, identically on every replica
+        "variables_verified_identical": checked,
+        "seconds": round(seconds, 1),
+        "config": asdict(cfg),
+    }
+    if rows is not None:
+        title = f"adding problem, T={cfg.length}, {engine.replicas} replicas, " + (
+            "no clipping" if cfg.clip_norm is None else f"clip_norm={cfg.clip_norm}") + (", model.fit" if cfg.fit else "")
+        plot(rows, os.path.join(cfg.out, "plot.png"), title, baseline=(1 / 6, "predict the mean (MSE 0.167)"))
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary

@@ -82,10 +82,12 @@ def clip_synchronized(
     sparse_as_dense: bool,
     compression: Optional[str],
     caller: str,
+    micro_batches: int = 1,
 ) -> Tuple[ClipResult, tf.Tensor]:
     """`sync_and_clip` with the threshold a function of the synchronized norm; also returns the threshold.
 
-    `grads` must have been checked (`check_gradients`).
+    `grads` must have been checked (`check_gradients`). With `micro_batches=k`
+    they are sums over k micro-batches, and their mean is what is clipped.
     """
     check_choice("nonfinite", nonfinite, NONFINITE)
     check_wire(sparse_as_dense, compression)
@@ -95,8 +97,8 @@ def clip_synchronized(
     present = [i for i, g in enumerate(grads) if g is not None]
     sent, dtypes = wire.encode([grads[i] for i in present], sparse_as_dense=sparse_as_dense, compression=compression)
     summed = wire.decode(engine.all_reduce_sum(sent), dtypes)
-    # A mean is the sum times 1/n; that factor rides on the clip multiply.
-    to_mean = 1.0 / engine.num_replicas() if op == sync.MEAN else 1.0
+    # A mean is the sum times 1/n (and 1/k over micro-batches); that factor rides on the clip multiply.
+    to_mean = (1.0 / engine.num_replicas() if op == sync.MEAN else 1.0) / micro_batches
     norm = global_norm(summed) * to_mean
     finite = tf.math.is_finite(norm)
     threshold = threshold_of(norm)

@@ -1,15 +1,17 @@
 """`ClipStep`: synchronize once, clip, and apply the update with a Keras 3 optimizer once."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
+import keras
 import tensorflow as tf
 
 from distclip import sync, update
+from distclip.accumulate import Accumulation, check_steps
 from distclip.checks import NONFINITE, check_choice, check_pairs, check_wire, split_pairs
 from distclip.clip import clip_synchronized
 from distclip.result import ClipResult
-from distclip.threshold import ClipNorm, Threshold
+from distclip.threshold import ClipNorm, MakeVariable, Threshold
 
 
 class ClipStep(tf.Module):
@@ -45,6 +47,11 @@ class ClipStep(tf.Module):
     mean for `sync_and_clip`; under Horovod (`backend="auto"` finds it) each
     process is one replica and gradients are averaged.
 
+    `accumulation_steps=k`: each call adds this replica's gradients to local
+    sums; every k-th call reduces them once, clips their mean and applies it
+    (one step on a k-times-larger batch); `apply` then returns the latest
+    update's result, with `grads` of `None`. See `distclip.accumulate`.
+
     `nonfinite="skip"` (default): when the synchronized norm is inf or NaN, every
     replica skips the step together; variables, optimizer slots and
     `optimizer.iterations` stay as they were and `skipped_steps` grows by one.
@@ -62,6 +69,7 @@ class ClipStep(tf.Module):
         backend: str = "auto",
         sparse_as_dense: bool = False,
         compression: Optional[str] = None,
+        accumulation_steps: int = 1,
         name: str = "clip_step",
     ):
         super().__init__(name=name)
@@ -73,24 +81,29 @@ class ClipStep(tf.Module):
         check_wire(sparse_as_dense, compression)
         self.sparse_as_dense, self.compression = sparse_as_dense, compression
         self._strategy = tf.distribute.get_strategy()
+        steps = check_steps(accumulation_steps)
         with tf.name_scope(name):
-            #: Steps skipped because the synchronized global norm was not finite.
-            self.skipped_steps = _variable("skipped_steps", (), tf.int64, 0)
+            self._state = StepState(_variable)
             self._threshold = Threshold(clip_norm, _variable)
+        #: Steps skipped because the synchronized global norm was not finite.
+        self.skipped_steps = self._state.skipped_steps
+        self.accumulation = Accumulation(steps) if steps > 1 else None
         self.clip_norm = clip_norm
         #: The policy's state variables by name (empty unless `clip_norm` is a policy).
         self.policy_state = self._threshold.state
 
     def build(self, trainable_variables: Sequence[Any]) -> None:
-        """Creates the optimizer's variables now (otherwise done on the first `apply`)."""
+        """Creates the optimizer's variables (and the accumulators) now, otherwise done on the first `apply`."""
         update.build(self.optimizer, trainable_variables)
+        if self.accumulation is not None:
+            self.accumulation.build(list(trainable_variables))
 
     def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any]) -> ClipResult:
         """Synchronizes `grads`, clips them by their global norm and applies them to `trainable_variables`."""
         update.check_strategy(self.optimizer, self._strategy, "ClipStep")
         return clip_and_apply(
-            self.optimizer, grads, trainable_variables, self._threshold, self.skipped_steps, caller="ClipStep.apply",
-            nonfinite=self.nonfinite, reduction=self.reduction, backend=self.backend,
+            self.optimizer, grads, trainable_variables, self._threshold, self._state, caller="ClipStep.apply",
+            accumulation=self.accumulation, nonfinite=self.nonfinite, reduction=self.reduction, backend=self.backend,
             sparse_as_dense=self.sparse_as_dense, compression=self.compression,
         )
 
@@ -109,35 +122,75 @@ def _variable(name: str, shape: Tuple[int, ...], dtype: tf.DType, initial: float
     )
 
 
+class StepState:
+    """What a clip step keeps besides the optimizer's state, in variables made by `make_variable`.
+
+    `skipped_steps` counts updates skipped for a non-finite norm; `global_norm`
+    (before clipping), `clip_norm` (the threshold used), `clip_scale` and
+    `finite` are those of the latest update, identical on every replica.
+    """
+
+    def __init__(self, make_variable: MakeVariable):
+        self.skipped_steps = make_variable("skipped_steps", (), tf.int64, 0)
+        self.global_norm = make_variable("global_norm", (), tf.float32, 0.0)
+        self.clip_norm = make_variable("clip_norm", (), tf.float32, 0.0)
+        self.clip_scale = make_variable("clip_scale", (), tf.float32, 1.0)
+        self.finite = make_variable("finite", (), tf.int64, 1)
+
+    def records(self, result: ClipResult, threshold: tf.Tensor) -> List[Tuple[Any, tf.Tensor]]:
+        return [(self.global_norm, result.global_norm), (self.clip_norm, threshold), (self.clip_scale, result.scale),
+                (self.finite, tf.cast(result.finite, tf.int64))]
+
+    def latest(self, n: int) -> ClipResult:
+        """The latest update's result, read back (its gradients are not kept: `None`)."""
+        read = [tf.convert_to_tensor(v.value if isinstance(v, keras.Variable) else v)
+                for v in (self.global_norm, self.clip_norm, self.clip_scale, self.finite)]
+        norm, threshold, scale, finite = read
+        finite = tf.cast(finite, tf.bool)
+        return ClipResult(grads=[None] * n, global_norm=norm, scale=scale,
+                          clipped=tf.logical_and(finite, norm > threshold), finite=finite)
+
+
 def clip_and_apply(
     optimizer: Any,
     grads: Sequence[Any],
     trainable_variables: Sequence[Any],
     threshold: Threshold,
-    skipped_counter: Any,
+    state: StepState,
     *,
     caller: str,
-    record: Optional[Callable[[ClipResult, tf.Tensor], Sequence[Tuple[Any, tf.Tensor]]]] = None,
+    accumulation: Optional[Accumulation] = None,
     **options: Any,
 ) -> ClipResult:
     """The step `ClipStep` and `distclip.keras.ClipOptimizer` share.
 
-    `record(result, threshold)` may name (variable, value) pairs to assign on
-    every step, skipped or not. `options`: `nonfinite`, `reduction`,
-    `backend`, `sparse_as_dense`, `compression`.
+    `options`: `nonfinite`, `reduction`, `backend`, `sparse_as_dense`,
+    `compression`. With `accumulation`, the update happens on every k-th call
+    and the result returned is that of the latest update.
     """
     grads, variables = check_pairs(grads, trainable_variables)
     sync.check_replica_context(caller)
     update.build(optimizer, variables)
-    result, used = clip_synchronized(grads, threshold.at(optimizer.iterations), caller=caller, **options)
+    if accumulation is None:
+        return _update(optimizer, grads, variables, threshold, state, caller, 1, options)
+    accumulation.build(variables, [g is not None for g in grads])
+    ran = accumulation.run(
+        grads, lambda sums: _update(optimizer, sums, variables, threshold, state, caller, accumulation.steps, options).scale)
+    with tf.control_dependencies([ran]):
+        return state.latest(len(grads))
+
+
+def _update(optimizer, grads, variables, threshold, state, caller, micro_batches, options) -> ClipResult:
+    result, used = clip_synchronized(grads, threshold.at(optimizer.iterations), caller=caller,
+                                     micro_batches=micro_batches, **options)
     # Nothing is applied before every check of this step has passed: the
     # threshold's and, with nonfinite="raise", the norm's (both feed `scale`).
     with tf.control_dependencies([result.scale]):
         ok = tf.identity(result.finite)
     update.apply_update(
         optimizer, result.grads, variables, ok,
-        skip_if_not_ok=options["nonfinite"] == "skip", skipped_counter=skipped_counter,
+        skip_if_not_ok=options["nonfinite"] == "skip", skipped_counter=state.skipped_steps,
         assignments=threshold.updates(result.global_norm, result.finite),
-        records=record(result, used) if record else (),
+        records=state.records(result, used),
     )
     return result

@@ -11,7 +11,8 @@ from distclip import sync, update
 from distclip.checks import NONFINITE, check_choice, check_wire
 from distclip.errors import ArgumentError
 from distclip.policies import Policy
-from distclip.step import clip_and_apply
+from distclip.accumulate import Accumulation, check_steps
+from distclip.step import StepState, clip_and_apply
 from distclip.threshold import ClipNorm, Threshold, check_clip_norm
 
 
@@ -45,6 +46,9 @@ class ClipOptimizer(keras.optimizers.Optimizer):
       nonfinite: "skip" (default): a step whose synchronized norm is inf or
         NaN changes nothing, on every replica; "raise"; "propagate".
       reduction, backend, sparse_as_dense, compression: as for `distclip.sync_and_clip`.
+      accumulation_steps: k > 1 accumulates k batches' gradients locally and
+        takes one synchronized, clipped step on their mean every k-th batch
+        (`iterations` counts those steps), as for `distclip.ClipStep`.
 
     Each step leaves what it saw in variables, identical on every replica:
     `global_norm` (before clipping), `clip_norm` (the threshold used),
@@ -63,6 +67,7 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         backend: str = "auto",
         sparse_as_dense: bool = False,
         compression: Optional[str] = None,
+        accumulation_steps: int = 1,
         name: Optional[str] = None,
     ):
         if isinstance(optimizer, dict):
@@ -78,18 +83,22 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         self.backend = check_choice("backend", backend, sync.BACKENDS)
         check_wire(sparse_as_dense, compression)
         self.sparse_as_dense, self.compression = sparse_as_dense, compression
+        self.accumulation_steps = check_steps(accumulation_steps)
+        with self._distribution_strategy.scope():
+            self.accumulation = Accumulation(self.accumulation_steps) if self.accumulation_steps > 1 else None
 
     def build(self, var_list: List[Any]) -> None:
         if self.built:
             return
         # Not inside the traced step (fails under MirroredStrategy), and under the optimizer's strategy.
         with tf.init_scope(), self._distribution_strategy.scope():
-            self.skipped_steps = self._state_variable("skipped_steps", (), tf.int64, 0)
-            self.global_norm = self._state_variable("global_norm", (), tf.float32, 0.0)
-            self.clip_norm_used = self._state_variable("clip_norm", (), tf.float32, 0.0)
-            self.clip_scale = self._state_variable("clip_scale", (), tf.float32, 1.0)
+            self._state = StepState(self._state_variable)
+            self.skipped_steps, self.global_norm = self._state.skipped_steps, self._state.global_norm
+            self.clip_norm_used, self.clip_scale = self._state.clip_norm, self._state.clip_scale
             self._threshold = Threshold(self.clip_norm, self._state_variable)
             self.inner_optimizer.build(var_list)
+            if self.accumulation is not None:
+                self.accumulation.build(list(var_list))
             super().build(var_list)
 
     def _state_variable(self, name, shape, dtype, initial):
@@ -129,14 +138,11 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         self.build(trainable_variables)
         update.check_strategy(self.inner_optimizer, self._distribution_strategy, "ClipOptimizer")
         return clip_and_apply(
-            self.inner_optimizer, grads, trainable_variables, self._threshold, self.skipped_steps,
-            caller="ClipOptimizer.apply", record=self._record, nonfinite=self.nonfinite, reduction=self.reduction,
-            backend=self.backend, sparse_as_dense=self.sparse_as_dense, compression=self.compression,
+            self.inner_optimizer, grads, trainable_variables, self._threshold, self._state,
+            caller="ClipOptimizer.apply", accumulation=self.accumulation, nonfinite=self.nonfinite,
+            reduction=self.reduction, backend=self.backend, sparse_as_dense=self.sparse_as_dense,
+            compression=self.compression,
         )
-
-    def _record(self, result, threshold):
-        return [(self.global_norm, result.global_norm), (self.clip_norm_used, threshold),
-                (self.clip_scale, result.scale)]
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         raise NotImplementedError("ClipOptimizer runs on the TensorFlow backend, which has no stateless_apply")
@@ -159,6 +165,7 @@ class ClipOptimizer(keras.optimizers.Optimizer):
             "backend": self.backend,
             "sparse_as_dense": self.sparse_as_dense,
             "compression": self.compression,
+            "accumulation_steps": self.accumulation_steps,
         }
 
     @classmethod

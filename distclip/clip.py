@@ -83,11 +83,14 @@ def clip_synchronized(
     compression: Optional[str],
     caller: str,
     micro_batches: int = 1,
+    loss_scale: Optional[tf.Tensor] = None,
 ) -> Tuple[ClipResult, tf.Tensor]:
     """`sync_and_clip` with the threshold a function of the synchronized norm; also returns the threshold.
 
     `grads` must have been checked (`check_gradients`). With `micro_batches=k`
     they are sums over k micro-batches, and their mean is what is clipped.
+    With `loss_scale` S they are gradients of a loss multiplied by S: the norm
+    is that of the gradients divided by S, and the one multiply unscales too.
     """
     check_choice("nonfinite", nonfinite, NONFINITE)
     check_wire(sparse_as_dense, compression)
@@ -99,6 +102,8 @@ def clip_synchronized(
     summed = wire.decode(engine.all_reduce_sum(sent), dtypes)
     # A mean is the sum times 1/n (and 1/k over micro-batches); that factor rides on the clip multiply.
     to_mean = (1.0 / engine.num_replicas() if op == sync.MEAN else 1.0) / micro_batches
+    if loss_scale is not None:
+        to_mean = tf.constant(to_mean, tf.float32) / tf.cast(loss_scale, tf.float32)
     norm = global_norm(summed) * to_mean
     finite = tf.math.is_finite(norm)
     threshold = threshold_of(norm)

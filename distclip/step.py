@@ -73,9 +73,9 @@ class ClipStep(tf.Module):
         name: str = "clip_step",
     ):
         super().__init__(name=name)
-        update.check_optimizer(optimizer)
-        self.optimizer = optimizer
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
+        update.check_optimizer(optimizer, self.nonfinite)
+        self.optimizer = optimizer
         self.reduction = check_choice("reduction", reduction, sync.REDUCTIONS)
         self.backend = check_choice("backend", backend, sync.BACKENDS)
         check_wire(sparse_as_dense, compression)
@@ -100,7 +100,7 @@ class ClipStep(tf.Module):
 
     def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any]) -> ClipResult:
         """Synchronizes `grads`, clips them by their global norm and applies them to `trainable_variables`."""
-        update.check_strategy(self.optimizer, self._strategy, "ClipStep")
+        update.check_strategy(update.loss_scaling(self.optimizer)[0], self._strategy, "ClipStep")
         return clip_and_apply(
             self.optimizer, grads, trainable_variables, self._threshold, self._state, caller="ClipStep.apply",
             accumulation=self.accumulation, nonfinite=self.nonfinite, reduction=self.reduction, backend=self.backend,
@@ -181,8 +181,10 @@ def clip_and_apply(
 
 
 def _update(optimizer, grads, variables, threshold, state, caller, micro_batches, options) -> ClipResult:
+    optimizer, lso = update.loss_scaling(optimizer)
+    loss_scale = tf.convert_to_tensor(lso.dynamic_scale) if lso is not None else None
     result, used = clip_synchronized(grads, threshold.at(optimizer.iterations), caller=caller,
-                                     micro_batches=micro_batches, **options)
+                                     micro_batches=micro_batches, loss_scale=loss_scale, **options)
     # Nothing is applied before every check of this step has passed: the
     # threshold's and, with nonfinite="raise", the norm's (both feed `scale`).
     with tf.control_dependencies([result.scale]):
@@ -191,6 +193,6 @@ def _update(optimizer, grads, variables, threshold, state, caller, micro_batches
         optimizer, result.grads, variables, ok,
         skip_if_not_ok=options["nonfinite"] == "skip", skipped_counter=state.skipped_steps,
         assignments=threshold.updates(result.global_norm, result.finite),
-        records=state.records(result, used),
+        records=state.records(result, used) + (update.loss_scale_updates(lso, result.finite) if lso else []),
     )
     return result

@@ -1,6 +1,7 @@
 """Applying an update with a Keras 3 optimizer, once, on every replica, optionally skipped.
 
-This is the only module that knows Keras 3's TensorFlow optimizer internals.
+This is the only module that knows Keras 3's TensorFlow optimizer internals
+(including how a LossScaleOptimizer's dynamic scale moves).
 `optimizer.apply` cannot be used for a synchronized clip step:
   * inside a replica context it SUM-all-reduces the gradients again;
   * a step that must be skipped on every replica cannot wrap it in `tf.cond`,
@@ -15,7 +16,7 @@ that is identical on every replica (decided from the synchronized norm).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
@@ -23,15 +24,24 @@ import tensorflow as tf
 from distclip.errors import ArgumentError, ContextError
 
 
-def check_optimizer(optimizer: Any) -> None:
-    """Rejects optimizers whose own `apply` features distclip would silently skip."""
+def check_optimizer(optimizer: Any, nonfinite: str = "skip") -> None:
+    """Rejects optimizers whose own `apply` features distclip would silently skip.
+
+    A `keras.optimizers.LossScaleOptimizer` is taken apart (see `loss_scaling`):
+    its inner optimizer is checked, and its non-finite steps must be skipped.
+    """
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise ArgumentError(f"optimizer must be a Keras 3 optimizer (keras.optimizers.Optimizer); got {optimizer!r}")
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        raise ArgumentError(
-            "optimizer is a keras.optimizers.LossScaleOptimizer, which ClipStep does not support yet: "
-            "pass its inner_optimizer and scale the loss yourself, or train in float32"
-        )
+        if nonfinite != "skip":
+            raise ArgumentError(
+                f"optimizer is a LossScaleOptimizer, whose overflowing steps must be skipped; got nonfinite={nonfinite!r} "
+                "(use the default nonfinite='skip')"
+            )
+        inner = optimizer.inner_optimizer
+        if isinstance(inner, keras.optimizers.LossScaleOptimizer) or type(inner).__name__ == "ClipOptimizer":
+            raise ArgumentError(f"optimizer.inner_optimizer is {type(inner).__name__}: wrap the plain optimizer only")
+        optimizer = inner
     for attr in ("clipnorm", "clipvalue", "global_clipnorm"):
         value = getattr(optimizer, attr, None)
         if value is not None:
@@ -155,3 +165,24 @@ def apply_update(
             tf.__internal__.distribute.interim.maybe_merge_call(
                 merge_fn, tf.distribute.get_strategy(), present, ok, learning_rate, state_values, record_values
             )
+
+
+def loss_scaling(optimizer: Any) -> Tuple[Any, Optional[Any]]:
+    """(the optimizer that takes the steps, the LossScaleOptimizer around it or None)."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.inner_optimizer, optimizer
+    return optimizer, None
+
+
+def loss_scale_updates(lso: Any, finite: tf.Tensor) -> List[Tuple[Any, tf.Tensor]]:
+    """The dynamic loss scale's next state, as Keras's LossScaleOptimizer computes it, from a shared `finite`.
+
+    Finite: the counter grows, and after `dynamic_growth_steps` finite steps in
+    a row the scale doubles; not finite: the scale halves and the counter restarts.
+    """
+    counter = tf.convert_to_tensor(_tf_variable(lso.step_counter))
+    scale = tf.convert_to_tensor(_tf_variable(lso.dynamic_scale))
+    grow = tf.equal(counter, tf.cast(lso.dynamic_growth_steps - 1, counter.dtype))
+    new_counter = tf.where(finite, tf.where(grow, tf.zeros_like(counter), counter + 1), tf.zeros_like(counter))
+    new_scale = tf.where(finite, tf.where(grow, scale * 2.0, scale), scale * 0.5)
+    return [(lso.step_counter, new_counter), (lso.dynamic_scale, new_scale)]

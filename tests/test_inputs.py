@@ -103,8 +103,13 @@ def test_optimizer_checks():
         distclip.ClipStep(tf.Module(), 1.0)
     with pytest.raises(ValueError, match="global_clipnorm=0.5"):
         distclip.ClipStep(keras.optimizers.SGD(global_clipnorm=0.5), 1.0)
-    with pytest.raises(ValueError, match="LossScaleOptimizer"):
-        distclip.ClipStep(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()), 1.0)
+    # A LossScaleOptimizer is supported (its overflowing steps skipped), not with nonfinite="propagate",
+    # nor around an optimizer that clips by itself.
+    distclip.ClipStep(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()), 1.0)
+    with pytest.raises(ValueError, match="LossScaleOptimizer.*nonfinite='propagate'"):
+        distclip.ClipStep(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()), 1.0, nonfinite="propagate")
+    with pytest.raises(ValueError, match="clipnorm=1.0"):
+        distclip.ClipStep(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(clipnorm=1.0)), 1.0)
 
 
 def test_cross_replica_context_is_an_error(mirrored):

@@ -45,6 +45,19 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         state is kept in this optimizer's variables (saved with it).
       nonfinite: "skip" (default): a step whose synchronized norm is inf or
         NaN changes nothing, on every replica; "raise"; "propagate".
+
+    Mixed precision ("mixed_float16"): wrap the optimizer in Keras's
+    `LossScaleOptimizer` and that in `ClipOptimizer`, and compile with
+    `auto_scale_loss=False` (compile would otherwise wrap this optimizer in one
+    more LossScaleOptimizer, which is refused with an error saying so):
+
+        ClipOptimizer(keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam()), clip_norm=1.0)
+
+    `fit` scales the loss by the dynamic scale S; the synchronized gradients'
+    norm is that of the unscaled gradients, finiteness is decided on it (so
+    every replica agrees), one multiply by `scale / S` unscales and clips, and
+    S halves after an overflow and doubles after `dynamic_growth_steps` finite
+    steps, identically on every replica. "mixed_bfloat16" needs no loss scale.
       reduction, backend, sparse_as_dense, compression: as for `distclip.sync_and_clip`.
       accumulation_steps: k > 1 accumulates k batches' gradients locally and
         takes one synchronized, clipped step on their mean every k-th batch
@@ -72,13 +85,14 @@ class ClipOptimizer(keras.optimizers.Optimizer):
     ):
         if isinstance(optimizer, dict):
             optimizer = keras.saving.deserialize_keras_object(optimizer)
-        update.check_optimizer(optimizer)
+        check_choice("nonfinite", nonfinite, NONFINITE)
+        update.check_optimizer(optimizer, nonfinite)
         if not isinstance(clip_norm, Policy):
             check_clip_norm(clip_norm)
         super().__init__(learning_rate=0.0, name=name or "clip_optimizer")
         self.inner_optimizer = optimizer
         self.clip_norm = clip_norm
-        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
+        self.nonfinite = nonfinite
         self.reduction = check_choice("reduction", reduction, sync.REDUCTIONS)
         self.backend = check_choice("backend", backend, sync.BACKENDS)
         check_wire(sparse_as_dense, compression)
@@ -86,6 +100,7 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         self.accumulation_steps = check_steps(accumulation_steps)
         with self._distribution_strategy.scope():
             self.accumulation = Accumulation(self.accumulation_steps) if self.accumulation_steps > 1 else None
+        self.__dict__["_complete"] = True
 
     def build(self, var_list: List[Any]) -> None:
         if self.built:
@@ -124,6 +139,17 @@ class ClipOptimizer(keras.optimizers.Optimizer):
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
+
+    def __setattr__(self, name, value):
+        # A LossScaleOptimizer wrapping this one sets our loss_scale_factor once we exist.
+        if name == "loss_scale_factor" and self.__dict__.get("_complete", False):
+            raise ArgumentError(
+                "a keras.optimizers.LossScaleOptimizer is wrapping a ClipOptimizer, which would decide overflows "
+                "per replica, before the all-reduce. Put it inside instead: ClipOptimizer(LossScaleOptimizer(inner), "
+                "clip_norm); under the 'mixed_float16' policy also pass model.compile(..., auto_scale_loss=False) so "
+                "that compile does not wrap it again"
+            )
+        super().__setattr__(name, value)
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)

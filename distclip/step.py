@@ -52,6 +52,11 @@ class ClipStep(tf.Module):
     (one step on a k-times-larger batch); `apply` then returns the latest
     update's result, with `grads` of `None`. See `distclip.accumulate`.
 
+    `optimizer` may be a `keras.optimizers.LossScaleOptimizer` (mixed
+    precision; scale the loss with `optimizer.scale_loss`): the norm is that of
+    the unscaled gradients, one multiply unscales and clips, and an overflow
+    anywhere skips the step and halves the scale on every replica.
+
     `nonfinite="skip"` (default): when the synchronized norm is inf or NaN, every
     replica skips the step together; variables, optimizer slots and
     `optimizer.iterations` stay as they were and `skipped_steps` grows by one.

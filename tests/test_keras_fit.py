@@ -22,7 +22,7 @@ def data(steps=STEPS):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def fit(optimizer_fn, strategy=None, steps=STEPS, x=None, y=None, model=None, log_dir=None):
+def fit(optimizer_fn, strategy=None, steps=STEPS, x=None, y=None, model=None, log_dir=None, batch_size=GLOBAL_BATCH):
     """`fit` over `steps` global batches of 16, in order; returns (model, optimizer, history)."""
     scope = strategy.scope() if strategy is not None else tf.distribute.get_strategy().scope()
     with scope:
@@ -32,7 +32,7 @@ def fit(optimizer_fn, strategy=None, steps=STEPS, x=None, y=None, model=None, lo
     if x is None:
         x, y = data(steps)
     callbacks = [distclip.keras.ClipLogger(log_dir)] if isinstance(optimizer, distclip.keras.ClipOptimizer) else []
-    history = model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+    history = model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
     return model, optimizer, history.history
 
 
@@ -175,12 +175,16 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path, mirrored):
 
 @pytest.mark.parametrize("engine", ["multiworker", "horovod"])
 def test_fit_across_processes_matches_single_device(reference, tmp_path, engine):
+    _run_across_processes(reference, tmp_path, engine)
+
+
+def _run_across_processes(reference, tmp_path, engine, accumulation=1):
     """2 processes equal single-device global_clipnorm fit: `fit` under horovodrun --gloo, `apply` under MWMS.
 
     (Keras 3.15's `fit` fails under MultiWorkerMirroredStrategy with any optimizer, keras-team/keras#20585.)
     """
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "fit_train.py")
-    args = [worker, engine, str(tmp_path), str(CLIP), str(STEPS)]
+    args = [worker, engine, str(tmp_path), str(CLIP), str(STEPS), str(accumulation)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     if engine == "multiworker":
         workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
@@ -197,7 +201,7 @@ def test_fit_across_processes_matches_single_device(reference, tmp_path, engine)
     for r in ranks:
         assert max_abs_diff([np.array(w, "float32") for w in r["weights"]], ref_weights) <= 1e-5
         assert r["history"]["global_norm"] == pytest.approx([np.mean(ref_norms)], rel=1e-5)
-        assert r["iterations"] == STEPS
+        assert r["iterations"] == STEPS // accumulation
     assert ranks[0]["weights"] == ranks[1]["weights"]
     clip_logs = [{k: v for k, v in r["history"].items() if k != "loss"} for r in ranks]  # loss: each rank's own
     assert clip_logs[0] == clip_logs[1]
@@ -228,3 +232,11 @@ def test_clip_logger_needs_a_clip_optimizer():
     x, y = data(1)
     with pytest.raises(distclip.ContextError, match="ClipOptimizer"):
         model.fit(x, y, batch_size=GLOBAL_BATCH, verbose=0, callbacks=[distclip.keras.ClipLogger()])
+
+
+def test_fit_under_horovod_with_accumulation_matches_a_larger_batch(tmp_path):
+    """horovodrun -np 2, accumulation_steps=2: one update per 2 batches of 8 per rank = single-device batch 32."""
+    model, _, _ = fit(keras_adam(global_clipnorm=CLIP), x=data()[0], y=data()[1], batch_size=2 * GLOBAL_BATCH)
+    _, ref_norms = reference_train(CLIP, STEPS // 2, "adam", batches=[
+        tuple(np.concatenate(a) for a in zip(global_batch(2 * s), global_batch(2 * s + 1))) for s in range(STEPS // 2)])
+    _run_across_processes((model.get_weights(), ref_norms), tmp_path, "horovod", accumulation=2)

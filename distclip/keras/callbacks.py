@@ -44,7 +44,8 @@ class ClipLogger(keras.callbacks.Callback):
     running mean over the epoch; what `distclip plot log_dir` draws) and
     the same scalars to TensorBoard under `log_dir/tensorboard`. It reads the
     optimizer's variables at each batch end `fit` reports (every
-    `steps_per_execution` steps).
+    `steps_per_execution` steps), and records a step when an update (or a
+    skip) happened since: with `accumulation_steps=k`, every k-th batch.
     """
 
     def __init__(self, log_dir: Optional[str] = None):
@@ -67,6 +68,7 @@ class ClipLogger(keras.callbacks.Callback):
     def on_train_begin(self, logs=None) -> None:
         optimizer = self._optimizer()
         self._skipped = int(optimizer.skipped_steps.numpy()) if optimizer.built else 0
+        self._updates = self._skipped + int(optimizer.iterations.numpy())
         if self.log_dir and cluster.info().rank == 0:
             self._log = StepLog(self.log_dir)
 
@@ -85,8 +87,14 @@ class ClipLogger(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None) -> None:
         optimizer = self._optimizer()
-        norm, scale = float(optimizer.global_norm.numpy()), float(optimizer.clip_scale.numpy())
         skipped = int(optimizer.skipped_steps.numpy())
+        updates = skipped + int(optimizer.iterations.numpy())
+        if updates == self._updates:  # accumulating (accumulation_steps > 1): no update yet
+            if logs is not None:
+                logs.update(self._summary())
+            return
+        self._updates = updates
+        norm, scale = float(optimizer.global_norm.numpy()), float(optimizer.clip_scale.numpy())
         if math.isfinite(norm):
             self._finite += 1
             self._sums["global_norm"] += norm

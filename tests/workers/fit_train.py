@@ -1,6 +1,6 @@
 """One process of a 2-process run of distclip.keras.ClipOptimizer.
 
-    fit_train.py multiworker|horovod OUT_DIR CLIP_NORM STEPS
+    fit_train.py multiworker|horovod OUT_DIR CLIP_NORM STEPS [ACCUMULATION_STEPS]
 
 horovod: under horovodrun, each rank runs `model.fit` on its own half of every
 global batch, with different initial weights that BroadcastCallback replaces
@@ -16,6 +16,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 engine, out_dir, clip_norm, steps = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+accumulation = int(sys.argv[5]) if len(sys.argv) > 5 else 1
 import tensorflow as tf  # noqa: E402
 
 if engine == "multiworker":
@@ -46,7 +47,7 @@ if engine == "horovod":
 
 with strategy.scope():
     model = make_model(seed=1 + (rank if engine == "horovod" else 0))
-    optimizer = distclip.keras.ClipOptimizer(keras.optimizers.Adam(0.05), clip_norm)
+    optimizer = distclip.keras.ClipOptimizer(keras.optimizers.Adam(0.05), clip_norm, accumulation_steps=accumulation)
     model.compile(optimizer=optimizer, loss="mse")
 if engine == "horovod":
     callbacks = [distclip.keras.BroadcastCallback(), distclip.keras.ClipLogger(os.path.join(out_dir, "log"))]

@@ -79,6 +79,20 @@ def test_fit_matches_single_device_global_clipnorm(reference, mirrored, where, t
     assert cli.main(["plot", str(tmp_path / "tensorboard")]) == 2  # no metrics.csv there
 
 
+@pytest.mark.parametrize("clip_norm", [CLIP, distclip.SpikeClip(1.0, 0.9, 2)])
+def test_fit_compiles_under_xla(reference, clip_norm):
+    """`compile(jit_compile=True)`: the whole train step, ClipOptimizer included, as one XLA cluster."""
+    x, y = data()
+    with tf.distribute.get_strategy().scope():
+        model = make_model()
+        model.compile(optimizer=clip_adam(clip_norm, accumulation_steps=1)(), loss="mse", jit_compile=True)
+    model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+    assert model.jit_compile
+    if clip_norm == CLIP:
+        assert max_abs_diff(model.get_weights(), reference[0]) <= 1e-5
+    assert int(model.optimizer.iterations.numpy()) == STEPS
+
+
 def test_keras_global_clipnorm_under_mirrored_does_not_match(reference, mirrored):
     model, _, _ = fit(keras_adam(global_clipnorm=CLIP), mirrored)
     assert max_abs_diff(model.get_weights(), reference[0]) > 1e-3
@@ -234,9 +248,10 @@ def test_clip_logger_needs_a_clip_optimizer():
         model.fit(x, y, batch_size=GLOBAL_BATCH, verbose=0, callbacks=[distclip.keras.ClipLogger()])
 
 
-def test_fit_under_horovod_with_accumulation_matches_a_larger_batch(tmp_path):
-    """horovodrun -np 2, accumulation_steps=2: one update per 2 batches of 8 per rank = single-device batch 32."""
+@pytest.mark.parametrize("engine", ["multiworker", "horovod"])
+def test_accumulation_across_processes_matches_a_larger_batch(tmp_path, engine):
+    """accumulation_steps=2 with 2 processes: one update per 2 batches of 16 = single-device batch 32."""
     model, _, _ = fit(keras_adam(global_clipnorm=CLIP), x=data()[0], y=data()[1], batch_size=2 * GLOBAL_BATCH)
     _, ref_norms = reference_train(CLIP, STEPS // 2, "adam", batches=[
         tuple(np.concatenate(a) for a in zip(global_batch(2 * s), global_batch(2 * s + 1))) for s in range(STEPS // 2)])
-    _run_across_processes((model.get_weights(), ref_norms), tmp_path, "horovod", accumulation=2)
+    _run_across_processes((model.get_weights(), ref_norms), tmp_path, engine, accumulation=2)

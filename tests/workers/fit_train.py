@@ -62,11 +62,13 @@ else:
         strategy.run(replica_fn, args=(x, y))
 
     optimizer.build(model.trainable_variables)
-    norms = []
+    norms, done = [], 0
     for s in range(steps):
         xs, ys = global_batch(s)
         train_step(shard(strategy, xs), shard(strategy, ys))
-        norms.append(float(optimizer.global_norm.numpy()))
+        if int(optimizer.iterations.numpy()) > done:  # an update happened (every k-th call when accumulating)
+            done += 1
+            norms.append(float(optimizer.global_norm.numpy()))
     history = {"global_norm": [sum(norms) / len(norms)]}
 
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

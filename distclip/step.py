@@ -108,7 +108,7 @@ class ClipStep(tf.Module):
         update.check_strategy(update.loss_scaling(self.optimizer)[0], self._strategy, "ClipStep")
         return clip_and_apply(
             self.optimizer, grads, trainable_variables, self._threshold, self._state, caller="ClipStep.apply",
-            accumulation=self.accumulation, nonfinite=self.nonfinite, reduction=self.reduction, backend=self.backend,
+            accumulation=self.accumulation, record=False, nonfinite=self.nonfinite, reduction=self.reduction, backend=self.backend,
             sparse_as_dense=self.sparse_as_dense, compression=self.compression,
         )
 
@@ -165,27 +165,30 @@ def clip_and_apply(
     *,
     caller: str,
     accumulation: Optional[Accumulation] = None,
+    record: bool = True,
     **options: Any,
 ) -> ClipResult:
     """The step `ClipStep` and `distclip.keras.ClipOptimizer` share.
 
     `options`: `nonfinite`, `reduction`, `backend`, `sparse_as_dense`,
     `compression`. With `accumulation`, the update happens on every k-th call
-    and the result returned is that of the latest update.
+    and the result returned is that of the latest update. `record=False` does
+    not write the latest update's values into `state` (always written when
+    accumulating, which returns them).
     """
     grads, variables = check_pairs(grads, trainable_variables)
     sync.check_replica_context(caller)
     update.build(optimizer, variables)
     if accumulation is None:
-        return _update(optimizer, grads, variables, threshold, state, caller, 1, options)
+        return _update(optimizer, grads, variables, threshold, state, caller, 1, options, record)
     accumulation.build(variables, [g is not None for g in grads])
-    ran = accumulation.run(
-        grads, lambda sums: _update(optimizer, sums, variables, threshold, state, caller, accumulation.steps, options).scale)
+    ran = accumulation.run(grads, lambda sums: _update(
+        optimizer, sums, variables, threshold, state, caller, accumulation.steps, options, True).scale)
     with tf.control_dependencies([ran]):
         return state.latest(len(grads))
 
 
-def _update(optimizer, grads, variables, threshold, state, caller, micro_batches, options) -> ClipResult:
+def _update(optimizer, grads, variables, threshold, state, caller, micro_batches, options, record) -> ClipResult:
     optimizer, lso = update.loss_scaling(optimizer)
     loss_scale = tf.convert_to_tensor(lso.dynamic_scale) if lso is not None else None
     result, used = clip_synchronized(grads, threshold.at(optimizer.iterations), caller=caller,
@@ -198,6 +201,7 @@ def _update(optimizer, grads, variables, threshold, state, caller, micro_batches
         optimizer, result.grads, variables, ok,
         skip_if_not_ok=options["nonfinite"] == "skip", skipped_counter=state.skipped_steps,
         assignments=threshold.updates(result.global_norm, result.finite),
-        records=state.records(result, used) + (update.loss_scale_updates(lso, result.finite) if lso else []),
+        records=(state.records(result, used) if record else []) + (
+            update.loss_scale_updates(lso, result.finite) if lso else []),
     )
     return result

@@ -108,8 +108,8 @@ class ClipStep(tf.Module):
         update.check_strategy(update.loss_scaling(self.optimizer)[0], self._strategy, "ClipStep")
         return clip_and_apply(
             self.optimizer, grads, trainable_variables, self._threshold, self._state, caller="ClipStep.apply",
-            accumulation=self.accumulation, record=False, nonfinite=self.nonfinite, reduction=self.reduction, backend=self.backend,
-            sparse_as_dense=self.sparse_as_dense, compression=self.compression,
+            accumulation=self.accumulation, record=False, nonfinite=self.nonfinite, reduction=self.reduction,
+            backend=self.backend, sparse_as_dense=self.sparse_as_dense, compression=self.compression,
         )
 
     def apply_gradients(self, grads_and_vars: Iterable[Tuple[Any, Any]]) -> ClipResult:

@@ -39,8 +39,8 @@ def check_optimizer(optimizer: Any, nonfinite: str = "skip") -> None:
                 "(use the default nonfinite='skip')"
             )
         inner = optimizer.inner_optimizer
-        if isinstance(inner, keras.optimizers.LossScaleOptimizer) or type(inner).__name__ == "ClipOptimizer":
-            raise ArgumentError(f"optimizer.inner_optimizer is {type(inner).__name__}: wrap the plain optimizer only")
+        if getattr(inner, "inner_optimizer", None) is not None:  # another wrapper (LossScaleOptimizer, ClipOptimizer)
+            raise ArgumentError(f"optimizer.inner_optimizer is a {type(inner).__name__}: wrap the plain optimizer only")
         optimizer = inner
     for attr in ("clipnorm", "clipvalue", "global_clipnorm"):
         value = getattr(optimizer, attr, None)

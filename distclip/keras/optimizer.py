@@ -64,7 +64,7 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         (`iterations` counts those steps), as for `distclip.ClipStep`.
 
     Each step leaves what it saw in variables, identical on every replica:
-    `global_norm` (before clipping), `clip_norm` (the threshold used),
+    `global_norm` (before clipping), `clip_norm_used` (the threshold used),
     `clip_scale` and `skipped_steps` (skipped since the start).
     `distclip.keras.ClipLogger` puts them in `fit`'s logs (progress bar,
     `History`) and, given a `log_dir`, in TensorBoard and a CSV.
@@ -108,8 +108,6 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         # Not inside the traced step (fails under MirroredStrategy), and under the optimizer's strategy.
         with tf.init_scope(), self._distribution_strategy.scope():
             self._state = StepState(self._state_variable)
-            self.skipped_steps, self.global_norm = self._state.skipped_steps, self._state.global_norm
-            self.clip_norm_used, self.clip_scale = self._state.clip_norm, self._state.clip_scale
             self._threshold = Threshold(self.clip_norm, self._state_variable)
             self.inner_optimizer.build(var_list)
             if self.accumulation is not None:
@@ -120,6 +118,23 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         return self.add_variable(
             shape, initializer=keras.initializers.Constant(initial), dtype=dtype.name,
             aggregation="only_first_replica", name=name)
+
+    # What the latest update saw (see StepState); available once built.
+    @property
+    def skipped_steps(self):
+        return self._state.skipped_steps
+
+    @property
+    def global_norm(self):
+        return self._state.global_norm
+
+    @property
+    def clip_norm_used(self):
+        return self._state.clip_norm
+
+    @property
+    def clip_scale(self):
+        return self._state.clip_scale
 
     @property
     def variables(self) -> List[Any]:

@@ -127,3 +127,25 @@ def test_unscaling_and_clipping_are_one_multiply(policy):
     # Loss scaling adds no pass over the gradients; Keras's LossScaleOptimizer divides before it clips.
     assert _kernel_shaped_arithmetic(scaled) == _kernel_shaped_arithmetic(plain) > 0
     assert _kernel_shaped_arithmetic(keras_lso) > _kernel_shaped_arithmetic(plain)
+
+
+def test_overflow_on_one_horovod_rank_skips_on_both(tmp_path):
+    """horovodrun -np 2, mixed_float16, rank 1's first batch overflows: both ranks skip it and halve the scale."""
+    import json
+    import os
+
+    from procs import python, run_all
+
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "fit_train.py")
+    horovodrun = os.path.join(os.path.dirname(python()), "horovodrun")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    (r,) = run_all([[horovodrun, "--gloo", "-np", "2", "-H", "localhost:2", python(), worker, "horovod",
+                     str(tmp_path), str(CLIP), "3", "1", "fp16"]], [env], timeout=240)
+    assert r.returncode == 0, r.stdout[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    for rank in ranks:
+        assert rank["history"]["skipped_steps"] == [1.0]
+        assert rank["iterations"] == 2
+        assert rank["loss_scale"] == 2.0 ** 14
+        assert all(np.all(np.isfinite(np.array(w))) for w in rank["weights"])
+    assert ranks[0]["weights"] == ranks[1]["weights"]

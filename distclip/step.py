@@ -1,7 +1,7 @@
 """`ClipStep`: synchronize once, clip, and apply the update with a Keras 3 optimizer once."""
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
@@ -78,15 +78,11 @@ class ClipStep(tf.Module):
         name: str = "clip_step",
     ):
         super().__init__(name=name)
-        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
-        update.check_optimizer(optimizer, self.nonfinite)
+        self._options = StepOptions.check(
+            optimizer, nonfinite, reduction, backend, sparse_as_dense, compression, accumulation_steps)
+        self.nonfinite, self.reduction, self.backend, self.sparse_as_dense, self.compression, steps = self._options
         self.optimizer = optimizer
-        self.reduction = check_choice("reduction", reduction, sync.REDUCTIONS)
-        self.backend = check_choice("backend", backend, sync.BACKENDS)
-        check_wire(sparse_as_dense, compression)
-        self.sparse_as_dense, self.compression = sparse_as_dense, compression
         self._strategy = tf.distribute.get_strategy()
-        steps = check_steps(accumulation_steps)
         with tf.name_scope(name):
             self._state = StepState(_variable)
             self._threshold = Threshold(clip_norm, _variable)
@@ -108,14 +104,39 @@ class ClipStep(tf.Module):
         update.check_strategy(update.loss_scaling(self.optimizer)[0], self._strategy, "ClipStep")
         return clip_and_apply(
             self.optimizer, grads, trainable_variables, self._threshold, self._state, caller="ClipStep.apply",
-            accumulation=self.accumulation, record=False, nonfinite=self.nonfinite, reduction=self.reduction,
-            backend=self.backend, sparse_as_dense=self.sparse_as_dense, compression=self.compression,
+            accumulation=self.accumulation, record=False, **self._options.for_clip(),
         )
 
     def apply_gradients(self, grads_and_vars: Iterable[Tuple[Any, Any]]) -> ClipResult:
         """`apply` for `(gradient, variable)` pairs, as Keras 2's `optimizer.apply_gradients` took them."""
         grads, variables = split_pairs(grads_and_vars)
         return self.apply(grads, variables)
+
+
+class StepOptions(NamedTuple):
+    """The options `ClipStep` and `distclip.keras.ClipOptimizer` share (see `ClipStep`)."""
+
+    nonfinite: str
+    reduction: str
+    backend: str
+    sparse_as_dense: bool
+    compression: Optional[str]
+    accumulation_steps: int
+
+    @classmethod
+    def check(cls, optimizer: Any, nonfinite: Any, reduction: Any, backend: Any, sparse_as_dense: Any,
+              compression: Any, accumulation_steps: Any) -> "StepOptions":
+        """The options, checked with the optimizer; each error names the argument and its value."""
+        check_choice("nonfinite", nonfinite, NONFINITE)
+        update.check_optimizer(optimizer, nonfinite)
+        check_choice("reduction", reduction, sync.REDUCTIONS)
+        check_choice("backend", backend, sync.BACKENDS)
+        check_wire(sparse_as_dense, compression)
+        return cls(nonfinite, reduction, backend, sparse_as_dense, compression, check_steps(accumulation_steps))
+
+    def for_clip(self) -> Dict[str, Any]:
+        """What `clip_and_apply` takes as `**options` (accumulation goes in as an `Accumulation`)."""
+        return {k: v for k, v in self._asdict().items() if k != "accumulation_steps"}
 
 
 def _variable(name: str, shape: Tuple[int, ...], dtype: tf.DType, initial: float) -> tf.Variable:

@@ -66,7 +66,7 @@ class ClipLogger(keras.callbacks.Callback):
         return optimizer
 
     def on_train_begin(self, logs=None) -> None:
-        optimizer = self._optimizer()
+        self._opt = optimizer = self._optimizer()
         self._skipped = int(optimizer.skipped_steps.numpy()) if optimizer.built else 0
         self._updates = self._skipped + int(optimizer.iterations.numpy())
         if self.log_dir and cluster.info().rank == 0:
@@ -86,14 +86,17 @@ class ClipLogger(keras.callbacks.Callback):
         return self._log.rows if self._log is not None else None
 
     def on_train_batch_end(self, batch, logs=None) -> None:
-        optimizer = self._optimizer()
+        optimizer = self._opt
         skipped = int(optimizer.skipped_steps.numpy())
         updates = skipped + int(optimizer.iterations.numpy())
-        if updates == self._updates:  # accumulating (accumulation_steps > 1): no update yet
-            if logs is not None:
-                logs.update(self._summary())
-            return
-        self._updates = updates
+        if updates != self._updates:  # else accumulating (accumulation_steps > 1): no update yet
+            self._updates = updates
+            self._record(optimizer, skipped, logs)
+        if logs is not None:
+            logs.update(self._summary())
+
+    def _record(self, optimizer, skipped: int, logs) -> None:
+        """Takes in the latest update: epoch sums, clipped count, and (rank 0) a CSV/TensorBoard row."""
         norm, scale = float(optimizer.global_norm.numpy()), float(optimizer.clip_scale.numpy())
         if math.isfinite(norm):
             self._finite += 1
@@ -109,8 +112,6 @@ class ClipLogger(keras.callbacks.Callback):
             })
         self._step += 1
         self._skipped = skipped
-        if logs is not None:
-            logs.update(self._summary())
 
     def on_epoch_end(self, epoch, logs=None) -> None:
         if logs is not None:

@@ -7,12 +7,11 @@ from typing import Any, Dict, List, Optional
 import keras
 import tensorflow as tf
 
-from distclip import sync, update
-from distclip.checks import NONFINITE, check_choice, check_wire
+from distclip import update
 from distclip.errors import ArgumentError
 from distclip.policies import Policy
-from distclip.accumulate import Accumulation, check_steps
-from distclip.step import StepState, clip_and_apply
+from distclip.accumulate import Accumulation
+from distclip.step import StepOptions, StepState, clip_and_apply
 from distclip.threshold import ClipNorm, Threshold, check_clip_norm
 
 
@@ -85,19 +84,16 @@ class ClipOptimizer(keras.optimizers.Optimizer):
     ):
         if isinstance(optimizer, dict):
             optimizer = keras.saving.deserialize_keras_object(optimizer)
-        check_choice("nonfinite", nonfinite, NONFINITE)
-        update.check_optimizer(optimizer, nonfinite)
+        options = StepOptions.check(
+            optimizer, nonfinite, reduction, backend, sparse_as_dense, compression, accumulation_steps)
         if not isinstance(clip_norm, Policy):
             check_clip_norm(clip_norm)
         super().__init__(learning_rate=0.0, name=name or "clip_optimizer")
+        self._options = options
         self.inner_optimizer = optimizer
         self.clip_norm = clip_norm
-        self.nonfinite = nonfinite
-        self.reduction = check_choice("reduction", reduction, sync.REDUCTIONS)
-        self.backend = check_choice("backend", backend, sync.BACKENDS)
-        check_wire(sparse_as_dense, compression)
-        self.sparse_as_dense, self.compression = sparse_as_dense, compression
-        self.accumulation_steps = check_steps(accumulation_steps)
+        (self.nonfinite, self.reduction, self.backend, self.sparse_as_dense, self.compression,
+         self.accumulation_steps) = options
         with self._distribution_strategy.scope():
             self.accumulation = Accumulation(self.accumulation_steps) if self.accumulation_steps > 1 else None
         self.__dict__["_complete"] = True
@@ -180,9 +176,7 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         update.check_strategy(self.inner_optimizer, self._distribution_strategy, "ClipOptimizer")
         return clip_and_apply(
             self.inner_optimizer, grads, trainable_variables, self._threshold, self._state,
-            caller="ClipOptimizer.apply", accumulation=self.accumulation, nonfinite=self.nonfinite,
-            reduction=self.reduction, backend=self.backend, sparse_as_dense=self.sparse_as_dense,
-            compression=self.compression,
+            caller="ClipOptimizer.apply", accumulation=self.accumulation, **self._options.for_clip(),
         )
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
@@ -201,12 +195,7 @@ class ClipOptimizer(keras.optimizers.Optimizer):
             "name": self.name,
             "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
             "clip_norm": clip_norm,
-            "nonfinite": self.nonfinite,
-            "reduction": self.reduction,
-            "backend": self.backend,
-            "sparse_as_dense": self.sparse_as_dense,
-            "compression": self.compression,
-            "accumulation_steps": self.accumulation_steps,
+            **self._options._asdict(),
         }
 
     @classmethod

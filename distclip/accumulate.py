@@ -11,27 +11,15 @@ zero. The sums travel; the 1/k is folded into the clip multiply. With each micro
 mean over its batch, this is one step on a k-times-larger batch.
 
 The k-th call must run the collective and the update only then, identically on
-every replica. MirroredStrategy allows neither a collective nor a `merge_call`
-inside a `tf.cond` in the replica context, so there the condition is taken in
-the cross-replica context around `call_for_each_replica` (as Keras's
-LossScaleOptimizer does); elsewhere (Horovod, a single replica,
-MultiWorkerMirroredStrategy, which needs no merge_call) it is a plain `tf.cond`.
+every replica: `distclip.lockstep.run_if`.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, List, Optional, Sequence
 
 import tensorflow as tf
 
-from distclip.errors import ArgumentError
-
-
-def check_steps(accumulation_steps: Any) -> int:
-    if (isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral)
-            or accumulation_steps < 1):
-        raise ArgumentError(f"accumulation_steps must be an integer >= 1; got accumulation_steps={accumulation_steps!r}")
-    return int(accumulation_steps)
+from distclip.lockstep import create_variables, run_if
 
 
 def _local_variable(name: str, shape, dtype) -> tf.Variable:
@@ -47,7 +35,7 @@ class Accumulation(tf.Module):
 
     def __init__(self, steps: int, name: str = "accumulation"):
         super().__init__(name=name)
-        self.steps = check_steps(steps)
+        self.steps = steps
         self._strategy = tf.distribute.get_strategy()  # the owner is created under the strategy's scope
         self.micro_steps: Optional[tf.Variable] = None
         self.sums: List[Optional[tf.Variable]] = []
@@ -57,15 +45,10 @@ class Accumulation(tf.Module):
         if self.micro_steps is not None:
             return
         present = [True] * len(variables) if present is None else list(present)
-        ctx = tf.distribute.get_replica_context()
-        if tf.distribute.has_strategy() and ctx is not None and ctx.num_replicas_in_sync > 1:
-            # Called first from inside the step: variables are created from the cross-replica context.
-            ctx.merge_call(lambda _: self._create(variables, present))
-        else:
-            self._create(variables, present)
+        create_variables(lambda: self._create(variables, present))
 
     def _create(self, variables, present) -> None:
-        with tf.init_scope(), self._strategy.scope(), self.name_scope:
+        with self._strategy.scope(), self.name_scope:
             self.micro_steps = _local_variable("micro_steps", (), tf.int64)
             self.sums = [_local_variable(f"sum_{i}", v.shape, tf.as_dtype(v.dtype)) if p else None
                          for i, (v, p) in enumerate(zip(variables, present))]
@@ -81,26 +64,9 @@ class Accumulation(tf.Module):
         boundary = tf.equal(tf.math.floormod(count, self.steps), 0)
 
         def on_boundary(totals):
-            done = step_fn(totals)
-            with tf.control_dependencies(tf.nest.flatten(done)):
-                resets = [s.assign(tf.zeros_like(s)) for s in self.sums if s is not None]
-            with tf.control_dependencies(resets):
-                return tf.constant(True)
+            step_fn(totals)
+            for s in self.sums:
+                if s is not None:
+                    s.assign(tf.zeros_like(s))
 
-        return _run_if(boundary, on_boundary, totals)
-
-
-def _run_if(pred: tf.Tensor, fn: Callable[[List[Optional[tf.Tensor]]], tf.Tensor], args: List) -> tf.Tensor:
-    """`fn(args)` where `pred` (identical on every replica) holds, from the replica context."""
-    if not tf.distribute.has_strategy() or tf.__internal__.distribute.strategy_supports_no_merge_call():
-        return tf.cond(pred, lambda: fn(args), lambda: tf.constant(False))
-
-    def merge_fn(strategy, pred, args):
-        def branch():
-            out = strategy.extended.call_for_each_replica(fn, args=(args,))
-            with tf.control_dependencies(strategy.experimental_local_results(out)):
-                return tf.constant(True)
-
-        return tf.cond(strategy.experimental_local_results(pred)[0], branch, lambda: tf.constant(False))
-
-    return tf.distribute.get_replica_context().merge_call(merge_fn, args=(pred, args))
+        return run_if(boundary, on_boundary, lambda totals: None, (totals,))

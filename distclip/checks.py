@@ -1,20 +1,11 @@
-"""Argument checks shared by `sync_and_clip` and `ClipStep`; each error names the argument and value."""
+"""Checks of the gradients and variables a step is given; each error names the argument and value."""
 from __future__ import annotations
 
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Tuple
 
 import tensorflow as tf
 
 from distclip.errors import ArgumentError
-from distclip.sync.wire import COMPRESSIONS
-
-NONFINITE = ("skip", "raise", "propagate")
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ArgumentError(f"{name} must be one of {tuple(choices)}; got {name}={value!r}")
-    return value
 
 
 def _short(value: Any) -> str:
@@ -74,10 +65,3 @@ def split_pairs(grads_and_vars: Any) -> Tuple[List[Any], List[Any]]:
     if bad:
         raise ArgumentError(f"grads_and_vars[{bad[0]}] is not a (gradient, variable) pair: {_short(pairs[bad[0]])}")
     return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def check_wire(sparse_as_dense: Any, compression: Any) -> None:
-    if not isinstance(sparse_as_dense, bool):
-        raise ArgumentError(f"sparse_as_dense must be True or False; got sparse_as_dense={sparse_as_dense!r}")
-    if compression not in COMPRESSIONS:
-        raise ArgumentError(f"compression must be one of {COMPRESSIONS}; got compression={compression!r}")

@@ -6,8 +6,9 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import tensorflow as tf
 
 from distclip import sync
-from distclip.checks import NONFINITE, check_choice, check_gradients, check_wire
+from distclip.checks import check_gradients
 from distclip.errors import ArgumentError
+from distclip.options import StepOptions
 from distclip.policies import Policy
 from distclip.sync import wire
 from distclip.norm import clip_scale, global_norm, scale_gradients
@@ -58,6 +59,7 @@ def sync_and_clip(
 
     Must run in a replica context: inside `strategy.run`, or with no strategy.
     """
+    options = StepOptions(nonfinite, reduction, backend, sparse_as_dense, compression)
     grads = check_gradients(grads)
     if isinstance(clip_norm, Policy):
         raise ArgumentError(
@@ -65,50 +67,44 @@ def sync_and_clip(
             "distclip.ClipStep or distclip.keras.ClipOptimizer, which hold it in variables"
         )
     threshold = resolve_clip_norm(clip_norm, step)  # checks clip_norm
-    result, _ = clip_synchronized(
-        grads, lambda norm: threshold, nonfinite=nonfinite, reduction=reduction, backend=backend,
-        sparse_as_dense=sparse_as_dense, compression=compression, caller="sync_and_clip",
-    )
+    reducer = sync.select(options.backend, sync.check_replica_context("sync_and_clip"))
+    result, _ = clip_synchronized(grads, reducer, lambda norm: threshold, options)
     return result
 
 
 def clip_synchronized(
     grads: List[Optional[Any]],
+    backend: sync.Backend,
     threshold_of: Callable[[tf.Tensor], tf.Tensor],
+    options: StepOptions,
     *,
-    nonfinite: str,
-    reduction: str,
-    backend: str,
-    sparse_as_dense: bool,
-    compression: Optional[str],
-    caller: str,
     micro_batches: int = 1,
     loss_scale: Optional[tf.Tensor] = None,
 ) -> Tuple[ClipResult, tf.Tensor]:
-    """`sync_and_clip` with the threshold a function of the synchronized norm; also returns the threshold.
+    """`sync_and_clip`'s reduce, measure, decide and scale, with the threshold a function of the norm.
 
-    `grads` must have been checked (`check_gradients`). With `micro_batches=k`
-    they are sums over k micro-batches, and their mean is what is clipped.
+    Returns the result and the threshold used. `grads` must have been checked
+    (`check_gradients`); `backend` reduces them (`distclip.sync.select`). With `micro_batches=k` they are sums over k
+    micro-batches, and their mean is what is clipped.
     With `loss_scale` S they are gradients of a loss multiplied by S: the norm
     is that of the gradients divided by S, and the one multiply unscales too.
     """
-    check_choice("nonfinite", nonfinite, NONFINITE)
-    check_wire(sparse_as_dense, compression)
-    engine = sync.select(backend, caller=caller)
-    op = sync.resolve_reduction(reduction, engine)
+    op = sync.resolve_reduction(options.reduction, backend)
+    nonfinite = options.nonfinite
 
     present = [i for i, g in enumerate(grads) if g is not None]
-    sent, dtypes = wire.encode([grads[i] for i in present], sparse_as_dense=sparse_as_dense, compression=compression)
-    summed = wire.decode(engine.all_reduce_sum(sent), dtypes)
+    sent, dtypes = wire.encode([grads[i] for i in present], sparse_as_dense=options.sparse_as_dense,
+                               compression=options.compression)
+    summed = wire.decode(backend.all_reduce_sum(sent), dtypes)                    # reduce: one packed sum
     # A mean is the sum times 1/n (and 1/k over micro-batches); that factor rides on the clip multiply.
-    to_mean = (1.0 / engine.num_replicas() if op == sync.MEAN else 1.0) / micro_batches
+    to_mean = (1.0 / backend.num_replicas() if op == sync.MEAN else 1.0) / micro_batches
     if loss_scale is not None:
         to_mean = tf.constant(to_mean, tf.float32) / tf.cast(loss_scale, tf.float32)
-    norm = global_norm(summed) * to_mean
+    norm = global_norm(summed) * to_mean                                         # measure
     finite = tf.math.is_finite(norm)
-    threshold = threshold_of(norm)
+    threshold = threshold_of(norm)                                               # decide
     scale = _on_nonfinite(nonfinite, clip_scale(norm, threshold), norm, finite)
-    clipped = scale_gradients(summed, scale * to_mean, zero_on_zero_scale=nonfinite == "skip")
+    clipped = scale_gradients(summed, scale * to_mean, zero_on_zero_scale=nonfinite == "skip")  # scale
 
     out: List[Optional[Any]] = [None] * len(grads)
     for i, g in zip(present, clipped):

@@ -111,7 +111,7 @@ MakeVariable = Callable[[str, Tuple[int, ...], tf.DType, float], Any]
 class Threshold:
     """A step's `clip_norm` as the step uses it, with a policy's state in variables.
 
-    `clip_norm` is anything `check_clip_norm` accepts, or a `distclip.policies.Policy`,
+    `clip_norm` is anything `check_clip_norm` accepted, or a `distclip.policies.Policy`,
     whose state lives in variables made by `make_variable(name, shape, dtype, initial)`
     (tf.Variables for `ClipStep`, Keras variables for `ClipOptimizer`, so each
     is saved the way its owner is).
@@ -119,7 +119,7 @@ class Threshold:
 
     def __init__(self, clip_norm: Any, make_variable: MakeVariable):
         self.policy = clip_norm if isinstance(clip_norm, Policy) else None
-        self.clip_norm = clip_norm if self.policy else check_clip_norm(clip_norm)
+        self.clip_norm = clip_norm
         spec = self.policy.state_spec() if self.policy else {}
         self.state = {name: make_variable(name, shape, dtype, initial) for name, (shape, dtype, initial) in spec.items()}
 

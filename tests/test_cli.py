@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import tensorflow as tf
+
+pytestmark = pytest.mark.slow  # starts processes
 
 BIN = os.path.join(os.path.dirname(sys.executable), "distclip")
 

@@ -6,6 +6,8 @@ import pytest
 
 from procs import BOUND_S, kill_rank_and_wait
 
+pytestmark = pytest.mark.slow  # starts processes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 

@@ -9,6 +9,8 @@ import pytest
 from common import global_batch, max_abs_diff, reference_train
 from procs import python, run_all
 
+pytestmark = pytest.mark.slow  # starts processes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "workers", "horovod_train.py")
 BIN = os.path.dirname(python())

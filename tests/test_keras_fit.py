@@ -187,6 +187,7 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path, mirrored):
     assert max_abs_diff([v.numpy() for v in resumed_opt.variables], [v.numpy() for v in whole_opt.variables]) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["multiworker", "horovod"])
 def test_fit_across_processes_matches_single_device(reference, tmp_path, engine):
     _run_across_processes(reference, tmp_path, engine)
@@ -248,6 +249,7 @@ def test_clip_logger_needs_a_clip_optimizer():
         model.fit(x, y, batch_size=GLOBAL_BATCH, verbose=0, callbacks=[distclip.keras.ClipLogger()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["multiworker", "horovod"])
 def test_accumulation_across_processes_matches_a_larger_batch(tmp_path, engine):
     """accumulation_steps=2 with 2 processes: one update per 2 batches of 16 = single-device batch 32."""

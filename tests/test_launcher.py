@@ -6,6 +6,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+pytestmark = pytest.mark.slow  # starts processes
+
 LAUNCHER = [sys.executable, "-m", "distclip.launcher"]
 
 

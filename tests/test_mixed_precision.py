@@ -129,6 +129,7 @@ def test_unscaling_and_clipping_are_one_multiply(policy):
     assert _kernel_shaped_arithmetic(keras_lso) > _kernel_shaped_arithmetic(plain)
 
 
+@pytest.mark.slow
 def test_overflow_on_one_horovod_rank_skips_on_both(tmp_path):
     """horovodrun -np 2, mixed_float16, rank 1's first batch overflows: both ranks skip it and halve the scale."""
     import json

@@ -7,6 +7,8 @@ import pytest
 from common import check_multiworker_outputs
 from procs import free_ports, python, run_all
 
+pytestmark = pytest.mark.slow  # starts processes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -9,6 +9,8 @@ import pytest
 from common import check_multiworker_outputs, max_abs_diff, reference_train
 from slurm_cluster import SlurmCluster
 
+pytestmark = pytest.mark.slow  # starts processes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VENV = sys.prefix  # the venv running the tests

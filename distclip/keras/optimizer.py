@@ -5,18 +5,18 @@ import numbers
 from typing import Any, Dict, List, Optional
 
 import keras
-import tensorflow as tf
 
-from distclip import update
+from distclip import apply
+from distclip.engine import ClipEngine
 from distclip.errors import ArgumentError
+from distclip.lockstep import create_variables
+from distclip.options import StepOptions, WithStepOptions, takes_step_options
 from distclip.policies import Policy
-from distclip.accumulate import Accumulation
-from distclip.step import StepOptions, StepState, clip_and_apply
-from distclip.threshold import ClipNorm, Threshold, check_clip_norm
+from distclip.threshold import ClipNorm
 
 
 @keras.saving.register_keras_serializable(package="distclip")
-class ClipOptimizer(keras.optimizers.Optimizer):
+class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
     """Wraps a Keras 3 optimizer so that `model.fit` clips the synchronized gradients.
 
         model.compile(optimizer=distclip.keras.ClipOptimizer(keras.optimizers.Adam(1e-3), clip_norm=1.0),
@@ -30,7 +30,7 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         global_norm = sqrt(sum_i ||g_i||_2^2)
         g_i        <- g_i * min(1, clip_norm / global_norm)
 
-    then `optimizer.update_step` once per variable, with no second reduction.
+    then the optimizer's own `apply`, once, with no second reduction.
     This is single-device training on the global batch with `global_clipnorm`.
     Keras's own `global_clipnorm` under a strategy clips each replica's
     gradients before they are reduced, which is not.
@@ -69,68 +69,45 @@ class ClipOptimizer(keras.optimizers.Optimizer):
     `History`) and, given a `log_dir`, in TensorBoard and a CSV.
     """
 
-    def __init__(
-        self,
-        optimizer: Any,
-        clip_norm: ClipNorm,
-        *,
-        nonfinite: str = "skip",
-        reduction: str = "auto",
-        backend: str = "auto",
-        sparse_as_dense: bool = False,
-        compression: Optional[str] = None,
-        accumulation_steps: int = 1,
-        name: Optional[str] = None,
-    ):
+    _distclip_wrapper = True  # refused as the optimizer of another distclip step
+
+    @takes_step_options
+    def __init__(self, optimizer: Any, clip_norm: ClipNorm, *, name: Optional[str] = None, **options: Any):
         if isinstance(optimizer, dict):
             optimizer = keras.saving.deserialize_keras_object(optimizer)
-        options = StepOptions.check(
-            optimizer, nonfinite, reduction, backend, sparse_as_dense, compression, accumulation_steps)
-        if not isinstance(clip_norm, Policy):
-            check_clip_norm(clip_norm)
+        options = StepOptions.from_keywords("ClipOptimizer", options)
+        engine = ClipEngine(optimizer, clip_norm, options, "ClipOptimizer")
         super().__init__(learning_rate=0.0, name=name or "clip_optimizer")
-        self._options = options
+        self.options = options
         self.inner_optimizer = optimizer
         self.clip_norm = clip_norm
-        (self.nonfinite, self.reduction, self.backend, self.sparse_as_dense, self.compression,
-         self.accumulation_steps) = options
-        with self._distribution_strategy.scope():
-            self.accumulation = Accumulation(self.accumulation_steps) if self.accumulation_steps > 1 else None
+        self._engine = engine
+        self.accumulation = engine.accumulation
         self.__dict__["_complete"] = True
 
     def build(self, var_list: List[Any]) -> None:
         if self.built:
             return
-        # Not inside the traced step (fails under MirroredStrategy), and under the optimizer's strategy.
-        with tf.init_scope(), self._distribution_strategy.scope():
-            self._state = StepState(self._state_variable)
-            self._threshold = Threshold(self.clip_norm, self._state_variable)
-            self.inner_optimizer.build(var_list)
-            if self.accumulation is not None:
-                self.accumulation.build(list(var_list))
-            super().build(var_list)
+
+        apply.check_variables(self.inner_optimizer, var_list)
+
+        def create():  # eagerly, once, under our strategy, wherever build is called from
+            with self._distribution_strategy.scope():
+                self._engine.create_state(self._state_variable)
+                self._engine.build(var_list)
+                super(ClipOptimizer, self).build(var_list)
+
+        create_variables(create)
 
     def _state_variable(self, name, shape, dtype, initial):
         return self.add_variable(
-            shape, initializer=keras.initializers.Constant(initial), dtype=dtype.name,
-            aggregation="only_first_replica", name=name)
+            shape, initializer=keras.initializers.Constant(initial), dtype=dtype.name, aggregation="none", name=name)
 
-    # What the latest update saw (see StepState); available once built.
-    @property
-    def skipped_steps(self):
-        return self._state.skipped_steps
-
-    @property
-    def global_norm(self):
-        return self._state.global_norm
-
-    @property
-    def clip_norm_used(self):
-        return self._state.clip_norm
-
-    @property
-    def clip_scale(self):
-        return self._state.clip_scale
+    # What the latest update saw (see distclip.engine.StepState); available once built.
+    skipped_steps = property(lambda self: self._engine.state.skipped_steps)
+    global_norm = property(lambda self: self._engine.state.global_norm)
+    clip_norm_used = property(lambda self: self._engine.state.clip_norm)
+    clip_scale = property(lambda self: self._engine.state.clip_scale)
 
     @property
     def variables(self) -> List[Any]:
@@ -171,13 +148,9 @@ class ClipOptimizer(keras.optimizers.Optimizer):
             if not self.built:
                 raise ArgumentError("ClipOptimizer.apply: pass trainable_variables (the optimizer is not built yet)")
             trainable_variables = self._trainable_variables
-        grads, trainable_variables = list(grads), list(trainable_variables)
+        trainable_variables = list(trainable_variables)
         self.build(trainable_variables)
-        update.check_strategy(self.inner_optimizer, self._distribution_strategy, "ClipOptimizer")
-        return clip_and_apply(
-            self.inner_optimizer, grads, trainable_variables, self._threshold, self._state,
-            caller="ClipOptimizer.apply", accumulation=self.accumulation, **self._options.for_clip(),
-        )
+        return self._engine.apply(grads, trainable_variables)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         raise NotImplementedError("ClipOptimizer runs on the TensorFlow backend, which has no stateless_apply")
@@ -195,7 +168,7 @@ class ClipOptimizer(keras.optimizers.Optimizer):
             "name": self.name,
             "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
             "clip_norm": clip_norm,
-            **self._options._asdict(),
+            **self.options.as_dict(),
         }
 
     @classmethod

@@ -1,6 +1,6 @@
 """How gradients are synchronized: one small backend per engine, picked here.
 
-`select(backend)` returns the engine for the calling context:
+`select(backend, ctx)` returns the engine for the replica context `ctx`:
   * "tf_distribute": inside `strategy.run` of a strategy with more than one
     replica in sync (MirroredStrategy, MultiWorkerMirroredStrategy, TPUStrategy);
   * "horovod": each process one replica, under an initialized Horovod;
@@ -40,10 +40,8 @@ def check_replica_context(caller: str) -> tf.distribute.ReplicaContext:
     return ctx
 
 
-def select(backend: str = "auto", caller: str = "sync_and_clip") -> Backend:
-    if backend not in BACKENDS:
-        raise ArgumentError(f"backend must be one of {BACKENDS}; got backend={backend!r}")
-    ctx = check_replica_context(caller)
+def select(backend: str, ctx: tf.distribute.ReplicaContext) -> Backend:
+    """The backend for replica context `ctx` (see `check_replica_context`); `backend` is one of `BACKENDS`."""
     if backend == "none":
         return LocalBackend()
     if backend == "horovod":
@@ -57,7 +55,7 @@ def select(backend: str = "auto", caller: str = "sync_and_clip") -> Backend:
     if backend == "tf_distribute":
         if not tf.distribute.has_strategy():
             raise ContextError(
-                f"backend='tf_distribute' needs a tf.distribute strategy: call {caller} inside strategy.run"
+                "backend='tf_distribute' needs a tf.distribute strategy: call distclip inside strategy.run"
             )
         return TFDistributeBackend(ctx)
     if tf.distribute.has_strategy() and ctx.num_replicas_in_sync > 1:
@@ -87,6 +85,5 @@ def broadcast_from_root(variables, root: int = 0) -> None:
 
 
 def resolve_reduction(reduction: str, backend: Backend) -> str:
-    if reduction not in REDUCTIONS:
-        raise ArgumentError(f"reduction must be one of {REDUCTIONS}; got reduction={reduction!r}")
+    """`SUM` or `MEAN` (`reduction` is one of `REDUCTIONS`, already checked)."""
     return backend.default_reduction if reduction == "auto" else reduction

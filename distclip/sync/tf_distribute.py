@@ -30,4 +30,8 @@ class TFDistributeBackend:
         return self._ctx.num_replicas_in_sync
 
     def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]:
-        return list(self._ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(grads)))
+        # A traced tensor with no device (a function input passed straight in) gives
+        # MultiWorkerMirroredStrategy's reduction no destination; place it on this replica's device.
+        grads = [tf.identity(g) if isinstance(g, tf.Tensor) and not g.device and not tf.executing_eagerly() else g
+                 for g in grads]
+        return list(self._ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads))

@@ -1,0 +1,131 @@
+"""`ClipEngine`: the one clip step that `ClipStep` and `distclip.keras.ClipOptimizer` run.
+
+Per update, top to bottom (`ClipEngine.step`):
+
+    reduce   g     = sum over replicas of each replica's gradients   (one packed collective)
+    measure  norm  = ||g||_2 * f          f = 1/n for a mean, 1/k over k micro-batches, 1/S under a loss scale
+    decide   scale = min(1, clip_norm / norm); finite = isfinite(norm)
+    scale    g    <- g * scale * f                                      (one multiply)
+    apply    the optimizer's own `apply(g, variables)`, on every replica, or on none if not finite
+    record   norm, threshold, scale, finite (and the loss scale's next value)
+
+The first four are `distclip.clip.clip_synchronized`; apply is
+`distclip.apply.apply_in_lockstep`; with `accumulation_steps=k` the step runs
+on every k-th call, on the accumulated sums (`distclip.accumulate`).
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from distclip import apply, loss_scale, sync
+from distclip.accumulate import Accumulation
+from distclip.checks import check_pairs
+from distclip.clip import clip_synchronized
+from distclip.options import StepOptions
+from distclip.result import ClipResult
+from distclip.policies import Policy
+from distclip.threshold import ClipNorm, MakeVariable, Threshold, check_clip_norm
+
+
+class StepState:
+    """What a clip step keeps besides the optimizer's state, in variables made by `make_variable`.
+
+    `skipped_steps` counts updates skipped for a non-finite norm; `global_norm`
+    (before clipping), `clip_norm` (the threshold used), `clip_scale` and
+    `finite` are those of the latest update. Their values are identical on
+    every replica, so each replica writes its own copy (no aggregation, no
+    communication).
+    """
+
+    def __init__(self, make_variable: MakeVariable):
+        self.skipped_steps = make_variable("skipped_steps", (), tf.int64, 0)
+        self.global_norm = make_variable("global_norm", (), tf.float32, 0.0)
+        self.clip_norm = make_variable("clip_norm", (), tf.float32, 0.0)
+        self.clip_scale = make_variable("clip_scale", (), tf.float32, 1.0)
+        self.finite = make_variable("finite", (), tf.int64, 1)
+
+    def record(self, result: ClipResult, threshold: tf.Tensor) -> None:
+        for var, value in ((self.global_norm, result.global_norm), (self.clip_norm, threshold),
+                           (self.clip_scale, result.scale), (self.finite, tf.cast(result.finite, tf.int64))):
+            var.assign(value)
+
+    def latest(self, n: int) -> ClipResult:
+        """The latest update's result, read back (its gradients are not kept: `None`)."""
+        norm, threshold, scale, finite = [
+            tf.convert_to_tensor(v.value if isinstance(v, keras.Variable) else v)
+            for v in (self.global_norm, self.clip_norm, self.clip_scale, self.finite)]
+        finite = tf.cast(finite, tf.bool)
+        return ClipResult(grads=[None] * n, global_norm=norm, scale=scale,
+                          clipped=tf.logical_and(finite, norm > threshold), finite=finite)
+
+
+class ClipEngine:
+    """Synchronize, clip and apply with `optimizer`'s own step (see the module docstring).
+
+    Create it under the strategy's scope, then `create_state(make_variable)`
+    before the first step: `make_variable(name, shape, dtype, initial)` makes
+    its state variables (tf.Variables for `ClipStep`, Keras variables for
+    `ClipOptimizer`, so each is saved the way its owner is). `owner` names the
+    public class in error messages.
+    """
+
+    def __init__(self, optimizer: Any, clip_norm: ClipNorm, options: StepOptions, owner: str):
+        apply.check_optimizer(optimizer, options.nonfinite)
+        self.optimizer = optimizer
+        self.stepper, self.lso = loss_scale.split(optimizer)
+        self.clip_norm = clip_norm if isinstance(clip_norm, Policy) else check_clip_norm(clip_norm)
+        self.options = options
+        self.owner = owner
+        self.strategy = tf.distribute.get_strategy()
+        steps = options.accumulation_steps
+        self.accumulation = Accumulation(steps) if steps > 1 else None
+        self.state: Optional[StepState] = None
+        self.threshold: Optional[Threshold] = None
+
+    def create_state(self, make_variable: MakeVariable) -> None:
+        self.state = StepState(make_variable)
+        self.threshold = Threshold(self.clip_norm, make_variable)
+
+    def build(self, variables: Sequence[Any], present: Optional[Sequence[bool]] = None) -> None:
+        """Checks `variables`, then creates the optimizer's variables and the accumulators if not yet created.
+
+        `present` marks the variables that receive gradients (accumulators are made for those only).
+        """
+        apply.check_variables(self.stepper, variables)
+        apply.build(self.optimizer, variables)
+        if self.accumulation is not None:
+            self.accumulation.build(list(variables), present)
+
+    def apply(self, grads: Sequence[Any], variables: Sequence[Any]) -> ClipResult:
+        """Checks the call, builds what is missing, then runs `step` (every k-th call when accumulating)."""
+        grads, variables = check_pairs(grads, variables)
+        sync.check_replica_context(f"{self.owner}.apply")
+        apply.check_strategy(self.stepper, self.strategy, self.owner)
+        self.build(variables, [g is not None for g in grads])
+        if self.accumulation is None:
+            return self.step(grads, variables)
+        ran = self.accumulation.run(grads, lambda sums: self.step(sums, variables))
+        with tf.control_dependencies([ran]):
+            return self.state.latest(len(grads))
+
+    def step(self, grads: List[Any], variables: List[Any]) -> ClipResult:
+        """One update: reduce, measure, decide, scale, apply, record."""
+        backend = sync.select(self.options.backend, tf.distribute.get_replica_context())
+        result, threshold = clip_synchronized(
+            grads, backend, self.threshold.at(self.stepper.iterations), self.options,
+            micro_batches=self.options.accumulation_steps, loss_scale=loss_scale.scale_of(self.lso))
+        # Nothing is written before every check of this step has passed: the
+        # threshold's and, with nonfinite="raise", the norm's (both feed `scale`).
+        with tf.control_dependencies([result.scale]):
+            ok = tf.identity(result.finite)
+            self.state.record(result, threshold)
+            for var, value in loss_scale.next_state(self.lso, result.finite) if self.lso else ():
+                var.assign(value)
+        apply.apply_in_lockstep(
+            self.stepper, result.grads, variables, ok, skip=self.options.nonfinite == "skip",
+            assign_on_apply=self.threshold.updates(result.global_norm, result.finite),
+            count_skip=self.state.skipped_steps)
+        return result

@@ -1,0 +1,78 @@
+"""Code that must run once for all replicas, from inside the replica function.
+
+`create_variables(create)` makes variables eagerly and once, wherever it is
+called from (`strategy.run`, a traced step, or outside both).
+
+`run_if(pred, true_fn, false_fn, args)` runs `true_fn(*args)` where `pred`
+holds and `false_fn(*args)` where it does not. `pred` must be identical on
+every replica (decided from synchronized gradients, or a step counter), so
+every replica takes the same branch and collectives inside a branch match up.
+Tensors a branch needs travel in `args`, so that each replica gets its own
+(a closure over one replica's tensors would copy them to every device).
+
+A strategy that steps through `merge_call` (MirroredStrategy and
+MultiWorkerMirroredStrategy on CPU, and on GPU unless compiled with XLA)
+allows neither a collective nor a `merge_call` (which every Keras optimizer
+step makes) inside a `tf.cond` in the replica context ("merge_call called
+while defining a new graph"). There the condition is taken in the
+cross-replica context, and each branch runs on every replica through
+`call_for_each_replica`, as Keras's own `LossScaleOptimizer` does. Where no
+merge_call is needed (no strategy, the default strategy, Horovod) it is a
+plain `tf.cond`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import tensorflow as tf
+
+Branch = Callable[..., Any]
+
+
+def run_if(pred: tf.Tensor, true_fn: Branch, false_fn: Branch, args: Sequence[Any] = ()) -> tf.Tensor:
+    """Runs `true_fn(*args)` if `pred` else `false_fn(*args)`, on every replica; returns `pred` once done.
+
+    Outputs of the branches are ignored: their stateful ops run all the same,
+    since a branch of `tf.cond` in TF2 is a function graph with automatic
+    control dependencies.
+    """
+    args = tuple(args)
+    if not tf.distribute.has_strategy() or tf.__internal__.distribute.strategy_supports_no_merge_call():
+        return tf.cond(pred, lambda: _returning(True, true_fn)(*args), lambda: _returning(False, false_fn)(*args))
+
+    def merge_fn(strategy, pred, args):
+        def on_every_replica(value, fn):
+            def branch():
+                strategy.extended.call_for_each_replica(_returning(value, fn), args=args)
+                return tf.constant(value)
+            return branch
+
+        first = strategy.experimental_local_results(pred)[0]
+        return tf.cond(first, on_every_replica(True, true_fn), on_every_replica(False, false_fn))
+
+    return tf.distribute.get_replica_context().merge_call(merge_fn, args=(pred, args))
+
+
+def _returning(value: bool, fn: Branch) -> Callable[..., tf.Tensor]:
+    def branch(*args) -> tf.Tensor:
+        fn(*args)
+        return tf.constant(value)
+    return branch
+
+
+def create_variables(create: Callable[[], None]) -> None:
+    """Runs `create()`, which makes variables, eagerly and once, even when called inside `strategy.run`.
+
+    Variables created inside a traced replica function fail under
+    MirroredStrategy, so they are created in `tf.init_scope` (eagerly), and in a
+    replica context of several replicas from the cross-replica context.
+    """
+    def eagerly(*_):
+        with tf.init_scope():
+            create()
+
+    ctx = tf.distribute.get_replica_context()
+    if tf.distribute.has_strategy() and ctx is not None and ctx.num_replicas_in_sync > 1:
+        ctx.merge_call(eagerly)
+    else:
+        eagerly()

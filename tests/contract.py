@@ -1,0 +1,246 @@
+"""Keras as the oracle: every optimizer Keras exports, through distclip, against its own `apply` on one device.
+
+Shared by the in-process tests (no strategy, MirroredStrategy) and the
+2-process workers (MultiWorkerMirroredStrategy, horovodrun). For each case:
+4 steps of random gradients on an embedding table, two kernels, a 4-D conv
+kernel and a bias. The global norms of the steps are about 11, 0.2, 6 and 0.1
+against a threshold of 1, so the threshold binds on steps 0 and 2 and not on 1
+and 3. Replica r of n holds the share W[r] of the summed gradient (n*W[r] of
+the mean under Horovod), so no replica alone holds the global gradient.
+
+Reference: the same optimizer, built by the same factory, on plain variables
+with no strategy: `tf.clip_by_global_norm` of the whole gradients, then its own
+`apply`. distclip's variables and optimizer variables (slots, iterations, any
+per-step state) must equal the reference's to RTOL.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Callable, Dict, List, Optional, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import distclip
+
+CLIP = 1.0
+STEPS = 4
+MAGNITUDES = (1.0, 0.02, 0.5, 0.01)
+RTOL, ATOL = 1e-5, 1e-6
+SHAPES = {"embedding": (10, 4), "dense_kernel": (4, 3), "dense_out": (3, 2), "conv_kernel": (3, 3, 2, 4),
+          "bias": (3,)}
+#: Share of the summed gradient held by each replica, by replica count.
+SHARES = {1: [1.0], 2: [0.3, 0.7]}
+APIS = ("ClipStep", "ClipOptimizer")
+
+
+def _with_decay(cls, **kwargs):
+    """The class with weight decay that spares biases (`exclude_from_weight_decay`)."""
+    def make():
+        opt = cls(learning_rate=0.05, weight_decay=0.05, **kwargs)
+        opt.exclude_from_weight_decay(var_names=["bias"])
+        return opt
+    return make
+
+
+#: Non-default options per exported class. A class missing here is built as
+#: `cls(learning_rate=0.05)`, so an optimizer a later Keras adds is tested too.
+FACTORIES: Dict[str, Callable[[], keras.optimizers.Optimizer]] = {
+    "Adadelta": _with_decay(keras.optimizers.Adadelta, rho=0.9),
+    "Adafactor": _with_decay(keras.optimizers.Adafactor, beta_2_decay=-0.7, clip_threshold=2.0),
+    "Adagrad": _with_decay(keras.optimizers.Adagrad, initial_accumulator_value=0.2),
+    "Adam": _with_decay(keras.optimizers.Adam, amsgrad=True),
+    "AdamW": _with_decay(keras.optimizers.AdamW, amsgrad=True, beta_1=0.8),
+    "Adamax": _with_decay(keras.optimizers.Adamax, beta_2=0.99),
+    "Ftrl": lambda: keras.optimizers.Ftrl(0.05, l1_regularization_strength=0.01, l2_regularization_strength=0.01,
+                                          l2_shrinkage_regularization_strength=0.01, beta=0.1),
+    "Lamb": _with_decay(keras.optimizers.Lamb, beta_2=0.99),
+    "Lion": _with_decay(keras.optimizers.Lion, beta_1=0.8),
+    "Muon": lambda: keras.optimizers.Muon(0.05, weight_decay=0.1, adam_weight_decay=0.02, exclude_layers=["dense_out"]),
+    "Nadam": _with_decay(keras.optimizers.Nadam, beta_1=0.8),
+    "RMSprop": _with_decay(keras.optimizers.RMSprop, centered=True, momentum=0.5),
+    "SGD": _with_decay(keras.optimizers.SGD, momentum=0.9, nesterov=True),
+    "ScheduleFreeAdamW": _with_decay(keras.optimizers.ScheduleFreeAdamW, warmup_steps=2),
+    # Wrappers, which take other optimizers.
+    "LossScaleOptimizer": lambda: keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.Adam(0.05), initial_scale=16.0, dynamic_growth_steps=2),
+    "MultiOptimizer": lambda: keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(
+        keras.optimizers.SGD(0.05, momentum=0.9), {"dense_.*": keras.optimizers.Adam(0.05, amsgrad=True)})),
+}
+#: Exported, but no optimizer of its own: the abstract base class.
+NOT_OPTIMIZERS = {"Optimizer"}
+#: The non-finite skip is checked with these.
+SKIP_CASES = ("Adam", "Nadam", "LossScaleOptimizer")
+#: Classes distclip refuses, with what its error must say (none today).
+REFUSED: Dict[str, str] = {}
+
+
+def exported() -> List[str]:
+    """Every optimizer class `keras.optimizers` exports, found at run time."""
+    return sorted(n for n, c in vars(keras.optimizers).items()
+                  if inspect.isclass(c) and issubclass(c, keras.optimizers.Optimizer) and n not in NOT_OPTIMIZERS)
+
+
+def factory(name: str) -> Callable[[], keras.optimizers.Optimizer]:
+    return FACTORIES.get(name) or (lambda: getattr(keras.optimizers, name)(learning_rate=0.05))
+
+
+def initial_values() -> Dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return {k: rng.normal(size=s).astype("float32") * 0.5 for k, s in SHAPES.items()}
+
+
+def full_gradients(step: int) -> List[np.ndarray]:
+    rng = np.random.default_rng(100 + step)
+    return [(rng.normal(size=s) * MAGNITUDES[step]).astype("float32") for s in SHAPES.values()]
+
+
+def make_variables(constrained: bool = False) -> List[keras.Variable]:
+    """The variables; `constrained`: the kernels are kept non-negative (`variable.constraint`, as layers set it)."""
+    variables = [keras.Variable(v, name=k) for k, v in initial_values().items()]
+    for v in variables:
+        if constrained and "kernel" in v.name:
+            v.constraint = keras.constraints.NonNeg()
+    return variables
+
+
+def loss_scale_of(optimizer) -> float:
+    """The factor the loss (so every gradient) is multiplied by: a LossScaleOptimizer's dynamic scale, else 1."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and optimizer.built:
+        return float(np.asarray(optimizer.dynamic_scale.numpy()))
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return float(optimizer.initial_scale)
+    return 1.0
+
+
+def reference(name: str, steps: int = STEPS, poison: Optional[int] = None, constrained: bool = False):
+    """Single device: clip the whole gradients, then the optimizer's own apply. Returns (variables, optimizer).
+
+    Step `poison` has a NaN gradient: a LossScaleOptimizer gets it (Keras's own
+    skip: the scale halves); any other optimizer is not called at all.
+    """
+    variables, optimizer = make_variables(constrained), factory(name)()
+    for step in range(steps):
+        grads = [tf.constant(g) for g in full_gradients(step)]
+        if step == poison:
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                optimizer.apply([g + np.nan for g in grads], variables)
+            continue
+        clipped, _ = tf.clip_by_global_norm(grads, CLIP)
+        scale = loss_scale_of(optimizer)
+        optimizer.apply([g * scale for g in clipped], variables)
+    return variables, optimizer
+
+
+def inner_of(wrapper, api: str):
+    return wrapper.optimizer if api == "ClipStep" else wrapper.inner_optimizer
+
+
+def run_distclip(name: str, api: str, lazy: bool, strategy=None, replica: int = 0, replicas: int = 1,
+                 mean: bool = False, steps: int = STEPS, poison: Optional[int] = None, constrained: bool = False):
+    """The same steps through distclip under `strategy` (None: Horovod or no strategy, this process is `replica`).
+
+    Returns (variables, the optimizer distclip wrapped, the distclip object, per-step norms, and
+    per step the values of the variables and the optimizer's variables after it).
+    """
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
+        variables, optimizer = make_variables(constrained), factory(name)()
+        if api == "ClipStep":
+            wrapper = distclip.ClipStep(optimizer, CLIP)
+        else:
+            wrapper = distclip.keras.ClipOptimizer(optimizer, CLIP)
+        if not lazy:
+            wrapper.build(variables)
+
+    @tf.function
+    def replica_step(*grads):
+        return wrapper.apply(list(grads), variables).global_norm
+
+    def step(grads_of_replica):
+        if strategy is None:
+            return float(replica_step(*grads_of_replica(replica)))
+        per_var = [strategy.experimental_distribute_values_from_function(
+            lambda ctx, i=i: tf.constant(grads_of_replica(ctx.replica_id_in_sync_group)[i]))
+            for i in range(len(SHAPES))]
+        out = strategy.run(replica_step, args=tuple(per_var))
+        return float(strategy.experimental_local_results(out)[0])
+
+    norms, history = [], []
+    for s in range(steps):
+        full, scale = full_gradients(s), loss_scale_of(optimizer)
+        share = SHARES[replicas]
+
+        def grads_of_replica(r, full=full, scale=scale, s=s):
+            factor = share[r] * (replicas if mean else 1) * scale
+            grads = [g * factor for g in full]
+            if s == poison and r == replicas - 1:
+                grads[1] = grads[1].copy()
+                grads[1][0, 0] = np.nan
+            return grads
+
+        norms.append(step(grads_of_replica))
+        history.append(values(variables + optimizer.variables))
+    return variables, optimizer, wrapper, norms, history
+
+
+def values(variables) -> List[np.ndarray]:
+    return [np.array(v.numpy() if hasattr(v, "numpy") else v) for v in variables]
+
+
+def mismatches(got_vars, got_opt, ref_vars, ref_opt) -> List[str]:
+    """What differs from the reference beyond RTOL/ATOL, by variable path."""
+    out = []
+    got_o, ref_o = got_opt.variables, ref_opt.variables
+    if len(got_o) != len(ref_o):
+        return [f"{len(got_o)} optimizer variables, reference has {len(ref_o)}"]
+    for g, r in zip(list(got_vars) + list(got_o), list(ref_vars) + list(ref_o)):
+        a, b = np.asarray(g.numpy(), "float64"), np.asarray(r.numpy(), "float64")
+        if a.shape != b.shape or not np.allclose(a, b, rtol=RTOL, atol=ATOL, equal_nan=True):
+            err = float(np.max(np.abs(a - b))) if a.shape == b.shape else "shape"
+            out.append(f"{r.path}: max abs diff {err}")
+    return out
+
+
+def check_case(name: str, api: str, lazy: bool, constrained: bool = False,
+               **engine) -> Tuple[List[str], List[np.ndarray]]:
+    """(what differs from the reference, an empty list when nothing does; the final values).
+
+    A class in REFUSED must be refused with an error naming it and the feature.
+    """
+    if name in REFUSED:
+        try:
+            run_distclip(name, api, lazy, steps=1, **engine)
+        except distclip.ArgumentError as e:
+            return ([] if REFUSED[name] in str(e) and name in str(e) else [f"refused with an unclear error: {e}"]), []
+        return ["not refused"], []
+    ref_vars, ref_opt = reference(name, constrained=constrained)
+    got_vars, got_opt, _, norms, history = run_distclip(name, api, lazy, constrained=constrained, **engine)
+    if [n > CLIP for n in norms] != [True, False, True, False]:
+        return [f"the threshold {CLIP} should bind on steps 0 and 2 only; norms {norms}"], history[-1]
+    return mismatches(got_vars, got_opt, ref_vars, ref_opt), history[-1]
+
+
+def check_skip(name: str, api: str, lazy: bool, **engine) -> Tuple[List[str], List[np.ndarray]]:
+    """A NaN on one replica at step 2: nothing changes at that step, bit for bit, except a loss scale,
+    which halves; `skipped_steps` is 1; the run then equals the reference without that step."""
+    ref_vars, ref_opt = reference(name, poison=2)
+    got_vars, got_opt, wrapper, norms, history = run_distclip(name, api, lazy, poison=2, **engine)
+    out = mismatches(got_vars, got_opt, ref_vars, ref_opt)
+    paths = [v.path for v in got_vars + got_opt.variables]
+    changed = [p for p, a, b in zip(paths, history[1], history[2]) if not np.array_equal(a, b)]
+    if isinstance(got_opt, keras.optimizers.LossScaleOptimizer):  # the scale halves, its counter restarts
+        allowed, required = {got_opt.dynamic_scale.path, got_opt.step_counter.path}, {got_opt.dynamic_scale.path}
+    else:
+        allowed = required = set()
+    if not required <= set(changed) <= allowed:
+        out.append(f"the skipped step changed {changed}")
+    if np.isfinite(norms[2]) or int(wrapper.skipped_steps.numpy()) != 1:
+        out.append(f"norm {norms[2]}, skipped_steps {int(wrapper.skipped_steps.numpy())}")
+    return out, history[-1]
+
+
+def all_cases():
+    return [(name, api, lazy) for name in exported() for api in APIS for lazy in (False, True)]

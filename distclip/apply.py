@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 import keras
 import tensorflow as tf
 
+from distclip.checks import variable_name
 from distclip.errors import ArgumentError, ContextError
 from distclip.lockstep import create_variables, run_if
 
@@ -108,9 +109,22 @@ def check_variables(optimizer: Any, variables: Sequence[Any]) -> None:
     for v in variables:
         if getattr(v, "overwrite_with_gradient", False):
             raise ArgumentError(
-                f"variable {getattr(v, 'path', v.name)} has overwrite_with_gradient=True (float8 training): its "
+                f"variable {variable_name(v)} has overwrite_with_gradient=True (float8 training): its "
                 f"'gradient' is a new value, not a gradient, and must not enter the global norm; "
                 f"{type(optimizer).__name__} with such variables is not supported by distclip")
+
+
+def check_known(optimizer: Any, variables: Sequence[Any]) -> None:
+    """Every variable must be one the built optimizer was built for (Keras's own check), named if not."""
+    for i, v in enumerate(variables):
+        try:
+            optimizer._check_variables_are_known([v])
+        except ValueError:
+            raise ArgumentError(
+                f"trainable_variables[{i}] ({variable_name(v)}) is not one of the "
+                f"{len(optimizer._trainable_variables)} variables {type(optimizer).__name__} was built for: an "
+                "optimizer (and the ClipStep or ClipOptimizer around it) serves one set of variables; create new "
+                "ones for another model") from None
 
 
 def check_strategy(optimizer: Any, owner_strategy: tf.distribute.Strategy, owner: str) -> None:

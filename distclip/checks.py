@@ -8,7 +8,8 @@ import tensorflow as tf
 from distclip.errors import ArgumentError
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
+    """`repr(value)`, cut to 120 characters."""
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
 
@@ -16,7 +17,7 @@ def _short(value: Any) -> str:
 def check_gradients(grads: Any, name: str = "grads") -> List[Any]:
     """A list of float `tf.Tensor`/`tf.IndexedSlices`/`None`, not empty, not all `None`."""
     if isinstance(grads, (tf.Tensor, tf.IndexedSlices, tf.Variable)) or not isinstance(grads, (list, tuple)):
-        raise ArgumentError(f"{name} must be a list or tuple of gradients; got {name}={_short(grads)}")
+        raise ArgumentError(f"{name} must be a list or tuple of gradients; got {name}={short_repr(grads)}")
     grads = list(grads)
     if not grads:
         raise ArgumentError(f"{name} is empty: there is nothing to clip")
@@ -28,7 +29,7 @@ def check_gradients(grads: Any, name: str = "grads") -> List[Any]:
         try:
             g = tf.convert_to_tensor(g)
         except (TypeError, ValueError) as e:
-            raise ArgumentError(f"{name}[{i}] is not a tensor: {_short(g)} ({e})") from None
+            raise ArgumentError(f"{name}[{i}] is not a tensor: {short_repr(g)} ({e})") from None
         out.append(g)
     for i, g in enumerate(out):
         dtype = None if g is None else (g.values.dtype if isinstance(g, tf.IndexedSlices) else g.dtype)
@@ -46,22 +47,43 @@ def check_pairs(grads: Any, variables: Any) -> Tuple[List[Any], List[Any]]:
     """Gradients and variables of the same length, gradients checked."""
     grads = check_gradients(grads)
     if isinstance(variables, (tf.Variable, tf.Tensor)) or not isinstance(variables, (list, tuple)):
-        raise ArgumentError(f"trainable_variables must be a list or tuple of variables; got {_short(variables)}")
+        raise ArgumentError(f"trainable_variables must be a list or tuple of variables; got {short_repr(variables)}")
     variables = list(variables)
     if len(grads) != len(variables):
         raise ArgumentError(
             f"grads and trainable_variables differ in length: {len(grads)} gradients for "
             f"{len(variables)} variables"
         )
+    for i, (g, v) in enumerate(zip(grads, variables)):
+        if g is not None and not _same_shape(g, v):
+            shape = f"values of shape {g.values.shape}" if isinstance(g, tf.IndexedSlices) else f"shape {g.shape}"
+            raise ArgumentError(
+                f"grads[{i}] has {shape}, but trainable_variables[{i}] ({variable_name(v)}) has shape "
+                f"{tf.TensorShape(v.shape)}: each gradient must have its variable's shape (nothing is broadcast)")
     return grads, variables
+
+
+def variable_name(variable: Any) -> str:
+    """A variable's Keras path, or its TensorFlow name."""
+    return getattr(variable, "path", None) or getattr(variable, "name", None) or repr(variable)
+
+
+def _same_shape(grad: Any, variable: Any) -> bool:
+    """The gradient's shape equals the variable's where both are known (rows of `tf.IndexedSlices` aside)."""
+    want = tf.TensorShape(variable.shape)
+    if isinstance(grad, tf.IndexedSlices):
+        got, want = grad.values.shape[1:], want[1:]
+    else:
+        got = grad.shape
+    return got.rank is None or want.rank is None or (got.rank == want.rank and got.is_compatible_with(want))
 
 
 def split_pairs(grads_and_vars: Any) -> Tuple[List[Any], List[Any]]:
     try:
         pairs = [tuple(p) for p in grads_and_vars]
     except TypeError:
-        raise ArgumentError(f"grads_and_vars must be an iterable of (gradient, variable) pairs; got {_short(grads_and_vars)}") from None
+        raise ArgumentError(f"grads_and_vars must be an iterable of (gradient, variable) pairs; got {short_repr(grads_and_vars)}") from None
     bad = [i for i, p in enumerate(pairs) if len(p) != 2]
     if bad:
-        raise ArgumentError(f"grads_and_vars[{bad[0]}] is not a (gradient, variable) pair: {_short(pairs[bad[0]])}")
+        raise ArgumentError(f"grads_and_vars[{bad[0]}] is not a (gradient, variable) pair: {short_repr(pairs[bad[0]])}")
     return [p[0] for p in pairs], [p[1] for p in pairs]

@@ -90,12 +90,14 @@ class ClipEngine:
         self.threshold = Threshold(self.clip_norm, make_variable)
 
     def build(self, variables: Sequence[Any], present: Optional[Sequence[bool]] = None) -> None:
-        """Checks `variables`, then creates the optimizer's variables and the accumulators if not yet created.
+        """Checks `variables`, creates the optimizer's variables and the accumulators if not yet created,
+        then checks that the optimizer was built for `variables`.
 
         `present` marks the variables that receive gradients (accumulators are made for those only).
         """
         apply.check_variables(self.stepper, variables)
         apply.build(self.optimizer, variables)
+        apply.check_known(self.stepper, variables)
         if self.accumulation is not None:
             self.accumulation.build(list(variables), present)
 

@@ -6,8 +6,11 @@ class ArgumentError(ValueError, TypeError):
 
     It subclasses both `ValueError` and `TypeError`, so code that catches
     either (as Keras and TensorFlow callers usually do) catches it. The message
-    names the argument and the value it got.
+    names the argument and the value it got. Raised while a `tf.function` is
+    traced, it surfaces as itself (not as autograph's StagingError).
     """
+
+    ag_pass_through = True
 
 
 class ContextError(RuntimeError):

@@ -10,6 +10,8 @@ from typing import List, Sequence, Union
 import tensorflow as tf
 
 Gradient = Union[tf.Tensor, tf.IndexedSlices]
+#: Name scope of the rare-path norm (gradients whose float32 sum of squares overflows).
+RESCALED_NORM = "rescaled_norm"
 
 
 def dedup_indexed_slices(grad: tf.IndexedSlices) -> tf.Tensor:
@@ -41,9 +43,31 @@ def global_norm(grads: Sequence[Gradient]) -> tf.Tensor:
     """`sqrt(sum_i ||g_i||_2^2)`: the L2 norm of all gradients as one vector, float32.
 
     Same definition as `tf.linalg.global_norm`, except that repeated indices of
-    `tf.IndexedSlices` are summed first, as in the dense gradient.
+    `tf.IndexedSlices` are summed first, as in the dense gradient. When the sum
+    of squares overflows float32 (finite gradients above about 1e19), the norm
+    is computed again with every gradient divided by the largest magnitude m,
+
+        global_norm = m * sqrt(sum_i ||g_i / m||_2^2)
+
+    so it is finite whenever it fits in float32. That second pass runs only on
+    such steps (a `tf.cond`); inf or NaN gradients still give a non-finite norm.
     """
-    return tf.sqrt(tf.add_n([squared_norm(g) for g in grads]))
+    total = tf.add_n([squared_norm(g) for g in grads])
+    return tf.cond(tf.math.is_finite(total), lambda: tf.sqrt(total), lambda: _rescaled_norm(grads, total))
+
+
+def _rescaled_norm(grads: Sequence[Gradient], total: tf.Tensor) -> tf.Tensor:
+    with tf.name_scope(RESCALED_NORM):
+        return _rescaled_norm_unscoped(grads, total)
+
+
+def _rescaled_norm_unscoped(grads: Sequence[Gradient], total: tf.Tensor) -> tf.Tensor:
+    values = [dedup_indexed_slices(g) if isinstance(g, tf.IndexedSlices) else tf.cast(g, tf.float32) for g in grads]
+    largest = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(v)) for v in values]))
+    usable = tf.logical_and(tf.math.is_finite(largest), largest > 0)
+    safe = tf.where(usable, largest, 1.0)
+    rescaled = safe * tf.sqrt(tf.add_n([2.0 * tf.nn.l2_loss(v / safe) for v in values]))
+    return tf.where(usable, rescaled, tf.sqrt(total))
 
 
 def clip_scale(norm: tf.Tensor, clip_norm: tf.Tensor) -> tf.Tensor:

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from distclip.checks import short_repr
 from distclip.errors import ArgumentError
 from distclip.policies import Policy
 
@@ -31,9 +32,24 @@ def _is_tensor_like(value) -> bool:
     return isinstance(value, (tf.Tensor, tf.Variable, keras.Variable, np.ndarray, np.generic)) or tf.is_tensor(value)
 
 
-def _check_number(value, shown) -> None:
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def _check_number(value: Any, shown: Any) -> None:
+    """Positive and finite, also in float32, the dtype the threshold is used in; `shown` as the user gave it."""
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ArgumentError(f"{_RULE}; got clip_norm={short_repr(shown)}, beyond any float") from None
     if not (math.isfinite(value) and value > 0):
-        raise ArgumentError(f"{_RULE}; got clip_norm={shown!r}")
+        raise ArgumentError(f"{_RULE}; got clip_norm={short_repr(shown)}")
+    with np.errstate(over="ignore", under="ignore"):
+        in_float32 = float(np.float32(value))
+    # Below float32's smallest normal number, TensorFlow's kernels flush a value to 0 (and then nothing trains).
+    if in_float32 < _FLOAT32_TINY or math.isinf(in_float32):
+        shown_32 = "inf" if math.isinf(in_float32) else "0 (below float32's smallest normal number, 1.2e-38)"
+        raise ArgumentError(f"{_RULE} in float32, the dtype it is used in; got clip_norm={short_repr(shown)}, "
+                            f"which is {shown_32} in float32")
 
 
 def check_clip_norm(clip_norm: ClipNorm) -> ClipNorm:
@@ -41,7 +57,7 @@ def check_clip_norm(clip_norm: ClipNorm) -> ClipNorm:
     if isinstance(clip_norm, bool) or clip_norm is None or isinstance(clip_norm, str):
         raise ArgumentError(f"{_RULE}; got clip_norm={clip_norm!r}")
     if isinstance(clip_norm, numbers.Real):
-        _check_number(float(clip_norm), clip_norm)
+        _check_number(clip_norm, clip_norm)
         return clip_norm
     if _is_tensor_like(clip_norm):
         dtype = tf.as_dtype(clip_norm.dtype)
@@ -51,7 +67,7 @@ def check_clip_norm(clip_norm: ClipNorm) -> ClipNorm:
             raise ArgumentError(f"{_RULE}; got clip_norm of shape {clip_norm.shape}: {clip_norm!r}")
         value = _static_value(clip_norm)
         if value is not None:
-            _check_number(float(value), float(value))
+            _check_number(value, value)
         return clip_norm
     if callable(clip_norm):
         return clip_norm

@@ -19,6 +19,7 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import tensorflow as tf
 
+from distclip.errors import ArgumentError
 from distclip.lockstep import create_variables, run_if
 
 
@@ -52,6 +53,23 @@ class Accumulation(tf.Module):
             self.micro_steps = _local_variable("micro_steps", (), tf.int64)
             self.sums = [_local_variable(f"sum_{i}", v.shape, tf.as_dtype(v.dtype)) if p else None
                          for i, (v, p) in enumerate(zip(variables, present))]
+
+    def pending(self) -> int:
+        """Micro-batches accumulated since the latest update (read eagerly; the same on every replica)."""
+        if self.micro_steps is None:
+            return 0
+        return int(tf.convert_to_tensor(self.micro_steps.read_value()).numpy()) % self.steps
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        # A checkpoint between updates would hold this replica's partial sums only: restored on
+        # every replica (Horovod: rank 0's file) or merged across replicas (MirroredStrategy reads
+        # ON_READ sums as their total) they resume wrong. So it is refused, naming the way out.
+        if tf.executing_eagerly() and self.pending():
+            raise ArgumentError(
+                f"a checkpoint was taken between updates: {self.pending()} of accumulation_steps={self.steps} "
+                "micro-batches are accumulated but not applied, and each replica holds its own partial sums. "
+                "Save right after a call that applied, when pending_micro_batches is 0")
+        return super()._trackable_children(save_type, **kwargs)
 
     def run(self, grads: Sequence[Optional[Any]], step_fn: Callable[[List[Optional[tf.Tensor]]], Any]) -> tf.Tensor:
         """Adds `grads` to this replica's sums; on every k-th call, `step_fn(sums)` then a reset.

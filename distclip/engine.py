@@ -101,6 +101,16 @@ class ClipEngine:
         if self.accumulation is not None:
             self.accumulation.build(list(variables), present)
 
+    @property
+    def pending_micro_batches(self) -> int:
+        """Micro-batches accumulated but not yet applied (0 without accumulation); a checkpoint needs 0."""
+        return 0 if self.accumulation is None else self.accumulation.pending()
+
+    @property
+    def applies_next(self) -> bool:
+        """Whether the next `apply` takes an update (always, without accumulation)."""
+        return self.pending_micro_batches + 1 == self.options.accumulation_steps
+
     def apply(self, grads: Sequence[Any], variables: Sequence[Any]) -> ClipResult:
         """Checks the call, builds what is missing, then runs `step` (every k-th call when accumulating)."""
         grads, variables = check_pairs(grads, variables)

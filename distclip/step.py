@@ -78,6 +78,20 @@ class ClipStep(WithStepOptions, tf.Module):
         #: The policy's state variables by name (empty unless `clip_norm` is a policy).
         self.policy_state = self._engine.threshold.state
 
+    @property
+    def pending_micro_batches(self) -> int:
+        """Micro-batches accumulated since the latest update (always 0 without accumulation).
+
+        Take checkpoints when it is 0: between updates each replica holds its own
+        partial sums, and a `tf.train.Checkpoint` of this object then raises.
+        """
+        return self._engine.pending_micro_batches
+
+    @property
+    def applies_next(self) -> bool:
+        """Whether the next `apply` call takes an update (always True without accumulation)."""
+        return self._engine.applies_next
+
     def build(self, trainable_variables: Sequence[Any]) -> None:
         """Creates the optimizer's variables (and the accumulators) now, otherwise done on the first `apply`."""
         self._engine.build(trainable_variables)

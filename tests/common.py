@@ -106,6 +106,19 @@ def distributed_train(strategy, clip_norm, steps, opt="adam", batches=None, mode
     return model.get_weights(), norms, per_replica, dict(model=model, optimizer=optimizer, clip=clip, step=step)
 
 
+def replica_train_step(strategy, model, apply):
+    """A traced step(x, y) under `strategy`: each replica's share of the global-batch loss, then
+    `apply(grads, variables)` in the replica context."""
+    @tf.function
+    def step(x, y):
+        def replica_fn(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.square(model(x) - y)) / GLOBAL_BATCH
+            apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        strategy.run(replica_fn, args=(x, y))
+    return step
+
+
 def max_abs_diff(a, b) -> float:
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
 

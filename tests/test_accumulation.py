@@ -5,7 +5,8 @@ import pytest
 import tensorflow as tf
 
 import distclip
-from common import GLOBAL_BATCH, distributed_train, global_batch, make_model, max_abs_diff, reference_train, shard
+from common import (GLOBAL_BATCH, distributed_train, global_batch, make_model, max_abs_diff, reference_train,
+                    replica_train_step, replica_values, shard)
 from test_keras_fit import CLIP, data, fit, keras_adam
 from test_opcount import _reduced_elements
 
@@ -82,3 +83,46 @@ def test_accumulation_compiles_under_xla():
     ref_weights, ref_norms = reference_train(CLIP, 2, "sgd", batches=[(np.concatenate([x, x]), np.concatenate([y, y]))] * 2)
     assert max_abs_diff(model.get_weights(), ref_weights) <= 1e-5
     assert norms[1] == pytest.approx(ref_norms[0], rel=1e-5) and norms[3] == pytest.approx(ref_norms[1], rel=1e-5)
+
+
+def _accumulating(strategy, api):
+    """A model and ClipStep/ClipOptimizer with accumulation_steps=K, built, and its distributed step."""
+    with strategy.scope():
+        model = make_model()
+        inner = keras.optimizers.Adam(0.05)
+        if api == "ClipStep":
+            wrapper = distclip.ClipStep(inner, CLIP, accumulation_steps=K)
+        else:
+            wrapper = distclip.keras.ClipOptimizer(inner, CLIP, accumulation_steps=K)
+        wrapper.build(model.trainable_variables)
+    step = replica_train_step(strategy, model, wrapper.apply)
+
+    def run(seeds):
+        for s in seeds:
+            x, y = global_batch(s)
+            step(shard(strategy, x), shard(strategy, y))
+
+    return model, wrapper, run
+
+
+@pytest.mark.parametrize("api", ["ClipStep", "ClipOptimizer"])
+def test_a_checkpoint_between_updates_is_refused_and_one_at_an_update_resumes_exactly(mirrored, tmp_path, api):
+    model, wrapper, run = _accumulating(mirrored, api)
+    checkpoint = tf.train.Checkpoint(model=model, clip=wrapper)
+    assert wrapper.pending_micro_batches == 0 and not wrapper.applies_next
+    run([0])
+    assert wrapper.pending_micro_batches == 1 and wrapper.applies_next
+    with pytest.raises(distclip.ArgumentError, match="between updates: 1 of accumulation_steps=2 micro-batches"):
+        checkpoint.save(str(tmp_path / "mid"))
+    run([1])
+    assert wrapper.pending_micro_batches == 0
+    path = checkpoint.save(str(tmp_path / "boundary"))
+    run([2, 3, 4, 5])
+    whole = [np.array(w) for w in model.get_weights()]
+
+    resumed_model, resumed, resumed_run = _accumulating(mirrored, api)
+    tf.train.Checkpoint(model=resumed_model, clip=resumed).restore(path).assert_consumed()
+    resumed_run([2, 3, 4, 5])
+    assert all(np.array_equal(a, b) for a, b in zip(whole, resumed_model.get_weights()))
+    for values in replica_values(mirrored, resumed_model.trainable_variables):
+        assert all(np.array_equal(values[0], v) for v in values[1:])

@@ -132,3 +132,14 @@ def test_indexed_slices_and_compression_under_horovod(tmp_path):
             np.testing.assert_allclose(got[mode]["dense"], dense / want, rtol=tol, atol=tol)
         assert got["sparse"]["sparse"] and not got["dense"]["sparse"] and got["fp16"]["sparse"]
     assert ranks[0] == ranks[1]
+
+
+def test_accumulation_checkpoints_refused_between_updates_and_exact_at_one(tmp_path):
+    worker = os.path.join(HERE, "workers", "horovod_accumulation_resume.py")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.path.dirname(HERE))
+    (r,) = run_all([LAUNCHERS["horovodrun-gloo"] + [python(), worker, str(tmp_path)]], [env], timeout=240)
+    assert r.returncode == 0, r.stdout[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert "between updates: 1 of accumulation_steps=2 micro-batches" in ranks[0]["refused"]
+    assert [r["bit_identical"] for r in ranks] == [True, True]
+    assert [r["iterations"] for r in ranks] == [3, 3]

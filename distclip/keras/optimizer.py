@@ -105,6 +105,9 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
 
     # What the latest update saw (see distclip.engine.StepState); available once built.
     skipped_steps = property(lambda self: self._engine.state.skipped_steps)
+    # Accumulation (see ClipStep): checkpoints only when pending_micro_batches is 0.
+    pending_micro_batches = property(lambda self: self._engine.pending_micro_batches)
+    applies_next = property(lambda self: self._engine.applies_next)
     global_norm = property(lambda self: self._engine.state.global_norm)
     clip_norm_used = property(lambda self: self._engine.state.clip_norm)
     clip_scale = property(lambda self: self._engine.state.clip_scale)

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distclip  # noqa: E402
-from common import GLOBAL_BATCH, global_batch, make_model, shard  # noqa: E402
+from common import GLOBAL_BATCH, global_batch, make_model, replica_train_step, shard  # noqa: E402
 
 x, y = (np.concatenate(a) for a in zip(*(global_batch(s) for s in range(steps))))
 batch = GLOBAL_BATCH
@@ -63,14 +63,7 @@ if engine == "horovod":
     callbacks = [distclip.keras.BroadcastCallback(), distclip.keras.ClipLogger(os.path.join(out_dir, "log"))]
     history = model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=callbacks).history
 else:
-    @tf.function
-    def train_step(x, y):
-        def replica_fn(x, y):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(tf.square(model(x) - y)) / GLOBAL_BATCH
-            optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
-        strategy.run(replica_fn, args=(x, y))
-
+    train_step = replica_train_step(strategy, model, optimizer.apply)
     optimizer.build(model.trainable_variables)
     norms, done = [], 0
     for s in range(steps):

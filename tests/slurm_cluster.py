@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 from distclip.cluster import free_ports
 
@@ -106,8 +106,9 @@ class SlurmCluster:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.dir.glob("*.log")))
 
-    def sbatch_wait(self, script: str, args: List[str], env: Dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-        cmd = ["sbatch", "--wait", "--parsable"] + args + [script]
+    def sbatch_wait(self, script: str, args: List[str], env: Dict[str, str], timeout: float = 300,
+                    script_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
+        cmd = ["sbatch", "--wait", "--parsable"] + args + [script] + list(script_args)
         return subprocess.run(cmd, env={**self.env, **env}, capture_output=True, text=True, timeout=timeout)
 
     def stop(self) -> None:

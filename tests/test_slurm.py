@@ -25,11 +25,12 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-def _submit(slurm, template, tmp_path, command):
+def _submit(slurm, template, tmp_path, command, script_args=()):
     out = tmp_path / "job.out"
     env = {"DISTCLIP_CMD": command, "DISTCLIP_VENV": VENV, "PYTHONPATH": ROOT}
     r = slurm.sbatch_wait(os.path.join(ROOT, "slurm", template),
-                          ["--nodes=1", "--ntasks-per-node=2", f"--output={out}", f"--chdir={ROOT}"], env)
+                          ["--nodes=1", "--ntasks-per-node=2", f"--output={out}", f"--chdir={ROOT}"], env,
+                          script_args=script_args)
     log = out.read_text() if out.exists() else ""
     assert r.returncode == 0, f"sbatch --wait {template} failed ({r.returncode}): {r.stderr}\n{log[-4000:]}\n{slurm.logs()}"
     return log
@@ -56,6 +57,27 @@ def test_multiworker_template(slurm, tmp_path):
     log = _submit(slurm, "multiworker-srun.sbatch", tmp_path, f"python {worker} {tmp_path / 'w{rank}.json'} 0.2 4")
     assert "2 workers on" in log
     check_multiworker_outputs([tmp_path / "w0.json", tmp_path / "w1.json"], 0.2, 4)
+
+
+@pytest.mark.parametrize("template, how", [
+    ("horovod-srun.sbatch", "arguments"), ("multiworker-srun.sbatch", "arguments"),
+    ("horovod-horovodrun.sbatch", "arguments"),
+    ("horovod-srun.sbatch", "DISTCLIP_CMD"),  # the three templates split DISTCLIP_CMD with the same lines
+])
+def test_templates_keep_arguments_as_quoted(slurm, tmp_path, template, how):
+    """An argument with a space, a glob character and a $ reach every task unchanged."""
+    import json
+    import shlex
+
+    (tmp_path / "x.py").write_text("")  # something for '*' to match, were it globbed
+    args = [os.path.join(VENV, "bin", "python"), os.path.join(HERE, "workers", "argv.py"), str(tmp_path),
+            "a b", "*", "$HOME"]
+    if how == "arguments":
+        _submit(slurm, template, tmp_path, "", script_args=args)
+    else:
+        _submit(slurm, template, tmp_path, shlex.join(args))
+    for rank in ("0", "1"):
+        assert json.loads((tmp_path / rank).read_text()) == ["a b", "*", "$HOME"]
 
 
 def test_killed_rank_under_srun_ends_the_step(slurm, tmp_path):

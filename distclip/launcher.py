@@ -12,6 +12,10 @@ after --grace seconds) and exits non-zero, naming the worker's rank and how it
 ended; a worker that exits with status 0 while the others still run, or is
 stopped, ends the run after --exit-wait seconds (default 60). It never waits
 forever: --timeout bounds the whole run.
+
+The workers run in a private network namespace with only a loopback interface
+(TensorFlow's gRPC servers listen on every interface, unauthenticated), unless
+--host-network; they then cannot reach other machines either.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import time
 from typing import List, Optional, Sequence
 
 from distclip.cluster import free_ports
+from distclip.netns import private_network
 
 
 def describe(code: int) -> str:
@@ -46,7 +51,7 @@ def _stopped(pid: int) -> bool:
 
 
 def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, grace: float = 30.0,
-           exit_wait: float = 60.0, log=sys.stderr) -> int:
+           exit_wait: float = 60.0, host_network: bool = False, log=sys.stderr) -> int:
     """Runs `command` as `nproc` workers; returns 0 if all succeed, else a non-zero status. Never hangs:
 
     * a worker that fails (non-zero status, killed) stops the others at once;
@@ -56,9 +61,9 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
     * SIGINT and SIGTERM are forwarded, and `grace` seconds later whatever
       still runs is killed (SIGKILL), as Slurm does after KillWait;
     * `timeout` bounds the whole run.
-    Every stop says which worker caused it.
+    Every stop says which worker caused it. Unless `host_network`, the workers
+    run in a private network namespace with loopback only (`private_network`).
     """
-    workers = [f"localhost:{p}" for p in free_ports(nproc, "127.0.0.1")]
     procs: List[subprocess.Popen] = []
 
     def signal_all(sig: int) -> None:
@@ -72,6 +77,12 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
     def say(message: str) -> None:
         print(f"distclip.launcher: {message}", file=log, flush=True)
 
+    if not host_network:
+        why = private_network()
+        if why:
+            say(f"could not give the workers a private network namespace ({why}): TensorFlow's gRPC servers "
+                "listen on every interface of this machine, unauthenticated; see the README's Security section")
+    workers = [f"localhost:{p}" for p in free_ports(nproc, "127.0.0.1")]
     for i in range(nproc):
         env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
         try:
@@ -163,6 +174,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="seconds between SIGTERM and SIGKILL when stopping workers (default 30, Slurm's KillWait)")
     p.add_argument("--exit-wait", type=float, default=60.0,
                    help="seconds the others may run on after a worker exited with status 0 or was stopped (default 60)")
+    p.add_argument("--host-network", action="store_true",
+                   help="run the workers in this machine's network namespace (by default they get a private one "
+                        "with loopback only, since TensorFlow's gRPC servers listen on every interface)")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -174,7 +188,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         value = getattr(args, flag)
         if value is not None and not value >= 0:
             p.error(f"--{flag.replace('_', '-')} must be a number of seconds >= 0; got {value}")
-    return launch(command, args.nproc, args.timeout, args.grace, args.exit_wait)
+    return launch(command, args.nproc, args.timeout, args.grace, args.exit_wait, args.host_network)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/env.sh"
 NP="${NP:-2}"
-HOSTS="${HOSTS:-localhost:$NP}"
 (($#)) || set -- distclip train --strategy horovod
-exec horovodrun "--${HOROVOD_CONTROLLER:-gloo}" -np "$NP" -H "$HOSTS" "$@"
+# On this machine alone, in a private network namespace: horovodrun's rendezvous server and Gloo
+# listen on every interface, unauthenticated (see distclip/netns.py and the README's Security section).
+local=(python -m distclip.netns)
+[[ -n "${HOSTS:-}" ]] && local=()
+exec "${local[@]}" horovodrun "--${HOROVOD_CONTROLLER:-gloo}" -np "$NP" -H "${HOSTS:-localhost:$NP}" "$@"

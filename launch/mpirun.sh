@@ -10,7 +10,8 @@ source "$here/env.sh"
 NP="${NP:-2}"
 (($#)) || set -- distclip train --strategy horovod
 hosts=()
-[[ -n "${HOSTFILE:-}" ]] && hosts=(--hostfile "$HOSTFILE")
+local=(python -m distclip.netns)  # on this machine alone: loopback only (see horovodrun.sh)
+[[ -n "${HOSTFILE:-}" ]] && hosts=(--hostfile "$HOSTFILE") && local=()
 # --bind-to none: TensorFlow runs its own thread pools; -x passes the environment Horovod and TF read.
-exec mpirun -np "$NP" "${hosts[@]}" --oversubscribe --bind-to none \
+exec "${local[@]}" mpirun -np "$NP" "${hosts[@]}" --oversubscribe --bind-to none \
   -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH -x TF_CPP_MIN_LOG_LEVEL "$@"

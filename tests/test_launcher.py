@@ -90,3 +90,108 @@ def test_a_worker_that_cannot_start_is_named():
     r = subprocess.run(LAUNCHER + ["--nproc", "2", "--", "/nonexistent/python"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 127 and "worker 0 could not start" in r.stderr
+
+
+def _listeners(ports, netns_of="self"):
+    """(address, port) of TCP sockets listening on `ports`, from /proc/<netns_of>/net/tcp{,6}."""
+    found = []
+    for name in ("tcp", "tcp6"):
+        with open(f"/proc/{netns_of}/net/{name}") as f:
+            for line in f.read().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, port = local.split(":")
+                if state == "0A" and int(port, 16) in ports:
+                    found.append((address, int(port, 16)))
+    return found
+
+
+_LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc/net shows them
+
+
+@pytest.mark.parametrize("host_network", [False, True], ids=["default", "--host-network"])
+def test_workers_listen_on_loopback_only(tmp_path, host_network):
+    """Workers that listen as TensorFlow's gRPC server does (every interface, on their TF_CONFIG port):
+    by default the machine sees no listener at all, and the workers see loopback only."""
+    code = ("import json, os, socket, time; c = json.loads(os.environ['TF_CONFIG']); i = c['task']['index']; "
+            "port = int(c['cluster']['worker'][i].split(':')[1]); s = socket.socket(socket.AF_INET6); "
+            "s.bind(('::', port)); s.listen(); "
+            "nics = [l.split(':')[0].strip() for l in open('/proc/net/dev').read().splitlines()[2:]]; "
+            f"open(os.path.join({str(tmp_path)!r}, str(i)), 'w').write(json.dumps([port, os.getpid(), nics])); "
+            f"[time.sleep(0.1) for _ in range(600) if not os.path.exists(os.path.join({str(tmp_path)!r}, 'go'))]")
+    p = subprocess.Popen(LAUNCHER + ["--nproc", "2"] + (["--host-network"] if host_network else []) +
+                         ["--", sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / str(i)).exists() for i in range(2)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = [json.loads((tmp_path / str(i)).read_text()) for i in range(2)]
+        ports = {port for port, _, _ in workers}
+        seen_here = _listeners(ports)
+        if host_network:  # the check sees what TensorFlow's wildcard bind exposes
+            assert seen_here and any(address not in _LOOPBACK for address, _ in seen_here)
+        else:
+            assert seen_here == [], f"listeners visible on this machine's interfaces: {seen_here}"
+            for _, pid, nics in workers:
+                assert nics == ["lo"], nics
+                assert {port for _, port in _listeners(ports, netns_of=pid)} == ports
+    finally:
+        (tmp_path / "go").write_text("")
+        assert p.wait(timeout=30) == 0, p.stderr.read()
+
+
+def _exposed_listeners(root_pid):
+    """TCP listeners on a non-loopback address, in this machine's network namespace, owned by
+    `root_pid` or any process under it (matched by socket inode)."""
+    import psutil
+
+    inodes = set()
+    procs = [psutil.Process(root_pid)] + psutil.Process(root_pid).children(recursive=True)
+    for proc in procs:
+        try:
+            for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+                target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = []
+    for name in ("tcp", "tcp6"):
+        with open(f"/proc/self/net/{name}") as f:
+            for line in f.read().splitlines()[1:]:
+                fields = line.split()
+                address = fields[1].split(":")[0]
+                if fields[3] == "0A" and fields[9] in inodes and address not in _LOOPBACK:
+                    found.append(fields[1])
+    return found
+
+
+@pytest.mark.parametrize("script, env, exposed", [
+    ("horovodrun.sh", {}, False),
+    ("mpirun.sh", {}, False),
+    ("horovodrun.sh", {"HOSTS": "localhost:2"}, True),  # named hosts: the host network, as for several machines
+], ids=["horovodrun.sh", "mpirun.sh", "horovodrun.sh with HOSTS"])
+def test_local_horovod_runs_listen_on_loopback_only(tmp_path, script, env, exposed):
+    """While both ranks of a local run wait, nothing of the run listens on this machine's interfaces."""
+    import horovod  # noqa: F401  (the launch scripts need it installed)
+
+    code = ("import os, time; r = os.environ.get('HOROVOD_RANK') or os.environ['OMPI_COMM_WORLD_RANK']; "
+            f"open(os.path.join({str(tmp_path)!r}, r), 'w').write(''); "
+            f"[time.sleep(0.1) for _ in range(600) if not os.path.exists(os.path.join({str(tmp_path)!r}, 'go'))]")
+    script_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", script)
+    p = subprocess.Popen(["bash", script_path, sys.executable, "-c", code], env=dict(os.environ, NP="2", **env),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / r).exists() for r in "01") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all((tmp_path / r).exists() for r in "01"), "the ranks never started"
+        listeners = _exposed_listeners(p.pid)
+        assert bool(listeners) == exposed, listeners
+    finally:
+        (tmp_path / "go").write_text("")
+        try:
+            out, _ = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, out[-3000:]

@@ -84,8 +84,9 @@ def clip_synchronized(
     """`sync_and_clip`'s reduce, measure, decide and scale, with the threshold a function of the norm.
 
     Returns the result and the threshold used. `grads` must have been checked
-    (`check_gradients`); `backend` reduces them (`distclip.sync.select`). With `micro_batches=k` they are sums over k
-    micro-batches, and their mean is what is clipped.
+    (`check_gradients`); `backend` reduces them (`distclip.sync.select`). With
+    `micro_batches=k` they are sums over k micro-batches, and their mean is
+    what is clipped.
     With `loss_scale` S they are gradients of a loss multiplied by S: the norm
     is that of the gradients divided by S, and the one multiply unscales too.
     """

@@ -6,7 +6,6 @@ from typing import Any, Dict, List, Optional
 
 import keras
 
-from distclip import apply
 from distclip.engine import ClipEngine
 from distclip.errors import ArgumentError
 from distclip.lockstep import create_variables
@@ -89,12 +88,10 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
         if self.built:
             return
 
-        apply.check_variables(self.inner_optimizer, var_list)
-
         def create():  # eagerly, once, under our strategy, wherever build is called from
             with self._distribution_strategy.scope():
+                self._engine.build(var_list)  # checks the variables before anything is created
                 self._engine.create_state(self._state_variable)
-                self._engine.build(var_list)
                 super(ClipOptimizer, self).build(var_list)
 
         create_variables(create)

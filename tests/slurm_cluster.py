@@ -1,7 +1,10 @@
 """A real single-node Slurm cluster for tests: Debian's munged, slurmctld and slurmd, started and stopped here.
 
-Configuration lives in a scratch folder and is passed with SLURM_CONF, so the
-machine's /etc/slurm is left alone. Only daemons this module started are stopped.
+Configuration and every daemon's state live in a scratch folder: the
+configuration is passed with SLURM_CONF, so the machine's /etc/slurm is left
+alone, and this cluster's own munged keeps its socket, pid, log and seed there
+(slurm.conf's AuthInfo names the socket), so nothing is left in /run/munge or
+/var/lib/munge. Only daemons this module started are stopped.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ SlurmctldHost={host}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=socket={d}/munge/munge.socket
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool
 SlurmctldPidFile={d}/slurmctld.pid
@@ -78,11 +82,13 @@ class SlurmCluster:
         (self.dir / "mpi.conf").write_text(f"PMIxCliTmpDirBase={self.dir / 'pmix'}\n")
         self.conf.write_text(CONF.format(host=self.host, d=self.dir, cpus=os.cpu_count() or 2,
                                          ctld_port=ports[0], d_port=ports[1], first_job=1000 + ports[0] % 50000))
-        if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
-            Path("/run/munge").mkdir(parents=True, exist_ok=True)
-            shutil.chown("/run/munge", "munge", "munge")
-            subprocess.run(["runuser", "-u", "munge", "--", "munged", "--force"], check=True, timeout=30)
-            self._pids += [int(p) for p in subprocess.run(["pgrep", "-x", "munged"], capture_output=True, text=True).stdout.split()]
+        munge = self.dir / "munge"
+        munge.mkdir(mode=0o700, exist_ok=True)
+        # --force: as root (the only user these tests run as), with its files in our scratch folder.
+        subprocess.run(["munged", "--force", f"--socket={munge / 'munge.socket'}", f"--pid-file={munge / 'munged.pid'}",
+                        f"--log-file={munge / 'munged.log'}", f"--seed-file={munge / 'munged.seed'}"],
+                       check=True, timeout=30)
+        self._pids.append(self._read_pid(munge / "munged.pid", timeout))
         subprocess.run(["slurmctld", "-i"], env=self.env, check=True, timeout=30)
         subprocess.run(["slurmd"], env=self.env, check=True, timeout=30)
         for name in ("slurmctld", "slurmd"):

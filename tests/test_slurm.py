@@ -16,13 +16,26 @@ ROOT = os.path.dirname(HERE)
 VENV = sys.prefix  # the venv running the tests
 
 
+def _munge_default_files():
+    """Files in munge's default runtime, state and log folders, with their modification times."""
+    found = {}
+    for folder in ("/run/munge", "/var/lib/munge", "/var/log/munge"):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                found[os.path.join(folder, name)] = os.stat(os.path.join(folder, name)).st_mtime_ns
+    return found
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
+    before = _munge_default_files()
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
     try:
         yield cluster
     finally:
         cluster.stop()
+    # The cluster kept its munged's socket, pid, log and seed in its scratch folder.
+    assert _munge_default_files() == before
 
 
 def _submit(slurm, template, tmp_path, command, script_args=()):

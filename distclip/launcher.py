@@ -26,10 +26,10 @@ import signal
 import subprocess
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from distclip.cluster import free_ports
-from distclip.netns import private_network
+from distclip.netns import isolate
 
 
 def describe(code: int) -> str:
@@ -51,7 +51,7 @@ def _stopped(pid: int) -> bool:
 
 
 def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, grace: float = 30.0,
-           exit_wait: float = 60.0, host_network: bool = False, log=sys.stderr) -> int:
+           exit_wait: float = 60.0, log=sys.stderr) -> int:
     """Runs `command` as `nproc` workers; returns 0 if all succeed, else a non-zero status. Never hangs:
 
     * a worker that fails (non-zero status, killed) stops the others at once;
@@ -61,8 +61,7 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
     * SIGINT and SIGTERM are forwarded, and `grace` seconds later whatever
       still runs is killed (SIGKILL), as Slurm does after KillWait;
     * `timeout` bounds the whole run.
-    Every stop says which worker caused it. Unless `host_network`, the workers
-    run in a private network namespace with loopback only (`private_network`).
+    Every stop says which worker caused it.
     """
     procs: List[subprocess.Popen] = []
 
@@ -77,11 +76,6 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
     def say(message: str) -> None:
         print(f"distclip.launcher: {message}", file=log, flush=True)
 
-    if not host_network:
-        why = private_network()
-        if why:
-            say(f"could not give the workers a private network namespace ({why}): TensorFlow's gRPC servers "
-                "listen on every interface of this machine, unauthenticated; see the README's Security section")
     workers = [f"localhost:{p}" for p in free_ports(nproc, "127.0.0.1")]
     for i in range(nproc):
         env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
@@ -94,12 +88,10 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
                 p.wait()
             return 127
 
-    received: List[float] = []  # when the first forwarded signal arrived
-    signals: List[int] = []
+    received: List[Tuple[int, float]] = []  # (signal, when) of each forwarded signal
 
     def forward(signum, _frame):
-        signals.append(signum)
-        received.append(time.monotonic())
+        received.append((signum, time.monotonic()))
         signal_all(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -119,9 +111,9 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
                     f"stopping the other {sum(c is None for c in codes)} worker(s)")
                 status = code if code > 0 else 128 - code
                 break
-            if received and now > received[0] + grace:
-                say(f"workers still running {grace:g} s after {signal.Signals(signals[0]).name}: killing them")
-                status = 128 + signals[0]
+            if received and now > received[0][1] + grace:
+                say(f"workers still running {grace:g} s after {signal.Signals(received[0][0]).name}: killing them")
+                status = 128 + received[0][0]
                 break
             if deadline is not None and now > deadline:
                 say(f"--timeout {timeout:g} s reached; stopping all workers")
@@ -144,7 +136,7 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
         if status:
             signal_all(signal.SIGCONT)  # a stopped worker cannot act on SIGTERM
             signal_all(signal.SIGTERM)
-            end = time.monotonic() + (0 if received and time.monotonic() > received[0] + grace else grace)
+            end = time.monotonic() + (0 if received and time.monotonic() > received[0][1] + grace else grace)
             while any(p.poll() is None for p in procs) and time.monotonic() < end:
                 time.sleep(0.1)
             signal_all(signal.SIGKILL)
@@ -156,8 +148,8 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
                 rank, code = failed[0]
                 say(f"worker {rank} {describe(code)}")
                 status = code if code > 0 else 128 - code
-        if signals and not status:
-            status = 128 + signals[0]
+        if received and not status:
+            status = 128 + received[0][0]
         return status
     finally:
         for s, handler in old.items():
@@ -188,7 +180,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         value = getattr(args, flag)
         if value is not None and not value >= 0:
             p.error(f"--{flag.replace('_', '-')} must be a number of seconds >= 0; got {value}")
-    return launch(command, args.nproc, args.timeout, args.grace, args.exit_wait, args.host_network)
+    if not args.host_network:
+        # Here, in the process that exists only to run the workers, not in `launch`, which a caller
+        # could not undo: the namespace is this process's for good.
+        isolate("distclip.launcher")
+    return launch(command, args.nproc, args.timeout, args.grace, args.exit_wait)
 
 
 if __name__ == "__main__":

@@ -48,16 +48,21 @@ def private_network() -> Optional[str]:
     return None
 
 
+def isolate(who: str) -> None:
+    """`private_network()`, saying on stderr, as `who`, when it could not be made (the run goes on exposed)."""
+    why = private_network()
+    if why:
+        print(f"{who}: could not create a private network namespace ({why}); what it starts runs on this "
+              "machine's network, where TensorFlow's, Horovod's and MPI's servers listen on every interface, "
+              "unauthenticated (see the README's Security section)", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    why = private_network()
-    if why:
-        print(f"distclip.netns: could not create a private network namespace ({why}); running {argv[0]} on this "
-              "machine's network, where its servers listen on every interface (see the README's Security section)",
-              file=sys.stderr, flush=True)
+    isolate("distclip.netns")
     os.execvp(argv[0], argv)
     return 127  # not reached
 

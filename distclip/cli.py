@@ -33,6 +33,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     d = Config()
     p = argparse.ArgumentParser(prog="distclip", description="Synchronized global-norm gradient clipping for TensorFlow.")
@@ -58,6 +68,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--learning-rate", type=float, default=d.learning_rate, help="SGD learning rate (momentum 0.9)")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--out", default=d.out, help="output directory")
+    t.add_argument("--checkpoint-every", type=_non_negative_int, default=d.checkpoint_every, metavar="N",
+                   help="write OUT/checkpoints every N steps (0: only at the end and on SIGTERM); on SIGTERM the run "
+                   "checkpoints after the current step on every rank and exits with status 143 (custom loop; not with --fit)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in OUT/checkpoints (start at step 0 if there is none; not with --fit)")
     t.add_argument("--fit", action="store_true",
                    help="train with model.fit and distclip.keras.ClipOptimizer (+ ClipLogger) instead of the custom loop")
     pl = sub.add_parser(

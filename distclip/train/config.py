@@ -19,3 +19,5 @@ class Config:
     seed: int = 0
     out: str = "runs/adding"
     fit: bool = False
+    checkpoint_every: int = 1000  # steps between checkpoints; 0: only on SIGTERM and at the end
+    resume: bool = False

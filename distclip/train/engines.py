@@ -1,8 +1,9 @@
 """How `distclip train` runs one step on every replica: under a tf.distribute strategy, or under Horovod.
 
-Both give the loop the same thing: `step(x, y)` on the *global* batch (each
-replica takes its own slice), returning the global-mean loss and the clip
-result, identical on every replica and every process.
+Both give the loop the same thing: `step(x, y, stop)` on the *global* batch
+(each replica takes its own slice), returning the global-mean loss, whether
+any process passed `stop=True` (reduced together with the loss: no extra
+collective), and the clip result, identical on every replica and every process.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ class DistributeEngine:
         resolver = getattr(strategy, "cluster_resolver", None)
         task_type = getattr(resolver, "task_type", None)
         self.chief = not task_type or task_type == "chief" or (task_type == "worker" and resolver.task_id == 0)
+        self.rank = resolver.task_id if task_type else 0
+        # TensorFlow's rule for MultiWorkerMirroredStrategy: every worker saves (the others to scratch).
+        self.saves_on_every_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             self.name = "MultiWorkerMirroredStrategy"
         elif not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
@@ -44,24 +48,30 @@ class DistributeEngine:
         strategy, per = self.strategy, global_batch // self.replicas
 
         @tf.function
-        def step(x, y):
+        def step(x, y, stop):
             def fn(x, y):
                 loss, r = replica_fn(x, y, float(global_batch))
-                return loss, r.global_norm, r.scale, r.clipped, r.finite
+                return tf.stack([loss, tf.cast(stop, loss.dtype)]), r.global_norm, r.scale, r.clipped, r.finite
 
-            loss, *rest = strategy.run(fn, args=(x, y))
+            loss_stop, *rest = strategy.run(fn, args=(x, y))
             first = [strategy.experimental_local_results(v)[0] for v in rest]  # identical on every replica
-            return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None), *first)
+            loss, stop = tf.unstack(strategy.reduce(tf.distribute.ReduceOp.SUM, loss_stop, axis=None))
+            return (loss, stop > 0, *first)
 
         def shard(array):
             return strategy.experimental_distribute_values_from_function(
                 lambda ctx: tf.constant(array[ctx.replica_id_in_sync_group * per:][:per])
             )
 
-        return lambda x, y: step(shard(x), shard(y))
+        return lambda x, y, stop: step(shard(x), shard(y), tf.constant(stop))
 
     def read(self, variable) -> int:
         return int(self.strategy.experimental_local_results(variable)[0].numpy())
+
+    def barrier(self) -> None:
+        """Returns once every process got here (a collective; nothing to wait for in one process)."""
+        if self.saves_on_every_worker:
+            self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(lambda: tf.constant(1.0)), axis=None)
 
     def local_rows(self, global_batch: int) -> slice:
         """The rows of a global batch this process feeds to `fit` (all: the strategy splits them)."""
@@ -84,7 +94,9 @@ class HorovodEngine:
         cluster.pin_gpu(cluster.info())  # one GPU per process, by local rank
         self.hvd = hvd
         self.replicas = hvd.size()
-        self.chief = hvd.rank() == 0
+        self.rank = hvd.rank()
+        self.chief = self.rank == 0
+        self.saves_on_every_worker = False  # rank 0 saves, as Horovod users do
 
     def scope(self):
         return contextlib.nullcontext()
@@ -97,15 +109,19 @@ class HorovodEngine:
         rank = hvd.rank()
 
         @tf.function
-        def step(x, y):
+        def step(x, y, stop):
             loss, r = replica_fn(x, y, float(per))
-            loss = hvd.allreduce(loss, op=hvd.Average, name="distclip_train_loss")
-            return loss, r.global_norm, r.scale, r.clipped, r.finite
+            loss_stop = hvd.allreduce(tf.stack([loss, tf.cast(stop, loss.dtype)]), op=hvd.Average,
+                                      name="distclip_train_loss")
+            return loss_stop[0], loss_stop[1] > 0, r.global_norm, r.scale, r.clipped, r.finite
 
-        return lambda x, y: step(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
+        return lambda x, y, stop: step(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per], tf.constant(stop))
 
     def read(self, variable) -> int:
         return int(variable.numpy())
+
+    def barrier(self) -> None:
+        self.mean(0.0)  # an all-reduce returns once every rank has called it
 
     def local_rows(self, global_batch: int) -> slice:
         per = global_batch // self.replicas

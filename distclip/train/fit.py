@@ -37,6 +37,9 @@ def run_fit(cfg: Config, engine) -> dict:
     """
     from distclip.train.loop import finish  # loop imports this module lazily, so this import is lazy too
 
+    if cfg.resume:
+        raise SystemExit("distclip train --fit: --resume is not supported yet (checkpoints are written by the "
+                         "custom loop, without --fit); see the README's Preemption section")
     if engine.name == "MultiWorkerMirroredStrategy":
         raise SystemExit(
             "distclip train --fit: Keras 3's model.fit fails under MultiWorkerMirroredStrategy before it reaches "

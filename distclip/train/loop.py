@@ -15,6 +15,7 @@ import tensorflow as tf
 from distclip.step import ClipStep
 from distclip.verify import verify_replicas
 from distclip.train import adding
+from distclip.train.checkpoint import STOPPED, Checkpoints, Progress, StopOnSigterm
 from distclip.train.config import Config
 from distclip.train.logs import StepLog, plot
 
@@ -44,6 +45,12 @@ def run(cfg: Config, engine) -> dict:
         )
         clip.build(model.trainable_variables)
     engine.broadcast(model.variables + optimizer.variables)
+    progress = Progress()
+    checkpoints = Checkpoints(cfg, engine, model=model, optimizer=optimizer, clip=clip, progress=progress)
+    first = checkpoints.restore() if cfg.resume else 0
+    if cfg.resume and chief:
+        print(f"distclip train: resuming at step {first} from {checkpoints.directory}" if first else
+              f"distclip train: no checkpoint in {checkpoints.directory}; starting at step 0", file=sys.stderr, flush=True)
 
     def replica_fn(x, y, loss_denominator):
         with tf.GradientTape() as tape:
@@ -52,27 +59,36 @@ def run(cfg: Config, engine) -> dict:
 
     train_step = engine.compile(replica_fn, cfg.batch_size)
 
-    log = StepLog(cfg.out) if chief else None
+    log = StepLog(cfg.out, first_step=first if cfg.resume else None) if chief else None
     bar = keras.utils.Progbar(cfg.steps, stateful_metrics=["norm", "clip"], interval=0.1 if sys.stdout.isatty() else 10.0, verbose=1 if chief else 0)
     threshold = math.inf if cfg.clip_norm is None else cfg.clip_norm
-    clipped_steps = 0
-    losses = []
     start = time.monotonic()
-    for step in range(cfg.steps):
-        x, y = adding.batch(cfg.seed, step, cfg.batch_size, cfg.length)
-        loss, norm, scale, clipped, finite = (v.numpy() for v in train_step(x, y))
-        skipped = int(not finite and cfg.clip_norm is not None)
-        clipped_steps += int(clipped)
-        losses.append(float(loss))
-        row = dict(step=step, loss=float(loss), global_norm=float(norm), scale=float(scale), clip_norm=threshold,
-                   clipped=int(clipped), skipped=skipped)
-        if log:
-            log.write(row)
-        bar.update(step + 1, [("loss", float(loss)), ("norm", float(norm)), ("clip", float(clipped))])
+    with StopOnSigterm("distclip train") as sigterm:
+        for step in range(first, cfg.steps):
+            x, y = adding.batch(cfg.seed, step, cfg.batch_size, cfg.length)
+            # `stop`: whether any rank was sent SIGTERM, agreed on in the step's own loss reduction.
+            loss, stop, norm, scale, clipped, finite = (v.numpy() for v in train_step(x, y, sigterm.requested))
+            progress.record(step, float(loss), bool(clipped))
+            if log:
+                log.write(dict(step=step, loss=float(loss), global_norm=float(norm), scale=float(scale),
+                               clip_norm=threshold, clipped=int(clipped), skipped=int(not finite and cfg.clip_norm is not None)))
+            bar.update(step + 1, [("loss", float(loss)), ("norm", float(norm)), ("clip", float(clipped))])
+            if stop and step + 1 < cfg.steps:
+                if log:
+                    log.close()
+                checkpoints.save(step + 1)
+                if chief:
+                    print(f"\ndistclip train: stopped by SIGTERM after step {step + 1} of {cfg.steps}; checkpoint in "
+                          f"{checkpoints.directory}; continue with --resume", file=sys.stderr, flush=True)
+                raise SystemExit(STOPPED)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                log and log.flush()
+                checkpoints.save(step + 1)
+        checkpoints.save(cfg.steps)
     if log:
         log.close()
     elapsed = time.monotonic() - start
-    return finish(cfg, engine, model, optimizer, final_loss=float(np.mean(losses[-100:])), clipped=clipped_steps,
+    return finish(cfg, engine, model, optimizer, final_loss=progress.final_loss(), clipped=int(progress.clipped.numpy()),
                   skipped=engine.read(clip.skipped_steps), seconds=elapsed, rows=log.rows if log else None)
 
 

@@ -1,0 +1,140 @@
+"""Preemption-safe `distclip train`: checkpoints every N steps and on SIGTERM, and `--resume`.
+
+What a checkpoint holds (one `tf.train.Checkpoint`): the model, the optimizer
+(slots, `iterations`), the `ClipStep` (its counters and any policy state) and
+the loop's own `Progress` (the next step, the clipped-step count and the last
+100 losses for the summary). The data needs no state: step i's batch is a pure
+function of (seed, i) (`distclip.train.adding.batch`), and the model draws no
+random numbers while training. So a resumed run takes exactly the steps an
+uninterrupted run takes, and ends with bit-identical weights.
+
+Stopping on SIGTERM (what Slurm sends before a time limit, at preemption and on
+`scancel`): the handler only sets a flag. Every rank feeds its flag into the
+next step's loss reduction (no extra collective), so all ranks learn at the
+same step that one of them was asked to stop, save after that step, wait for
+each other, and exit with status 143 (128 + SIGTERM): a run that did not
+finish, resumable with `--resume`.
+
+Who writes: the chief writes `OUT/checkpoints`; the other processes of a
+MultiWorkerMirroredStrategy save too (TensorFlow's rule: saving may need every
+worker) into a scratch folder they delete; under Horovod only rank 0 writes, as
+Horovod users do. Every rank restores from `OUT/checkpoints`, so on several
+machines OUT must be on a shared file system.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from dataclasses import asdict
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from distclip.train.config import Config
+
+#: Exit status of a run stopped by SIGTERM after its checkpoint was written.
+STOPPED = 128 + signal.SIGTERM
+TAIL = 100  # the summary's final loss is the mean of the last TAIL losses
+
+# What may change between a run and its resumption; anything else must match the checkpoint.
+_MAY_CHANGE = {"steps", "out", "strategy", "replicas", "resume", "checkpoint_every"}
+
+
+class Progress(tf.Module):
+    """The loop's own state: the next step, how many steps clipped, the latest losses (a ring of TAIL)."""
+
+    def __init__(self):
+        super().__init__(name="progress")
+        with tf.device("CPU:0"):
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            self.clipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="clipped")
+            self.losses = tf.Variable(tf.zeros([TAIL], tf.float64), trainable=False, name="losses")
+
+    def record(self, step: int, loss: float, clipped: bool) -> None:
+        self.losses[step % TAIL].assign(loss)
+        self.clipped.assign_add(int(clipped))
+        self.step.assign(step + 1)
+
+    def final_loss(self) -> float:
+        n = int(self.step.numpy())
+        return float(np.mean(self.losses.numpy()[:min(n, TAIL)])) if n else float("nan")
+
+
+class Checkpoints:
+    """`OUT/checkpoints`, written by the chief (see the module docstring), read by every rank."""
+
+    def __init__(self, cfg: Config, engine, **objects):
+        self.directory = os.path.join(cfg.out, "checkpoints")
+        self.engine = engine
+        self.cfg = cfg
+        self.checkpoint = tf.train.Checkpoint(**objects)
+        self.writes = engine.chief or engine.saves_on_every_worker
+        path = self.directory if engine.chief else os.path.join(self.directory, f".worker-{engine.rank}")
+        self.manager = tf.train.CheckpointManager(self.checkpoint, path, max_to_keep=2) if self.writes else None
+        self.saved_step: Optional[int] = None
+
+    def restore(self) -> int:
+        """Restores the newest checkpoint, if any; returns the step to start at."""
+        latest = tf.train.latest_checkpoint(self.directory)
+        if latest is None:
+            return 0
+        self._check_config()
+        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        step = int(self.checkpoint.progress.step.numpy())
+        self.saved_step = step
+        return step
+
+    def save(self, step: int) -> None:
+        """Writes the state after `step` steps (once per step), then waits until every rank has."""
+        if self.saved_step == step:
+            return
+        if self.writes:
+            self.manager.save(checkpoint_number=step)
+            if self.engine.chief:
+                with open(os.path.join(self.directory, "config.json"), "w") as f:
+                    json.dump(asdict(self.cfg), f, indent=2)
+            else:
+                shutil.rmtree(self.manager.directory, ignore_errors=True)
+        self.saved_step = step
+        self.engine.barrier()
+
+    def _check_config(self) -> None:
+        path = os.path.join(self.directory, "config.json")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        now = asdict(self.cfg)
+        differ = sorted(k for k in now if k not in _MAY_CHANGE and k in saved and saved[k] != now[k])
+        if differ:
+            raise SystemExit(
+                f"distclip train --resume: the checkpoint in {self.directory} was written with "
+                + ", ".join(f"--{k.replace('_', '-')}={saved[k]!r}" for k in differ)
+                + "; this run has " + ", ".join(f"--{k.replace('_', '-')}={now[k]!r}" for k in differ)
+                + ". Resume with the same settings, or give another --out."
+            )
+
+
+class StopOnSigterm:
+    """While entered, SIGTERM sets `requested` (once announced) instead of ending the process."""
+
+    def __init__(self, who: str):
+        self.who = who
+        self.requested = False
+
+    def _handler(self, signum, _frame) -> None:
+        if not self.requested:
+            print(f"{self.who}: {signal.Signals(signum).name} received; checkpointing after this step, then exiting",
+                  file=sys.stderr, flush=True)
+        self.requested = True
+
+    def __enter__(self) -> "StopOnSigterm":
+        self._old = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._old)

@@ -25,7 +25,7 @@ SlurmctldHost={host}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={d}/munge/munge.socket
+AuthInfo=socket={d}/munge/munge.socket,cred_expire=10
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool
 SlurmctldPidFile={d}/slurmctld.pid
@@ -116,6 +116,18 @@ class SlurmCluster:
                     script_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
         cmd = ["sbatch", "--wait", "--parsable"] + args + [script] + list(script_args)
         return subprocess.run(cmd, env={**self.env, **env}, capture_output=True, text=True, timeout=timeout)
+
+    def submit(self, script: str, args: List[str], env: Dict[str, str]) -> str:
+        """`sbatch` without waiting; returns the job ID."""
+        cmd = ["sbatch", "--parsable"] + args + [script]
+        r = subprocess.run(cmd, env={**self.env, **env}, capture_output=True, text=True, timeout=60, check=True)
+        return r.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> Dict[str, str]:
+        """`scontrol show job`'s fields (JobState, Restarts, ...)."""
+        r = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], env=self.env, capture_output=True,
+                           text=True, timeout=30, check=True)
+        return dict(f.split("=", 1) for f in r.stdout.split() if "=" in f)
 
     def stop(self) -> None:
         """Cancels every job, then stops the daemons this cluster started and any step they left behind.

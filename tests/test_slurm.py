@@ -1,7 +1,11 @@
 """The sbatch templates, submitted for real to a single-node Slurm cluster started here; and srun failures."""
+import json
 import os
 import re
+import shlex
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -51,8 +55,6 @@ def _submit(slurm, template, tmp_path, command, script_args=()):
 
 @pytest.mark.parametrize("template, env_launcher", [("horovod-srun.sbatch", "slurm"), ("horovod-horovodrun.sbatch", "horovodrun")])
 def test_horovod_templates(slurm, tmp_path, template, env_launcher):
-    import json
-
     worker = os.path.join(HERE, "workers", "horovod_train.py")
     _submit(slurm, template, tmp_path, f"python {worker} {tmp_path / 'out'} 0.2 4")
     ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in range(2)]
@@ -79,9 +81,6 @@ def test_multiworker_template(slurm, tmp_path):
 ])
 def test_templates_keep_arguments_as_quoted(slurm, tmp_path, template, how):
     """An argument with a space, a glob character and a $ reach every task unchanged."""
-    import json
-    import shlex
-
     (tmp_path / "x.py").write_text("")  # something for '*' to match, were it globbed
     args = [os.path.join(VENV, "bin", "python"), os.path.join(HERE, "workers", "argv.py"), str(tmp_path),
             "a b", "*", "$HOME"]
@@ -101,3 +100,41 @@ def test_killed_rank_under_srun_ends_the_step(slurm, tmp_path):
     code, elapsed, output = kill_rank_and_wait(tmp_path, srun, "horovod", env)
     assert code != 0 and elapsed < BOUND_S, (code, elapsed)
     assert re.search(r"srun: error: \S+: task 1: Killed", output), output[-3000:]
+
+
+@pytest.mark.parametrize("template, strategy", [("multiworker-srun.sbatch", "multiworker"),
+                                                ("horovod-horovodrun.sbatch", "horovod")])
+def test_sigterm_checkpoints_requeues_and_resumes(slurm, tmp_path, template, strategy):
+    """What the templates' --signal=B:TERM@120 does before a time limit, sent by hand: the batch script passes
+    SIGTERM to the ranks (srun's tasks through scancel; horovodrun's ranks directly), every rank checkpoints
+    after the same step and exits 143, the script requeues the job, and the requeued job resumes and finishes.
+    Under MultiWorkerMirroredStrategy the result equals an uninterrupted run bit for bit."""
+    from test_resume import JOB, _assert_same_run, _lines
+
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    command = shlex.join(["distclip", *JOB, "--strategy", strategy, "--out", str(out), "--resume"])
+    env = {"DISTCLIP_CMD": command, "DISTCLIP_VENV": VENV, "PYTHONPATH": ROOT, "TMPDIR": str(tmp_path)}
+    job = slurm.submit(os.path.join(ROOT, "slurm", template),
+                       ["--nodes=1", "--ntasks-per-node=2", f"--output={log}", f"--chdir={ROOT}"], env)
+    deadline = time.monotonic() + 120
+    while _lines(out / "metrics.csv") < 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _lines(out / "metrics.csv") >= 5, f"training never started:\n{log.read_text()[-3000:]}\n{slurm.logs()}"
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job], env=slurm.env, check=True, timeout=30)
+    deadline = time.monotonic() + 240  # the requeued job waits for the old credential to expire (cred_expire=10)
+    while slurm.job(job)["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") and time.monotonic() < deadline:
+        time.sleep(1)
+    fields, text = slurm.job(job), log.read_text(errors="replace")
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, text[-4000:], slurm.logs())
+    stopped = re.search(r"stopped by SIGTERM after step (\d+) of 1500", text)
+    assert stopped and f"requeueing job {job}" in text, text[-4000:]
+    assert f"resuming at step {stopped.group(1)} from {out / 'checkpoints'}" in text, text[-4000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1500
+    if strategy == "multiworker":
+        reference = tmp_path / "reference"
+        r = subprocess.run([os.path.join(ROOT, "launch", "multiworker.sh"), "distclip", *JOB, "--strategy", strategy,
+                            "--out", str(reference)], env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", NP="2"),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        _assert_same_run(reference, out)
+

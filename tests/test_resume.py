@@ -158,3 +158,37 @@ def test_resume_refuses_other_settings_and_starts_fresh_without_a_checkpoint(tmp
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode != 0
     assert "was written with --units=4; this run has --units=6" in r.stderr, r.stderr[-2000:]
+
+
+def test_sigterm_to_the_local_launcher_checkpoints_every_worker(tmp_path):
+    """SIGTERM to `launch/multiworker.sh` (distclip.launcher) is forwarded; the workers stop after the same step,
+    the chief writes the checkpoint, and the launcher exits 143 long before its 30 s grace would kill anyone."""
+    env = _env(tmp_path)
+    out = tmp_path / "run"
+    cmd = [os.path.join(ROOT, "launch", "multiworker.sh"), BIN, *JOB, "--strategy", "multiworker", "--out", str(out)]
+
+    log = tmp_path / "log.txt"
+    with open(log, "w+", errors="replace") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while _lines(out / "metrics.csv") < 2 and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert p.poll() is None, open(log).read()[-3000:]
+            sent = time.monotonic()
+            p.send_signal(signal.SIGTERM)
+            code = p.wait(timeout=120)
+            took = time.monotonic() - sent
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        f.seek(0)
+        output = f.read()
+    assert code == 143 and took < 25, (code, took, output[-3000:])
+    stopped = re.search(r"stopped by SIGTERM after step (\d+) of 1500", output)
+    assert stopped, output[-3000:]
+    assert output.count("SIGTERM received; checkpointing after this step") == 2
+    assert "killing them" not in output
+    assert int(_state(out)["progress/step/.ATTRIBUTES/VARIABLE_VALUE"]) == int(stopped.group(1))
+    assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".worker")]

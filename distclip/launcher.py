@@ -41,7 +41,7 @@ def describe(code: int) -> str:
     return f"exited with status {code}"
 
 
-def _stopped(pid: int) -> bool:
+def is_stopped(pid: int) -> bool:
     """Whether process `pid` is stopped (SIGSTOP, SIGTSTP): it will never answer its peers."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -120,7 +120,7 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
                 status = 124
                 break
             for i, (p, c) in enumerate(zip(procs, codes)):
-                if c == 0 or (c is None and _stopped(p.pid)):
+                if c == 0 or (c is None and is_stopped(p.pid)):
                     waiting_since.setdefault(i, now)
                 elif c is None:
                     waiting_since.pop(i, None)  # continued after a stop

@@ -3,7 +3,8 @@
 #   NP=2 launch/mpirun.sh                                  # distclip train --strategy horovod
 #   NP=2 launch/mpirun.sh distclip train --strategy multiworker
 #   NP=8 HOSTFILE=hosts launch/mpirun.sh python my_train.py
-# Open MPI ends the whole job when one process dies abnormally.
+# Open MPI ends the whole job when one process dies abnormally; distclip.watchdog (see env.sh) when one
+# exits with status 0 early, never starts or is stopped.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/env.sh"
@@ -14,4 +15,5 @@ local=(python -m distclip.netns)  # on this machine alone: loopback only (see ho
 [[ -n "${HOSTFILE:-}" ]] && hosts=(--hostfile "$HOSTFILE") && local=()
 # --bind-to none: TensorFlow runs its own thread pools; -x passes the environment Horovod and TF read.
 exec "${local[@]}" mpirun -np "$NP" "${hosts[@]}" --oversubscribe --bind-to none \
-  -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH -x TF_CPP_MIN_LOG_LEVEL "$@"
+  -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH -x TF_CPP_MIN_LOG_LEVEL -x DISTCLIP_WATCHDOG_DIR -x DISTCLIP_WATCHDOG_TIMEOUT \
+  "${watchdog[@]}" "$@"

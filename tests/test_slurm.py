@@ -44,7 +44,8 @@ def slurm(tmp_path_factory):
 
 def _submit(slurm, template, tmp_path, command, script_args=()):
     out = tmp_path / "job.out"
-    env = {"DISTCLIP_CMD": command, "DISTCLIP_VENV": VENV, "PYTHONPATH": ROOT}
+    env = {"DISTCLIP_CMD": command, "DISTCLIP_VENV": VENV, "PYTHONPATH": ROOT,
+           "DISTCLIP_WATCHDOG_DIR": str(tmp_path / "watchdog")}
     r = slurm.sbatch_wait(os.path.join(ROOT, "slurm", template),
                           ["--nodes=1", "--ntasks-per-node=2", f"--output={out}", f"--chdir={ROOT}"], env,
                           script_args=script_args)
@@ -113,7 +114,8 @@ def test_sigterm_checkpoints_requeues_and_resumes(slurm, tmp_path, template, str
 
     out, log = tmp_path / "run", tmp_path / "job.out"
     command = shlex.join(["distclip", *JOB, "--strategy", strategy, "--out", str(out), "--resume"])
-    env = {"DISTCLIP_CMD": command, "DISTCLIP_VENV": VENV, "PYTHONPATH": ROOT, "TMPDIR": str(tmp_path)}
+    env = {"DISTCLIP_CMD": command, "DISTCLIP_VENV": VENV, "PYTHONPATH": ROOT, "TMPDIR": str(tmp_path),
+           "DISTCLIP_WATCHDOG_DIR": str(tmp_path / "watchdog")}
     job = slurm.submit(os.path.join(ROOT, "slurm", template),
                        ["--nodes=1", "--ntasks-per-node=2", f"--output={log}", f"--chdir={ROOT}"], env)
     deadline = time.monotonic() + 120
@@ -138,3 +140,24 @@ def test_sigterm_checkpoints_requeues_and_resumes(slurm, tmp_path, template, str
         assert r.returncode == 0, r.stderr[-3000:]
         _assert_same_run(reference, out)
 
+
+
+@pytest.mark.parametrize("case", ["exits-early-with-status-0", "stopped"])
+def test_a_rank_the_others_would_wait_for_forever_ends_the_job(slurm, tmp_path, case):
+    """srun ends a step when a task fails, not when one exits with status 0 early or is stopped: the
+    template's watchdog does, naming the rank (see test_watchdog.py)."""
+    from test_watchdog import CASES, STUBBORN, TIMEOUT_S
+
+    mode, message = CASES[case]
+    out = tmp_path / "job.out"
+    env = {"DISTCLIP_VENV": VENV, "PYTHONPATH": ROOT, "DISTCLIP_WATCHDOG_TIMEOUT": str(TIMEOUT_S),
+           "DISTCLIP_WATCHDOG_DIR": str(tmp_path / "watchdog")}
+    start = time.monotonic()
+    r = slurm.sbatch_wait(os.path.join(ROOT, "slurm", "horovod-srun.sbatch"),
+                          ["--nodes=1", "--ntasks-per-node=2", f"--output={out}", f"--chdir={ROOT}"], env,
+                          timeout=180, script_args=[os.path.join(VENV, "bin", "python"), STUBBORN, mode])
+    took = time.monotonic() - start
+    log = out.read_text(errors="replace")
+    assert r.returncode != 0 and took < 60, (r.returncode, took, log[-3000:])
+    assert re.search(r"distclip\.watchdog \(rank 0\): " + message + "; stopping this rank", log), log[-3000:]
+    assert not (tmp_path / "watchdog").exists()

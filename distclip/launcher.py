@@ -8,9 +8,9 @@ Each worker gets a TF_CONFIG naming all N workers on free localhost ports and
 its own index. SIGINT and SIGTERM are forwarded to every worker, and whatever
 still runs --grace seconds later (default 30) is killed. If a worker exits
 non-zero or is killed, the launcher stops the others (SIGTERM, then SIGKILL
-after --grace seconds) and exits non-zero, naming the worker's rank and how it
+after 5 s, or --grace if shorter) and exits non-zero, naming the worker's rank and how it
 ended; a worker that exits with status 0 while the others still run, or is
-stopped, ends the run after --exit-wait seconds (default 60). It never waits
+stopped, ends the run after --exit-wait seconds (default 50). It never waits
 forever: --timeout bounds the whole run.
 
 The workers run in a private network namespace with only a loopback interface
@@ -32,6 +32,10 @@ from distclip.cluster import free_ports
 from distclip.netns import isolate
 
 
+#: Seconds the other workers get between SIGTERM and SIGKILL when one of them failed.
+FAILURE_GRACE_S = 5.0
+
+
 def describe(code: int) -> str:
     if code < 0:
         try:
@@ -51,10 +55,11 @@ def is_stopped(pid: int) -> bool:
 
 
 def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, grace: float = 30.0,
-           exit_wait: float = 60.0, log=sys.stderr) -> int:
+           exit_wait: float = 50.0, log=sys.stderr) -> int:
     """Runs `command` as `nproc` workers; returns 0 if all succeed, else a non-zero status. Never hangs:
 
-    * a worker that fails (non-zero status, killed) stops the others at once;
+    * a worker that fails (non-zero status, killed) stops the others at once
+      (SIGTERM, then SIGKILL after min(`grace`, 5) seconds);
     * a worker that exits with status 0 while others still run, or that is
       stopped (SIGSTOP), stops the others after `exit_wait` seconds if they
       have not finished by then (they would wait for it forever);
@@ -136,7 +141,13 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
         if status:
             signal_all(signal.SIGCONT)  # a stopped worker cannot act on SIGTERM
             signal_all(signal.SIGTERM)
-            end = time.monotonic() + (0 if received and time.monotonic() > received[0][1] + grace else grace)
+            if received:  # the user's SIGTERM/SIGINT: up to --grace after it, to checkpoint and exit
+                wait = max(0.0, received[0][1] + grace - time.monotonic())
+            elif status == 124:
+                wait = grace  # the user's --timeout: the workers may checkpoint
+            else:
+                wait = min(grace, FAILURE_GRACE_S)  # a peer is gone: nothing useful can finish
+            end = time.monotonic() + wait
             while any(p.poll() is None for p in procs) and time.monotonic() < end:
                 time.sleep(0.1)
             signal_all(signal.SIGKILL)
@@ -164,8 +175,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds between SIGTERM and SIGKILL when stopping workers (default 30, Slurm's KillWait)")
-    p.add_argument("--exit-wait", type=float, default=60.0,
-                   help="seconds the others may run on after a worker exited with status 0 or was stopped (default 60)")
+    p.add_argument("--exit-wait", type=float, default=50.0,
+                   help="seconds the others may run on after a worker exited with status 0 or was stopped (default 50)")
     p.add_argument("--host-network", action="store_true",
                    help="run the workers in this machine's network namespace (by default they get a private one "
                         "with loopback only, since TensorFlow's gRPC servers listen on every interface)")

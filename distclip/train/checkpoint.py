@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 from dataclasses import asdict
 from typing import Optional
 
@@ -72,9 +73,7 @@ class Checkpoints:
         self.engine = engine
         self.cfg = cfg
         self.checkpoint = tf.train.Checkpoint(**objects)
-        self.writes = engine.chief or engine.saves_on_every_worker
-        path = self.directory if engine.chief else os.path.join(self.directory, f".worker-{engine.rank}")
-        self.manager = tf.train.CheckpointManager(self.checkpoint, path, max_to_keep=2) if self.writes else None
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=2) if engine.chief else None
         self.saved_step: Optional[int] = None
 
     def restore(self) -> int:
@@ -92,13 +91,16 @@ class Checkpoints:
         """Writes the state after `step` steps (once per step), then waits until every rank has."""
         if self.saved_step == step:
             return
-        if self.writes:
+        if self.manager is not None:
             self.manager.save(checkpoint_number=step)
-            if self.engine.chief:
-                with open(os.path.join(self.directory, "config.json"), "w") as f:
-                    json.dump(asdict(self.cfg), f, indent=2)
-            else:
-                shutil.rmtree(self.manager.directory, ignore_errors=True)
+            with open(os.path.join(self.directory, "config.json"), "w") as f:
+                json.dump(asdict(self.cfg), f, indent=2)
+        elif self.engine.saves_on_every_worker:
+            scratch = tempfile.mkdtemp(prefix="distclip-checkpoint-")
+            try:
+                self.checkpoint.write(os.path.join(scratch, "ckpt"))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
         self.saved_step = step
         self.engine.barrier()
 

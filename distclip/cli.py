@@ -70,9 +70,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=d.out, help="output directory")
     t.add_argument("--checkpoint-every", type=_non_negative_int, default=d.checkpoint_every, metavar="N",
                    help="write OUT/checkpoints every N steps (0: only at the end and on SIGTERM); on SIGTERM the run "
-                   "checkpoints after the current step on every rank and exits with status 143 (custom loop; not with --fit)")
+                   "checkpoints after the current step on every rank and exits with status 143")
     t.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in OUT/checkpoints (start at step 0 if there is none; not with --fit)")
+                   help="continue from the newest checkpoint in OUT/checkpoints (start at step 0 if there is none)")
     t.add_argument("--fit", action="store_true",
                    help="train with model.fit and distclip.keras.ClipOptimizer (+ ClipLogger) instead of the custom loop")
     pl = sub.add_parser(

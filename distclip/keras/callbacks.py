@@ -7,7 +7,7 @@ from typing import Dict, Optional
 import keras
 
 from distclip import cluster
-from distclip.errors import ContextError
+from distclip.errors import ArgumentError, ContextError
 from distclip.sync import broadcast_from_root
 from distclip.train.logs import StepLog
 
@@ -46,13 +46,20 @@ class ClipLogger(keras.callbacks.Callback):
     optimizer's variables at each batch end `fit` reports (every
     `steps_per_execution` steps), and records a step when an update (or a
     skip) happened since: with `accumulation_steps=k`, every k-th batch.
+
+    `initial_step`: the number of the first step logged, for a run resumed
+    from a checkpoint taken after that many steps; metrics.csv then keeps its
+    rows of the steps before it and drops the rest (0: a new file).
     """
 
-    def __init__(self, log_dir: Optional[str] = None):
+    def __init__(self, log_dir: Optional[str] = None, initial_step: int = 0):
         super().__init__()
+        if not isinstance(initial_step, int) or isinstance(initial_step, bool) or initial_step < 0:
+            raise ArgumentError(f"initial_step must be an integer >= 0; got initial_step={initial_step!r}")
         self.log_dir = log_dir
+        self.initial_step = initial_step
         self._log: Optional[StepLog] = None
-        self._step = 0
+        self._step = initial_step
         self._skipped = 0
         #: Steps whose norm exceeded the threshold, counted on every rank.
         self.clipped_steps = 0
@@ -70,7 +77,7 @@ class ClipLogger(keras.callbacks.Callback):
         self._skipped = int(optimizer.skipped_steps.numpy()) if optimizer.built else 0
         self._updates = self._skipped + int(optimizer.iterations.numpy())
         if self.log_dir and cluster.info().rank == 0:
-            self._log = StepLog(self.log_dir)
+            self._log = StepLog(self.log_dir, first_step=self.initial_step or None)
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
         self._sums = {"global_norm": 0.0, "clip_scale": 0.0}
@@ -112,6 +119,11 @@ class ClipLogger(keras.callbacks.Callback):
             })
         self._step += 1
         self._skipped = skipped
+
+    def flush(self) -> None:
+        """Writes the rows so far to disk (before a checkpoint, so that a resumed run finds them)."""
+        if self._log is not None:
+            self._log.flush()
 
     def on_epoch_end(self, epoch, logs=None) -> None:
         if logs is not None:

@@ -121,6 +121,21 @@ class Checkpoints:
             )
 
 
+def announce(cfg: Config, engine, checkpoints: Checkpoints, first: int) -> None:
+    """Says (chief only) where a `--resume` run starts."""
+    if cfg.resume and engine.chief:
+        print(f"distclip train: resuming at step {first} from {checkpoints.directory}" if first else
+              f"distclip train: no checkpoint in {checkpoints.directory}; starting at step 0", file=sys.stderr, flush=True)
+
+
+def stopped(cfg: Config, engine, checkpoints: Checkpoints, step: int) -> None:
+    """Ends a run stopped by SIGTERM after `step` steps (checkpoint written): says so, and exits 143."""
+    if engine.chief:
+        print(f"\ndistclip train: stopped by SIGTERM after step {step} of {cfg.steps}; checkpoint in "
+              f"{checkpoints.directory}; continue with --resume", file=sys.stderr, flush=True)
+    raise SystemExit(STOPPED)
+
+
 class StopOnSigterm:
     """While entered, SIGTERM sets `requested` (once announced) instead of ending the process."""
 

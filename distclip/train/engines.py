@@ -68,6 +68,13 @@ class DistributeEngine:
     def read(self, variable) -> int:
         return int(self.strategy.experimental_local_results(variable)[0].numpy())
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is True on any process (a collective under several processes)."""
+        if not self.saves_on_every_worker:
+            return flag
+        per_replica = self.strategy.run(lambda: tf.constant(float(flag)))
+        return bool(self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) > 0)
+
     def barrier(self) -> None:
         """Returns once every process got here (a collective; nothing to wait for in one process)."""
         if self.saves_on_every_worker:
@@ -119,6 +126,9 @@ class HorovodEngine:
 
     def read(self, variable) -> int:
         return int(variable.numpy())
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.hvd.allreduce(tf.constant(float(flag)), op=self.hvd.Sum, name="distclip_train_any") > 0)
 
     def barrier(self) -> None:
         self.mean(0.0)  # an all-reduce returns once every rank has called it

@@ -8,38 +8,39 @@ import numpy as np
 
 from distclip.keras import BroadcastCallback, ClipLogger, ClipOptimizer
 from distclip.train import adding
+from distclip.train.checkpoint import Checkpoints, Progress, StopOnSigterm, announce, stopped
 from distclip.train.config import Config
 
 NO_CLIP = float(np.finfo(np.float32).max)
 
 
 class AddingBatches(keras.utils.PyDataset):
-    """Step i's batch of the adding problem, as `distclip train` draws it; this rank's slice under Horovod."""
+    """Steps `first`.. of the adding problem, as `distclip train` draws them; this rank's slice under Horovod."""
 
-    def __init__(self, cfg: Config, rows: slice):
+    def __init__(self, cfg: Config, rows: slice, first: int = 0):
         super().__init__()
-        self.cfg, self.rows = cfg, rows
+        self.cfg, self.rows, self.first = cfg, rows, first
 
     def __len__(self) -> int:
-        return self.cfg.steps
+        return self.cfg.steps - self.first
 
     def __getitem__(self, i: int):
-        x, y = adding.batch(self.cfg.seed, i, self.cfg.batch_size, self.cfg.length)
+        x, y = adding.batch(self.cfg.seed, self.first + i, self.cfg.batch_size, self.cfg.length)
         return x[self.rows], y[self.rows]
 
 
 def run_fit(cfg: Config, engine) -> dict:
     """Trains per `cfg` with `model.fit` and `ClipOptimizer`; returns the summary, the same on every rank.
 
-    One epoch of `cfg.steps` steps, so the batches are those of the custom loop
-    (and so are the norms). `final_loss` is `fit`'s mean training MSE over the
-    last `min(100, steps)` steps, taken from `ClipLogger`'s running means.
+    One epoch of the remaining steps, so the batches are those of the custom
+    loop (and so are the norms). `final_loss` is the mean training MSE over the
+    last `min(100, steps)` steps, each step's loss taken from `fit`'s running
+    means. Checkpoints, SIGTERM and `--resume` as in the custom loop
+    (`distclip.train.checkpoint`); metrics.csv's `loss` is `fit`'s running mean
+    since the (resumed) `fit` began.
     """
     from distclip.train.loop import finish  # loop imports this module lazily, so this import is lazy too
 
-    if cfg.resume:
-        raise SystemExit("distclip train --fit: --resume is not supported yet (checkpoints are written by the "
-                         "custom loop, without --fit); see the README's Preemption section")
     if engine.name == "MultiWorkerMirroredStrategy":
         raise SystemExit(
             "distclip train --fit: Keras 3's model.fit fails under MultiWorkerMirroredStrategy before it reaches "
@@ -53,32 +54,50 @@ def run_fit(cfg: Config, engine) -> dict:
             nonfinite="propagate" if cfg.clip_norm is None else "skip",
         )
         model.compile(optimizer=optimizer, loss="mse")
-    logger = ClipLogger(cfg.out if engine.chief else None)
-    losses = _RunningLoss()
-    data = AddingBatches(cfg, engine.local_rows(cfg.batch_size))
+        optimizer.build(model.trainable_variables)
+    progress = Progress()
+    checkpoints = Checkpoints(cfg, engine, model=model, optimizer=optimizer, progress=progress)
+    first = checkpoints.restore() if cfg.resume else 0
+    announce(cfg, engine, checkpoints, first)
+    logger = ClipLogger(cfg.out if engine.chief else None, initial_step=first)
+    data = AddingBatches(cfg, engine.local_rows(cfg.batch_size), first)
     start = time.monotonic()
-    model.fit(data, epochs=1, shuffle=False, verbose=1 if engine.chief else 0,
-              callbacks=[BroadcastCallback(), logger, losses])
+    with StopOnSigterm("distclip train") as sigterm:
+        keeper = _Checkpointing(cfg, engine, checkpoints, progress, logger, sigterm, first)
+        model.fit(data, epochs=1, shuffle=False, verbose=1 if engine.chief else 0,
+                  callbacks=[BroadcastCallback(), logger, keeper])
+        if keeper.stopped_after is not None:
+            stopped(cfg, engine, checkpoints, keeper.stopped_after)
+        checkpoints.save(cfg.steps)
     elapsed = time.monotonic() - start
-    return finish(cfg, engine, model, optimizer, final_loss=engine.mean(losses.tail_mean(100)), clipped=logger.clipped_steps,
+    return finish(cfg, engine, model, optimizer, final_loss=progress.final_loss(), clipped=int(progress.clipped.numpy()),
                   skipped=engine.read(optimizer.skipped_steps), seconds=elapsed,
                   rows=logger.rows if engine.chief else None)
 
 
-class _RunningLoss(keras.callbacks.Callback):
-    """`fit`'s running epoch means of the loss, from which the mean over the last steps follows."""
+class _Checkpointing(keras.callbacks.Callback):
+    """Per step: the loop's progress (each step's loss from `fit`'s running means), a checkpoint every
+    `--checkpoint-every` steps, and on SIGTERM (agreed by every rank) a checkpoint and the end of `fit`."""
 
-    def __init__(self):
+    def __init__(self, cfg: Config, engine, checkpoints: Checkpoints, progress: Progress, logger: ClipLogger,
+                 sigterm: StopOnSigterm, first: int):
         super().__init__()
-        self.means = []
+        self.cfg, self.engine, self.checkpoints, self.progress = cfg, engine, checkpoints, progress
+        self.logger, self.sigterm, self.first = logger, sigterm, first
+        self.previous_mean, self.clipped = 0.0, 0
+        self.stopped_after = None
 
     def on_train_batch_end(self, batch, logs=None) -> None:
-        self.means.append(float(logs["loss"]))
-
-    def tail_mean(self, n: int) -> float:
-        m = self.means
-        k = min(n, len(m))
-        if k == len(m):
-            return m[-1]
-        # mean of the last k steps = (len*m_last - (len-k)*m_(len-k-1)) / k
-        return (len(m) * m[-1] - (len(m) - k) * m[-k - 1]) / k
+        step = self.first + batch
+        mean = float(logs["loss"])
+        loss = (batch + 1) * mean - batch * self.previous_mean  # the running mean's newest term
+        self.previous_mean = mean
+        clipped, self.clipped = self.logger.clipped_steps - self.clipped, self.logger.clipped_steps
+        self.progress.record(step, loss, bool(clipped))
+        if self.engine.any(self.sigterm.requested) and step + 1 < self.cfg.steps:
+            self.checkpoints.save(step + 1)
+            self.stopped_after = step + 1
+            self.model.stop_training = True
+        elif self.cfg.checkpoint_every and (step + 1) % self.cfg.checkpoint_every == 0:
+            self.logger.flush()
+            self.checkpoints.save(step + 1)

@@ -15,7 +15,7 @@ import tensorflow as tf
 from distclip.step import ClipStep
 from distclip.verify import verify_replicas
 from distclip.train import adding
-from distclip.train.checkpoint import STOPPED, Checkpoints, Progress, StopOnSigterm
+from distclip.train.checkpoint import Checkpoints, Progress, StopOnSigterm, announce, stopped
 from distclip.train.config import Config
 from distclip.train.logs import StepLog, plot
 
@@ -48,9 +48,7 @@ def run(cfg: Config, engine) -> dict:
     progress = Progress()
     checkpoints = Checkpoints(cfg, engine, model=model, optimizer=optimizer, clip=clip, progress=progress)
     first = checkpoints.restore() if cfg.resume else 0
-    if cfg.resume and chief:
-        print(f"distclip train: resuming at step {first} from {checkpoints.directory}" if first else
-              f"distclip train: no checkpoint in {checkpoints.directory}; starting at step 0", file=sys.stderr, flush=True)
+    announce(cfg, engine, checkpoints, first)
 
     def replica_fn(x, y, loss_denominator):
         with tf.GradientTape() as tape:
@@ -77,10 +75,7 @@ def run(cfg: Config, engine) -> dict:
                 if log:
                     log.close()
                 checkpoints.save(step + 1)
-                if chief:
-                    print(f"\ndistclip train: stopped by SIGTERM after step {step + 1} of {cfg.steps}; checkpoint in "
-                          f"{checkpoints.directory}; continue with --resume", file=sys.stderr, flush=True)
-                raise SystemExit(STOPPED)
+                stopped(cfg, engine, checkpoints, step + 1)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 log and log.flush()
                 checkpoints.save(step + 1)

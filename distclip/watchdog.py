@@ -208,7 +208,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     code = watch(command, args.dir, args.timeout, args.grace)
     if code < 0:
         # End as the command did, killed by the same signal, so the launcher reports it ("exited on signal 9").
-        signal.signal(-code, signal.SIG_DFL)
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
         return 128 - code
     return code

@@ -27,6 +27,20 @@ def no_process_left_behind():
     assert not children, f"processes left running: {[(p.pid, p.name()) for p in children]}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_in_the_test_folder(tmp_path_factory):
+    """The processes the tests start keep their temporary files (AutoGraph's sources, Open MPI's session
+    folders, ...) under this session's pytest folder, so a killed worker's leftovers stay there, not in /tmp."""
+    folder = tmp_path_factory.mktemp("tmp")
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    yield
+    if old is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = old
+
+
 @pytest.fixture(scope="session")
 def mirrored():
     """MirroredStrategy over the 2 logical CPU devices."""

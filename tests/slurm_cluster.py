@@ -114,12 +114,25 @@ class SlurmCluster:
 
     def sbatch_wait(self, script: str, args: List[str], env: Dict[str, str], timeout: float = 300,
                     script_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
-        cmd = ["sbatch", "--wait", "--parsable"] + args + [script] + list(script_args)
-        return subprocess.run(cmd, env={**self.env, **env}, capture_output=True, text=True, timeout=timeout)
+        """`sbatch --wait`, polling twice a second (sbatch --wait itself backs off to 32 s between polls).
 
-    def submit(self, script: str, args: List[str], env: Dict[str, str]) -> str:
+        Returns returncode 0 if the job completed, else 1, with `stdout` the job's final fields."""
+        job = self.submit(script, args, env, script_args)
+        deadline = time.monotonic() + timeout
+        while True:
+            fields = self.job(job)
+            if fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                break
+            if time.monotonic() > deadline:
+                subprocess.run(["scancel", job], env=self.env, capture_output=True, timeout=30)
+                raise subprocess.TimeoutExpired(["sbatch", script], timeout)
+            time.sleep(0.5)
+        return subprocess.CompletedProcess(["sbatch", script], int(fields["JobState"] != "COMPLETED"),
+                                           " ".join(f"{k}={v}" for k, v in fields.items()), "")
+
+    def submit(self, script: str, args: List[str], env: Dict[str, str], script_args: Sequence[str] = ()) -> str:
         """`sbatch` without waiting; returns the job ID."""
-        cmd = ["sbatch", "--parsable"] + args + [script]
+        cmd = ["sbatch", "--parsable"] + args + [script] + list(script_args)
         r = subprocess.run(cmd, env={**self.env, **env}, capture_output=True, text=True, timeout=60, check=True)
         return r.stdout.strip().split(";")[0]
 

@@ -50,7 +50,7 @@ def _submit(slurm, template, tmp_path, command, script_args=()):
                           ["--nodes=1", "--ntasks-per-node=2", f"--output={out}", f"--chdir={ROOT}"], env,
                           script_args=script_args)
     log = out.read_text() if out.exists() else ""
-    assert r.returncode == 0, f"sbatch --wait {template} failed ({r.returncode}): {r.stderr}\n{log[-4000:]}\n{slurm.logs()}"
+    assert r.returncode == 0, f"sbatch --wait {template} failed ({r.returncode}): {r.stdout}\n{log[-4000:]}\n{slurm.logs()}"
     return log
 
 

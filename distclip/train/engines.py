@@ -68,12 +68,14 @@ class DistributeEngine:
     def read(self, variable) -> int:
         return int(self.strategy.experimental_local_results(variable)[0].numpy())
 
-    def any(self, flag: bool) -> bool:
-        """Whether `flag` is True on any process (a collective under several processes)."""
+    def agree(self, value: float, flag: bool) -> Tuple[float, bool]:
+        """`value` averaged over processes, and whether `flag` is True on any (one collective for both;
+        none in one process, whose `fit` logs are global already)."""
         if not self.saves_on_every_worker:
-            return flag
-        per_replica = self.strategy.run(lambda: tf.constant(float(flag)))
-        return bool(self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) > 0)
+            return value, flag
+        per_replica = self.strategy.run(lambda: tf.constant([value, float(flag)]) / self.replicas)
+        mean, any_flag = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+        return float(mean), bool(any_flag > 0)
 
     def barrier(self) -> None:
         """Returns once every process got here (a collective; nothing to wait for in one process)."""
@@ -127,8 +129,10 @@ class HorovodEngine:
     def read(self, variable) -> int:
         return int(variable.numpy())
 
-    def any(self, flag: bool) -> bool:
-        return bool(self.hvd.allreduce(tf.constant(float(flag)), op=self.hvd.Sum, name="distclip_train_any") > 0)
+    def agree(self, value: float, flag: bool) -> Tuple[float, bool]:
+        mean, any_flag = self.hvd.allreduce(tf.constant([value, float(flag)], tf.float64), op=self.hvd.Average,
+                                            name="distclip_train_agree").numpy()
+        return float(mean), bool(any_flag > 0)
 
     def barrier(self) -> None:
         self.mean(0.0)  # an all-reduce returns once every rank has called it

@@ -35,7 +35,7 @@ def run_fit(cfg: Config, engine) -> dict:
     One epoch of the remaining steps, so the batches are those of the custom
     loop (and so are the norms). `final_loss` is the mean training MSE over the
     last `min(100, steps)` steps, each step's loss taken from `fit`'s running
-    means. Checkpoints, SIGTERM and `--resume` as in the custom loop
+    means (and averaged over ranks under Horovod). Checkpoints, SIGTERM and `--resume` as in the custom loop
     (`distclip.train.checkpoint`); metrics.csv's `loss` is `fit`'s running mean
     since the (resumed) `fit` began.
     """
@@ -92,9 +92,11 @@ class _Checkpointing(keras.callbacks.Callback):
         mean = float(logs["loss"])
         loss = (batch + 1) * mean - batch * self.previous_mean  # the running mean's newest term
         self.previous_mean = mean
+        # This rank's loss (under Horovod) averaged over ranks; whether any rank was sent SIGTERM.
+        loss, stop = self.engine.agree(loss, self.sigterm.requested)
         clipped, self.clipped = self.logger.clipped_steps - self.clipped, self.logger.clipped_steps
         self.progress.record(step, loss, bool(clipped))
-        if self.engine.any(self.sigterm.requested) and step + 1 < self.cfg.steps:
+        if stop and step + 1 < self.cfg.steps:
             self.checkpoints.save(step + 1)
             self.stopped_after = step + 1
             self.model.stop_training = True

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.slow  # starts processes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(os.path.dirname(sys.executable), "distclip")
 HOROVODRUN = os.path.join(ROOT, "launch", "horovodrun.sh")
-STEPS = 1500
-JOB = ["train", "--steps", str(STEPS), "--length", "10", "--units", "8", "--batch-size", "16", "--checkpoint-every", "400"]
+STEPS, EVERY = 1000, 300
+JOB = ["train", "--steps", str(STEPS), "--length", "10", "--units", "8", "--batch-size", "16",
+       "--checkpoint-every", str(EVERY)]
 
 
 def _env(tmp_path):
@@ -57,7 +58,7 @@ def _interrupt(cmd, env, out, how, victim):
             deadline = time.monotonic() + 180
             # SIGTERM once a step is done (every rank's handler is set by then); SIGKILL after the first checkpoint.
             wanted = (lambda: _lines(out / "metrics.csv") >= 2) if how == signal.SIGTERM else (
-                lambda: (out / "checkpoints" / "checkpoint").exists())  # written last: ckpt-400 is complete
+                lambda: (out / "checkpoints" / "checkpoint").exists())  # written last: ckpt-300 is complete
             while not wanted() and p.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             target = victim(out)
@@ -142,7 +143,7 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, engine, how):
     victim = _rank1 if engine == "horovod" else _mirrored_process
     code, output = _interrupt(_command(engine, resumed), env, resumed, how, victim)
     if how == signal.SIGTERM:
-        stopped = re.search(r"stopped by SIGTERM after step (\d+) of 1500; checkpoint in ", output)
+        stopped = re.search(rf"stopped by SIGTERM after step (\d+) of {STEPS}; checkpoint in ", output)
         assert stopped, output[-3000:]
         at = int(stopped.group(1))
         assert 0 < at < STEPS
@@ -154,7 +155,7 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, engine, how):
         assert int(_state(resumed)["progress/step/.ATTRIBUTES/VARIABLE_VALUE"]) == at
     else:
         assert code == -signal.SIGKILL
-        at = 400
+        at = EVERY
     assert "resuming" not in output
 
     r = _run(_command(engine, resumed, "--resume"), env)
@@ -200,7 +201,7 @@ def test_sigterm_to_the_local_launcher_checkpoints_every_worker(tmp_path):
         f.seek(0)
         output = f.read()
     assert code == 143 and took < 25, (code, took, output[-3000:])
-    stopped = re.search(r"stopped by SIGTERM after step (\d+) of 1500", output)
+    stopped = re.search(rf"stopped by SIGTERM after step (\d+) of {STEPS}", output)
     assert stopped, output[-3000:]
     assert output.count("SIGTERM received; checkpointing after this step") == 2
     assert "killing them" not in output

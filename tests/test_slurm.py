@@ -110,7 +110,7 @@ def test_sigterm_checkpoints_requeues_and_resumes(slurm, tmp_path, template, str
     SIGTERM to the ranks (srun's tasks through scancel; horovodrun's ranks directly), every rank checkpoints
     after the same step and exits 143, the script requeues the job, and the requeued job resumes and finishes.
     Under MultiWorkerMirroredStrategy the result equals an uninterrupted run bit for bit."""
-    from test_resume import JOB, _assert_same_run, _lines
+    from test_resume import JOB, STEPS, _assert_same_run, _lines
 
     out, log = tmp_path / "run", tmp_path / "job.out"
     command = shlex.join(["distclip", *JOB, "--strategy", strategy, "--out", str(out), "--resume"])
@@ -128,10 +128,10 @@ def test_sigterm_checkpoints_requeues_and_resumes(slurm, tmp_path, template, str
         time.sleep(1)
     fields, text = slurm.job(job), log.read_text(errors="replace")
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, text[-4000:], slurm.logs())
-    stopped = re.search(r"stopped by SIGTERM after step (\d+) of 1500", text)
+    stopped = re.search(rf"stopped by SIGTERM after step (\d+) of {STEPS}", text)
     assert stopped and f"requeueing job {job}" in text, text[-4000:]
     assert f"resuming at step {stopped.group(1)} from {out / 'checkpoints'}" in text, text[-4000:]
-    assert json.loads((out / "summary.json").read_text())["steps"] == 1500
+    assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
     if strategy == "multiworker":
         reference = tmp_path / "reference"
         r = subprocess.run([os.path.join(ROOT, "launch", "multiworker.sh"), "distclip", *JOB, "--strategy", strategy,

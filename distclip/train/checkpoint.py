@@ -84,6 +84,9 @@ class Checkpoints:
         self._check_config()
         self.checkpoint.restore(latest).assert_existing_objects_matched()
         step = int(self.checkpoint.progress.step.numpy())
+        if step > self.cfg.steps:
+            raise SystemExit(f"distclip train --resume: the checkpoint in {self.directory} is at step {step}, "
+                             f"beyond --steps={self.cfg.steps}")
         self.saved_step = step
         return step
 

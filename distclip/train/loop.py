@@ -77,7 +77,8 @@ def run(cfg: Config, engine) -> dict:
                 checkpoints.save(step + 1)
                 stopped(cfg, engine, checkpoints, step + 1)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                log and log.flush()
+                if log:
+                    log.flush()  # the rows up to this checkpoint are on disk before it is
                 checkpoints.save(step + 1)
         checkpoints.save(cfg.steps)
     if log:

@@ -192,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 usage="%(prog)s [--dir DIR] [--timeout S] [--grace S] -- COMMAND [ARGS...]")
     p.add_argument("--dir", default=os.environ.get(ENV_DIR),
                    help=f"the folder every rank shares for this run (default: ${ENV_DIR})")
-    p.add_argument("--timeout", type=float, default=float(os.environ.get(ENV_TIMEOUT, 50)),
+    p.add_argument("--timeout", type=float, default=None,
                    help=f"seconds a peer may be gone, stopped or silent (default: ${ENV_TIMEOUT}, else 50)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds between a forwarded SIGTERM and SIGKILL (default 30)")
     p.add_argument("command", nargs=argparse.REMAINDER)
@@ -200,11 +200,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("give the command to run after --")
+    if args.timeout is None:
+        text = os.environ.get(ENV_TIMEOUT, "50")
+        try:
+            args.timeout = float(text)
+        except ValueError:
+            p.error(f"{ENV_TIMEOUT} must be a number of seconds > 0; got {ENV_TIMEOUT}={text!r}")
     if not args.dir:
         p.error(f"give --dir or set {ENV_DIR}: a folder every rank of this run shares, and no other run")
     for flag in ("timeout", "grace"):
         if not getattr(args, flag) > 0:
-            p.error(f"--{flag} must be a number of seconds > 0; got {getattr(args, flag)}")
+            p.error(f"--{flag} (or {ENV_TIMEOUT}) must be a number of seconds > 0; got {getattr(args, flag)}"
+                    if flag == "timeout" else f"--{flag} must be a number of seconds > 0; got {getattr(args, flag)}")
     code = watch(command, args.dir, args.timeout, args.grace)
     if code < 0:
         # End as the command did, killed by the same signal, so the launcher reports it ("exited on signal 9").

@@ -101,3 +101,29 @@ def test_peer_rules(tmp_path):
     peers = Peers(str(tmp_path), 0, 3)
     assert peers.problem(now=9.0, started=0.0, timeout=10) is None
     assert peers.problem(now=10.5, started=0.0, timeout=10).startswith("rank 2 never started (no state in")
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--", "true"], {"DISTCLIP_WATCHDOG_TIMEOUT": "abc"}, "DISTCLIP_WATCHDOG_TIMEOUT must be a number of seconds > 0; got DISTCLIP_WATCHDOG_TIMEOUT='abc'"),
+    (["--timeout", "0", "--", "true"], {}, "--timeout (or DISTCLIP_WATCHDOG_TIMEOUT) must be a number of seconds > 0; got 0.0"),
+    (["--grace", "-1", "--", "true"], {}, "--grace must be a number of seconds > 0; got -1.0"),
+    (["--"], {}, "give the command to run after --"),
+])
+def test_bad_arguments_are_named(tmp_path, monkeypatch, capsys, argv, env, message):
+    from distclip.watchdog import main
+
+    monkeypatch.setenv("DISTCLIP_WATCHDOG_DIR", str(tmp_path / "w"))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_single_process_runs_its_command_and_cleans_up(tmp_path):
+    from distclip.watchdog import watch
+
+    folder = tmp_path / "w"
+    assert watch([sys.executable, "-c", "import sys; sys.exit(3)"], str(folder), timeout=5) == 3
+    assert not folder.exists()

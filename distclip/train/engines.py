@@ -28,7 +28,6 @@ class DistributeEngine:
         resolver = getattr(strategy, "cluster_resolver", None)
         task_type = getattr(resolver, "task_type", None)
         self.chief = not task_type or task_type == "chief" or (task_type == "worker" and resolver.task_id == 0)
-        self.rank = resolver.task_id if task_type else 0
         # TensorFlow's rule for MultiWorkerMirroredStrategy: every worker saves (the others to scratch).
         self.saves_on_every_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -79,16 +78,11 @@ class DistributeEngine:
 
     def barrier(self) -> None:
         """Returns once every process got here (a collective; nothing to wait for in one process)."""
-        if self.saves_on_every_worker:
-            self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(lambda: tf.constant(1.0)), axis=None)
+        self.agree(0.0, False)
 
     def local_rows(self, global_batch: int) -> slice:
         """The rows of a global batch this process feeds to `fit` (all: the strategy splits them)."""
         return slice(None)
-
-    def mean(self, value: float) -> float:
-        """`value` averaged over processes (the same everywhere already: one process holds every replica's)."""
-        return value
 
 
 class HorovodEngine:
@@ -103,8 +97,7 @@ class HorovodEngine:
         cluster.pin_gpu(cluster.info())  # one GPU per process, by local rank
         self.hvd = hvd
         self.replicas = hvd.size()
-        self.rank = hvd.rank()
-        self.chief = self.rank == 0
+        self.chief = hvd.rank() == 0
         self.saves_on_every_worker = False  # rank 0 saves, as Horovod users do
 
     def scope(self):
@@ -135,14 +128,11 @@ class HorovodEngine:
         return float(mean), bool(any_flag > 0)
 
     def barrier(self) -> None:
-        self.mean(0.0)  # an all-reduce returns once every rank has called it
+        self.agree(0.0, False)  # an all-reduce returns once every rank has called it
 
     def local_rows(self, global_batch: int) -> slice:
         per = global_batch // self.replicas
         return slice(self.hvd.rank() * per, (self.hvd.rank() + 1) * per)
-
-    def mean(self, value: float) -> float:
-        return float(self.hvd.allreduce(tf.constant(value, tf.float64), op=self.hvd.Average, name="distclip_train_mean"))
 
 
 def make_engine(strategy_name: str, replicas: int):

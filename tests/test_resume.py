@@ -49,8 +49,10 @@ def _run(cmd, env):
     return r
 
 
-def _interrupt(cmd, env, out, how, victim):
-    """Starts `cmd`, and once training is under way sends `how` to `victim(out)`; returns (exit code, output)."""
+def _interrupt(cmd, env, out, how, victim=None):
+    """Starts `cmd`, and once training is under way sends `how` to `victim(out)` (default: the process started).
+
+    Returns (exit code, seconds from the signal to the end, output)."""
     log = out.parent / f"{out.name}.log"
     with open(log, "w+", errors="replace") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -61,16 +63,18 @@ def _interrupt(cmd, env, out, how, victim):
                 lambda: (out / "checkpoints" / "checkpoint").exists())  # written last: ckpt-300 is complete
             while not wanted() and p.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
-            target = victim(out)
+            target = p if victim is None else victim(out)
             assert target is not None and p.poll() is None, f"training never started:\n{open(log).read()[-3000:]}"
             target.send_signal(how)
+            sent = time.monotonic()
             code = p.wait(timeout=120)
+            took = time.monotonic() - sent
         finally:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         f.seek(0)
-        return code, f.read()
+        return code, took, f.read()
 
 
 def _lines(path):
@@ -141,7 +145,7 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, engine, how):
     _run(_command(engine, reference), env)
 
     victim = _rank1 if engine == "horovod" else _mirrored_process
-    code, output = _interrupt(_command(engine, resumed), env, resumed, how, victim)
+    code, _, output = _interrupt(_command(engine, resumed), env, resumed, how, victim)
     if how == signal.SIGTERM:
         stopped = re.search(rf"stopped by SIGTERM after step (\d+) of {STEPS}; checkpoint in ", output)
         assert stopped, output[-3000:]
@@ -175,36 +179,22 @@ def test_resume_refuses_other_settings_and_starts_fresh_without_a_checkpoint(tmp
     assert "was written with --units=4; this run has --units=6" in r.stderr, r.stderr[-2000:]
 
 
-def test_sigterm_to_the_local_launcher_checkpoints_every_worker(tmp_path):
-    """SIGTERM to `launch/multiworker.sh` (distclip.launcher) is forwarded; the workers stop after the same step,
-    the chief writes the checkpoint, and the launcher exits 143 long before its 30 s grace would kill anyone."""
-    env = _env(tmp_path)
+@pytest.mark.parametrize("script, strategy", [("multiworker.sh", "multiworker"), ("horovodrun.sh", "horovod")])
+def test_sigterm_to_the_launch_script_checkpoints_every_rank(tmp_path, script, strategy):
+    """SIGTERM to `launch/multiworker.sh` (distclip.launcher forwards it) or `launch/horovodrun.sh` (horovodrun
+    passes it to each rank's watchdog, which passes it on): every rank stops after the same step, the chief
+    writes the checkpoint, and the run ends in seconds, long before any grace period would kill a rank."""
     out = tmp_path / "run"
-    cmd = [os.path.join(ROOT, "launch", "multiworker.sh"), BIN, *JOB, "--strategy", "multiworker", "--out", str(out)]
-
-    log = tmp_path / "log.txt"
-    with open(log, "w+", errors="replace") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 180
-            while _lines(out / "metrics.csv") < 2 and p.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert p.poll() is None, open(log).read()[-3000:]
-            sent = time.monotonic()
-            p.send_signal(signal.SIGTERM)
-            code = p.wait(timeout=120)
-            took = time.monotonic() - sent
-        finally:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        f.seek(0)
-        output = f.read()
-    assert code == 143 and took < 25, (code, took, output[-3000:])
+    cmd = [os.path.join(ROOT, "launch", script), BIN, *JOB, "--strategy", strategy, "--out", str(out)]
+    code, took, output = _interrupt(cmd, _env(tmp_path), out, signal.SIGTERM)
+    if strategy == "multiworker":
+        assert code == 143 and "killing them" not in output, (code, output[-3000:])
+        # Worker 1 saved too (TensorFlow's rule), into a scratch folder it removed.
+        assert not [n for n in os.listdir(tmp_path / "tmp") if n.startswith("distclip-checkpoint-")]
+    else:
+        assert code != 0 and re.search(r"Process name: [01]\s+Exit code: 143", output), output[-3000:]
+    assert took < 25, (took, output[-3000:])
     stopped = re.search(rf"stopped by SIGTERM after step (\d+) of {STEPS}", output)
     assert stopped, output[-3000:]
     assert output.count("SIGTERM received; checkpointing after this step") == 2
-    assert "killing them" not in output
     assert int(_state(out)["progress/step/.ATTRIBUTES/VARIABLE_VALUE"]) == int(stopped.group(1))
-    # Worker 1 saved too (TensorFlow's rule), into a scratch folder it removed.
-    assert not [n for n in os.listdir(tmp_path / "tmp") if n.startswith("distclip-checkpoint-")]

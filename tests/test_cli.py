@@ -70,18 +70,21 @@ def test_train_without_clipping_and_bad_flags(tmp_path):
     assert bad.returncode == 2 and "--clip-norm must be a positive finite number or 'none'; got '-1'" in bad.stderr
 
 
-def test_train_multiworker_two_processes(tmp_path):
-    """--strategy multiworker from TF_CONFIG: same summary on both workers, files from worker 0 only."""
+@pytest.mark.parametrize("fit", [False, True], ids=["loop", "fit"])
+def test_train_multiworker_two_processes(tmp_path, fit):
+    """--strategy multiworker from TF_CONFIG: same summary on both workers, files from worker 0 only; with
+    --fit (Keras's fit patched by distclip.keras, keras-team/keras#20585) the same norms and held-out MSE as
+    --fit under MirroredStrategy."""
     sys.path.insert(0, os.path.dirname(__file__))
     from procs import free_ports, run_all
 
+    args = ["train", "--steps", "15", "--clip-norm", "0.5"] + (["--fit"] if fit else [])
     workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     commands, envs = [], []
     for i in range(2):
         tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
         envs.append(dict(os.environ, TF_CONFIG=tf_config, TF_CPP_MIN_LOG_LEVEL="2"))
-        commands.append([BIN, "train", "--strategy", "multiworker", "--steps", "15", "--clip-norm", "0.5",
-                         "--out", str(tmp_path / f"w{i}")])
+        commands.append([BIN, *args, "--strategy", "multiworker", "--out", str(tmp_path / f"w{i}")])
     results = run_all(commands, envs, timeout=240)
     for i, r in enumerate(results):
         assert r.returncode == 0, f"worker {i}: {r.stdout[-3000:]}"
@@ -89,6 +92,15 @@ def test_train_multiworker_two_processes(tmp_path):
     assert summaries[0] == summaries[1]
     assert "MultiWorkerMirroredStrategy x2" in summaries[0][0]
     assert (tmp_path / "w0" / "metrics.csv").exists() and not (tmp_path / "w1").exists()
+    if fit:
+        assert all(r.stdout.count("Keras's fit under MultiWorkerMirroredStrategy patched") == 1 for r in results)
+        r = _run([BIN, *args, "--strategy", "mirrored", "--out", str(tmp_path / "mirrored")])
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = [list(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("w0", "mirrored")]
+        assert [float(a["global_norm"]) for a in rows[0]] == pytest.approx([float(b["global_norm"]) for b in rows[1]],
+                                                                           rel=1e-5)
+        held_out = [json.loads((tmp_path / d / "summary.json").read_text())["eval_mse"] for d in ("w0", "mirrored")]
+        assert held_out[0] == pytest.approx(held_out[1], rel=1e-5)
 
 
 def test_train_tpu_without_a_tpu_fails_clearly(tmp_path):

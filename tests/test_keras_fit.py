@@ -193,11 +193,24 @@ def test_fit_across_processes_matches_single_device(reference, tmp_path, engine)
     _run_across_processes(reference, tmp_path, engine)
 
 
-def _run_across_processes(reference, tmp_path, engine, accumulation=1):
-    """2 processes equal single-device global_clipnorm fit: `fit` under horovodrun --gloo, `apply` under MWMS.
+@pytest.mark.slow
+def test_fit_under_multiworker_fails_as_upstream_without_the_keras_fix(tmp_path):
+    """With the fix off, Keras's own failure comes back; the day Keras fixes #20585 this test fails, and
+    `distclip.keras.multiworker_fit` can go."""
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "fit_train.py")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", DISTCLIP_KERAS_MWMS_FIX="0")
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    envs = [dict(env, TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
+            for i in range(2)]
+    results = run_all([[python(), worker, "multiworker", str(tmp_path), str(CLIP), str(STEPS)]] * 2, envs, timeout=240)
+    assert any(r.returncode != 0 for r in results)
+    assert any("Attempt to convert a value (PerReplica" in r.stdout for r in results), results[0].stdout[-3000:]
 
-    (Keras 3.15's `fit` fails under MultiWorkerMirroredStrategy with any optimizer, keras-team/keras#20585.)
-    """
+
+def _run_across_processes(reference, tmp_path, engine, accumulation=1):
+    """2 processes equal single-device global_clipnorm fit: `fit` under horovodrun --gloo, and under
+    MultiWorkerMirroredStrategy (where Keras 3.15's own `fit` fails, keras-team/keras#20585, unless
+    `distclip.keras` patches it: see `distclip/keras/multiworker_fit.py`)."""
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "fit_train.py")
     args = [worker, engine, str(tmp_path), str(CLIP), str(STEPS), str(accumulation)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
@@ -211,6 +224,8 @@ def _run_across_processes(reference, tmp_path, engine, accumulation=1):
         results = run_all([[horovodrun, "--gloo", "-np", "2", "-H", "localhost:2", python()] + args], [env], timeout=240)
     for r in results:
         assert r.returncode == 0, r.stdout[-4000:]
+        # distclip.keras's fix for Keras's fit under MWMS says once that it acted (and only there).
+        assert r.stdout.count("Keras's fit under MultiWorkerMirroredStrategy patched") == (engine == "multiworker")
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     ref_weights, ref_norms = reference
     for r in ranks:
@@ -218,10 +233,17 @@ def _run_across_processes(reference, tmp_path, engine, accumulation=1):
         assert r["history"]["global_norm"] == pytest.approx([np.mean(ref_norms)], rel=1e-5)
         assert r["iterations"] == STEPS // accumulation
     assert ranks[0]["weights"] == ranks[1]["weights"]
+    if engine == "multiworker":
+        # evaluate and predict give the single-device numbers (every worker got the whole held-out batches).
+        held_x, held_y = (np.concatenate(a) for a in zip(*(global_batch(100 + s) for s in range(2))))
+        single = make_model()
+        single.set_weights(ref_weights)
+        single.compile(loss="mse")
+        for r in ranks:
+            assert r["evaluated"] == pytest.approx(single.evaluate(held_x, held_y, verbose=0), rel=1e-5)
+            np.testing.assert_allclose(np.array(r["predicted"]), single.predict(held_x, verbose=0), atol=1e-5)
     clip_logs = [{k: v for k, v in r["history"].items() if k != "loss"} for r in ranks]  # loss: each rank's own
     assert clip_logs[0] == clip_logs[1]
-    if engine != "horovod":
-        return
     # Only rank 0 writes the log; its norms are the reference's.
     rows = read_csv(os.path.join(tmp_path, "log", "metrics.csv"))
     assert [r["global_norm"] for r in rows] == pytest.approx(ref_norms, rel=1e-5)
@@ -257,3 +279,20 @@ def test_accumulation_across_processes_matches_a_larger_batch(tmp_path, engine):
     _, ref_norms = reference_train(CLIP, STEPS // 2, "adam", batches=[
         tuple(np.concatenate(a) for a in zip(global_batch(2 * s), global_batch(2 * s + 1))) for s in range(STEPS // 2)])
     _run_across_processes((model.get_weights(), ref_norms), tmp_path, engine, accumulation=2)
+
+
+def test_the_keras_multiworker_fix_is_installed_once_and_only_where_needed(monkeypatch):
+    from keras.src.backend.tensorflow import trainer
+
+    from distclip.keras import multiworker_fit
+
+    build, reduce = trainer.TensorFlowTrainer._maybe_symbolic_build, trainer.reduce_per_replica
+    assert getattr(build, "_distclip_mwms_fix") and getattr(reduce, "_distclip_mwms_fix")  # by `import distclip.keras`
+    assert multiworker_fit.install()
+    assert trainer.TensorFlowTrainer._maybe_symbolic_build is build and trainer.reduce_per_replica is reduce
+    # Decided by the installed Keras's code: the wrapped originals hold the failing calls; other code does not.
+    assert multiworker_fit._needs(build.__wrapped__, "self.distribute_strategy.reduce(")
+    assert multiworker_fit._needs(reduce.__wrapped__, 'strategy.reduce("MEAN",v,axis=0)')
+    assert not multiworker_fit._needs(make_model, 'strategy.reduce("MEAN",v,axis=0)')
+    monkeypatch.setenv("DISTCLIP_KERAS_MWMS_FIX", "0")
+    assert not multiworker_fit.install()

@@ -41,11 +41,6 @@ def run_fit(cfg: Config, engine) -> dict:
     """
     from distclip.train.loop import finish  # loop imports this module lazily, so this import is lazy too
 
-    if engine.name == "MultiWorkerMirroredStrategy":
-        raise SystemExit(
-            "distclip train --fit: Keras 3's model.fit fails under MultiWorkerMirroredStrategy before it reaches "
-            "the optimizer (keras-team/keras#20585); use the custom loop (without --fit) or --strategy horovod"
-        )
     with engine.scope():
         model = adding.model(cfg.length, cfg.units, cfg.seed, cfg.recurrent_gain)
         optimizer = ClipOptimizer(

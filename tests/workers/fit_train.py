@@ -7,11 +7,10 @@ rank 1's first batch overflows.
 
 horovod: under horovodrun, each rank runs `model.fit` on its own half of every
 global batch, with different initial weights that BroadcastCallback replaces
-by rank 0's; ClipLogger writes OUT_DIR/log/ on rank 0 only.
-multiworker: MultiWorkerMirroredStrategy (TF_CONFIG from the parent) with
-`optimizer.apply` in a custom loop, because Keras 3.15's `fit` itself fails
-under MultiWorkerMirroredStrategy before it reaches the optimizer
-(keras-team/keras#20585). Writes OUT_DIR/rank{R}.json.
+by rank 0's. ClipLogger writes OUT_DIR/log/ on rank 0 only (both engines).
+multiworker: `model.fit` under MultiWorkerMirroredStrategy (TF_CONFIG from
+the parent), which works with `distclip.keras` imported (it patches Keras's
+keras-team/keras#20585). Writes OUT_DIR/rank{R}.json.
 """
 import json
 import os
@@ -39,7 +38,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distclip  # noqa: E402
-from common import GLOBAL_BATCH, global_batch, make_model, replica_train_step, shard  # noqa: E402
+from common import GLOBAL_BATCH, global_batch, make_model  # noqa: E402
 
 x, y = (np.concatenate(a) for a in zip(*(global_batch(s) for s in range(steps))))
 batch = GLOBAL_BATCH
@@ -59,22 +58,20 @@ with strategy.scope():
     inner = keras.optimizers.LossScaleOptimizer(inner) if fp16 else inner
     optimizer = distclip.keras.ClipOptimizer(inner, clip_norm, accumulation_steps=accumulation)
     model.compile(optimizer=optimizer, loss="mse", auto_scale_loss=not fp16)
+# Under MultiWorkerMirroredStrategy every worker passes the whole global batches and the strategy gives
+# each its slice; under Horovod each rank passes its own half. BroadcastCallback: a no-op under tf.distribute.
+callbacks = [distclip.keras.BroadcastCallback(), distclip.keras.ClipLogger(os.path.join(out_dir, "log"))]
+history = model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=callbacks).history
+# evaluate and predict on held-out global batches (whole on every MWMS worker, as for fit; each rank's own
+# under Horovod): the test compares them with the single-device model's.
+held_x, held_y = (np.concatenate(a) for a in zip(*(global_batch(100 + s) for s in range(2))))
 if engine == "horovod":
-    callbacks = [distclip.keras.BroadcastCallback(), distclip.keras.ClipLogger(os.path.join(out_dir, "log"))]
-    history = model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=callbacks).history
-else:
-    train_step = replica_train_step(strategy, model, optimizer.apply)
-    optimizer.build(model.trainable_variables)
-    norms, done = [], 0
-    for s in range(steps):
-        xs, ys = global_batch(s)
-        train_step(shard(strategy, xs), shard(strategy, ys))
-        if int(optimizer.iterations.numpy()) > done:  # an update happened (every k-th call when accumulating)
-            done += 1
-            norms.append(float(optimizer.global_norm.numpy()))
-    history = {"global_norm": [sum(norms) / len(norms)]}
+    held_x, held_y = held_x[rank::2], held_y[rank::2]
+evaluated = model.evaluate(held_x, held_y, batch_size=batch, verbose=0)
+predicted = model.predict(held_x, batch_size=batch, verbose=0)
 
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"rank": rank, "history": history, "iterations": int(optimizer.iterations.numpy()),
+               "evaluated": float(evaluated), "predicted": predicted.tolist(),
                "loss_scale": float(inner.dynamic_scale.numpy()) if fp16 else None,
                "weights": [w.tolist() for w in model.get_weights()]}, f)

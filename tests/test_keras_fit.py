@@ -188,7 +188,7 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path, mirrored):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["multiworker", "horovod"])
+@pytest.mark.parametrize("engine", ["multiworker", "multiworker-mpirun", "horovod"])
 def test_fit_across_processes_matches_single_device(reference, tmp_path, engine):
     _run_across_processes(reference, tmp_path, engine)
 
@@ -212,20 +212,22 @@ def _run_across_processes(reference, tmp_path, engine, accumulation=1):
     MultiWorkerMirroredStrategy (where Keras 3.15's own `fit` fails, keras-team/keras#20585, unless
     `distclip.keras` patches it: see `distclip/keras/multiworker_fit.py`)."""
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "fit_train.py")
+    launcher, engine = engine.partition("-")[2] or "launcher", engine.partition("-")[0]
     args = [worker, engine, str(tmp_path), str(CLIP), str(STEPS), str(accumulation)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    if engine == "multiworker":
-        workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
-        envs = [dict(env, TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
-                for i in range(2)]
-        results = run_all([[python()] + args] * 2, envs, timeout=240)
+    if engine == "multiworker" and launcher == "mpirun":  # TF_CONFIG from the ranks, over mpi4py
+        mpirun = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", "-x", "PYTHONPATH"]
+        results = run_all([[python(), "-m", "distclip.netns"] + mpirun + [python()] + args], [env], timeout=240)
+    elif engine == "multiworker":  # the local launcher: TF_CONFIG for each worker
+        results = run_all([[python(), "-m", "distclip.launcher", "--nproc", "2", "--", python()] + args], [env],
+                          timeout=240)
     else:
         horovodrun = os.path.join(os.path.dirname(python()), "horovodrun")
         results = run_all([[horovodrun, "--gloo", "-np", "2", "-H", "localhost:2", python()] + args], [env], timeout=240)
     for r in results:
         assert r.returncode == 0, r.stdout[-4000:]
         # distclip.keras's fix for Keras's fit under MWMS says once that it acted (and only there).
-        assert r.stdout.count("Keras's fit under MultiWorkerMirroredStrategy patched") == (engine == "multiworker")
+        assert r.stdout.count("Keras's fit under MultiWorkerMirroredStrategy patched") == (2 if engine == "multiworker" else 0)
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     ref_weights, ref_norms = reference
     for r in ranks:

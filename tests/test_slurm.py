@@ -75,6 +75,19 @@ def test_multiworker_template(slurm, tmp_path):
     check_multiworker_outputs([tmp_path / "w0.json", tmp_path / "w1.json"], 0.2, 4)
 
 
+def test_multiworker_template_runs_keras_fit(slurm, tmp_path):
+    """`model.fit` with ClipOptimizer under MultiWorkerMirroredStrategy, started by the template's srun: the weights
+    of single-device `fit` with Keras's global_clipnorm on the global batch (Keras patched by distclip.keras)."""
+    worker = os.path.join(HERE, "workers", "fit_train.py")
+    log = _submit(slurm, "multiworker-srun.sbatch", tmp_path, f"python {worker} multiworker {tmp_path} 0.3 4")
+    assert log.count("Keras's fit under MultiWorkerMirroredStrategy patched") == 2, log[-3000:]
+    ref_weights, _ = reference_train(0.3, 4, "adam")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert max_abs_diff([np.array(w, "float32") for w in r["weights"]], ref_weights) <= 1e-5
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
 @pytest.mark.parametrize("template, how", [
     ("horovod-srun.sbatch", "arguments"), ("multiworker-srun.sbatch", "arguments"),
     ("horovod-horovodrun.sbatch", "arguments"),

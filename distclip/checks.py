@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from typing import Any, List, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from distclip.errors import ArgumentError
 
 
 def short_repr(value: Any) -> str:
-    """`repr(value)`, cut to 120 characters."""
+    """`repr(value)`, cut to 120 characters; a NumPy scalar as its number (NumPy 2 writes `np.float64(5.0)`)."""
+    if isinstance(value, np.generic):
+        value = value.item()
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
 

@@ -55,23 +55,23 @@ def _check_number(value: Any, shown: Any) -> None:
 def check_clip_norm(clip_norm: ClipNorm) -> ClipNorm:
     """Returns `clip_norm` unchanged if it is a valid threshold; raises `ArgumentError` naming it otherwise."""
     if isinstance(clip_norm, bool) or clip_norm is None or isinstance(clip_norm, str):
-        raise ArgumentError(f"{_RULE}; got clip_norm={clip_norm!r}")
+        raise ArgumentError(f"{_RULE}; got clip_norm={short_repr(clip_norm)}")
     if isinstance(clip_norm, numbers.Real):
         _check_number(clip_norm, clip_norm)
         return clip_norm
     if _is_tensor_like(clip_norm):
         dtype = tf.as_dtype(clip_norm.dtype)
         if not (dtype.is_floating or dtype.is_integer) or dtype == tf.bool:
-            raise ArgumentError(f"{_RULE}; got clip_norm of dtype {dtype.name}: {clip_norm!r}")
+            raise ArgumentError(f"{_RULE}; got clip_norm of dtype {dtype.name}: {short_repr(clip_norm)}")
         if tf.TensorShape(clip_norm.shape).rank not in (None, 0):
-            raise ArgumentError(f"{_RULE}; got clip_norm of shape {clip_norm.shape}: {clip_norm!r}")
+            raise ArgumentError(f"{_RULE}; got clip_norm of shape {clip_norm.shape}: {short_repr(clip_norm)}")
         value = _static_value(clip_norm)
         if value is not None:
             _check_number(value, value)
         return clip_norm
     if callable(clip_norm):
         return clip_norm
-    raise ArgumentError(f"{_RULE}; got clip_norm={clip_norm!r} of type {type(clip_norm).__name__}")
+    raise ArgumentError(f"{_RULE}; got clip_norm={short_repr(clip_norm)} of type {type(clip_norm).__name__}")
 
 
 def _static_value(value) -> Optional[float]:

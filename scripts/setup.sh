@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # Installs everything distclip needs on a fresh Debian 12 / Python 3.11 machine, as root:
-# Debian's Open MPI, a venv at .venv/, the pinned Python stack (constraints.txt),
-# Horovod 0.28.1 built from source against the pinned TensorFlow, and distclip itself (editable).
+# Debian's Open MPI and Slurm, a venv at .venv/, the pinned Python stack (constraints.txt,
+# TensorFlow 2.21), Horovod 0.28.1 built from its source release with scripts/horovod-0.28.1-tf2.19.patch
+# against the pinned TensorFlow, and distclip itself (editable).
+#   bash scripts/setup.sh            # .venv: the newest tested set (constraints.txt)
+#   bash scripts/setup.sh --tf2.17   # .venv-tf2.17: the oldest tested set (constraints-tf2.17.txt), for .ci/run
 #
-# Idempotent. The Horovod wheel is cached outside the checkout, keyed by the Horovod and
-# TensorFlow versions, in ${DISTCLIP_CACHE:-$HOME/.cache/distclip}; a second run that finds
-# the venv up to date with constraints.txt and pyproject.toml does nothing but check.
+# Idempotent. The Horovod wheel is cached outside the checkout, keyed by the Horovod, TensorFlow and
+# Python versions and the patch, in ${DISTCLIP_CACHE:-$HOME/.cache/distclip}; a second run that finds
+# the venv up to date with its constraints, pyproject.toml and this script does nothing but check.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 cache="${DISTCLIP_CACHE:-$HOME/.cache/distclip}"
 py="${PYTHON:-python3}"
-venv="$root/.venv"
-tf_version="$(sed -n 's/^tensorflow-cpu==//p' constraints.txt)"
-hvd_version="$(sed -n 's/^horovod==//p' constraints.txt)"
+constraints=constraints.txt venv="$root/.venv"
+case "${1:-}" in
+  "") ;;
+  --tf2.17) constraints=constraints-tf2.17.txt venv="$root/.venv-tf2.17" ;;
+  *) echo "usage: bash scripts/setup.sh [--tf2.17]" >&2; exit 2 ;;
+esac
+patch_file="$root/scripts/horovod-0.28.1-tf2.19.patch"
+tf_version="$(sed -n 's/^tensorflow-cpu==//p' "$constraints")"
+hvd_version="$(sed -n 's/^horovod==//p' "$constraints")"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # 1. System packages: Open MPI (Horovod's MPI controller, mpi4py, mpirun) and Slurm.
@@ -33,7 +42,7 @@ fi
 
 # 2. The venv and the pinned stack.
 stamp="$venv/.distclip-setup"
-want="$(cat constraints.txt pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+want="$(cat "$constraints" pyproject.toml scripts/setup.sh "$patch_file" | sha256sum | cut -d' ' -f1)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$venv/bin/python" -c "import distclip, horovod.tensorflow" 2>/dev/null; then
   log "up to date ($venv)"
   exit 0
@@ -42,19 +51,31 @@ fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install -c constraints.txt pip wheel setuptools
 # Everything pinned except Horovod, which must be built against the TensorFlow installed here.
-grep -v '^horovod==' constraints.txt > "$venv/constraints-no-horovod.txt"
+grep -v '^horovod==' "$constraints" > "$venv/constraints-no-horovod.txt"
 log "installing the pinned stack (TensorFlow $tf_version)"
 "${pip[@]}" install -r "$venv/constraints-no-horovod.txt"
 
-# 3. Horovod from source, once per (Horovod, TensorFlow) pair; the wheel is kept in the cache.
-wheels="$cache/wheels/horovod-$hvd_version-tf-$tf_version-py$("$venv/bin/python" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
+# 3. Horovod from its source release plus our patch, once per (Horovod, TensorFlow, Python, patch); the wheel
+# is kept in the cache. The patch (scripts/horovod-0.28.1-tf2.19.patch, each hunk says why) lets 0.28.1, the
+# last release, build against TensorFlow 2.19 and later; its changes are guarded by TensorFlow's version.
+py_tag="$("$venv/bin/python" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
+patch_tag="$(sha256sum "$patch_file" | cut -c1-12)"
+# HOROVOD_GPU_OPERATIONS=NCCL (with CUDA and NCCL present) builds the GPU operations; it is part of the key.
+wheels="$cache/wheels/horovod-$hvd_version-tf-$tf_version-py$py_tag-patch-$patch_tag${HOROVOD_GPU_OPERATIONS:+-gpu-$HOROVOD_GPU_OPERATIONS}"
 if ! compgen -G "$wheels/horovod-*.whl" >/dev/null; then
-  log "building Horovod $hvd_version against TensorFlow $tf_version (about 4 minutes on 2 cores)"
+  sdist="$cache/sdist/horovod-$hvd_version.tar.gz"
+  if [[ ! -f "$sdist" ]]; then
+    "${pip[@]}" download --no-deps --no-binary :all: -d "$cache/sdist" "horovod==$hvd_version"
+  fi
+  src="$(mktemp -d)"
+  tar -xzf "$sdist" -C "$src"
+  patch -d "$src/horovod-$hvd_version" -p1 --quiet < "$patch_file"
+  log "building Horovod $hvd_version (patched) against TensorFlow $tf_version (about 8 minutes on 2 cores)"
   mkdir -p "$wheels.tmp"
   HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
   HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)" \
-    "${pip[@]}" wheel --no-build-isolation --no-deps -w "$wheels.tmp" "horovod==$hvd_version"
-  rm -rf "$wheels"; mv "$wheels.tmp" "$wheels"
+    "${pip[@]}" wheel --no-build-isolation --no-deps -w "$wheels.tmp" "$src/horovod-$hvd_version"
+  rm -rf "$wheels" "$src"; mv "$wheels.tmp" "$wheels"
 fi
 "${pip[@]}" install --no-deps --force-reinstall "$wheels"/horovod-*.whl
 

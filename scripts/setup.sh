@@ -28,7 +28,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # 1. System packages: Open MPI (Horovod's MPI controller, mpi4py, mpirun) and Slurm.
 # Slurm (slurmctld, slurmd, srun, sbatch, munge) for the sbatch templates and their tests.
-apt_pkgs=(openmpi-bin libopenmpi-dev cmake g++ make slurmctld slurmd slurm-client munge)
+apt_pkgs=(openmpi-bin libopenmpi-dev cmake g++ make patch slurmctld slurmd slurm-client munge)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

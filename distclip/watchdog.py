@@ -42,7 +42,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from distclip.cluster import info
-from distclip.launcher import describe, is_stopped
+from distclip.launcher import FAILURE_GRACE_S, describe, is_stopped
 
 ENV_DIR = "DISTCLIP_WATCHDOG_DIR"
 ENV_TIMEOUT = "DISTCLIP_WATCHDOG_TIMEOUT"
@@ -158,7 +158,7 @@ def watch(command: List[str], folder: str, timeout: float = 50.0, grace: float =
             if why:
                 print(f"{who}: {why}; stopping this rank", file=log, flush=True)
                 _write(mine, beat + 1, "exited 1")  # first: the others must not wait on this rank either
-                _stop(child, min(grace, 5.0))
+                _stop(child, min(grace, FAILURE_GRACE_S))
                 _clean(folder, me.size)
                 return 1
             try:

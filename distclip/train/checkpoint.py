@@ -30,7 +30,7 @@ import signal
 import sys
 import tempfile
 from dataclasses import asdict
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -75,6 +75,7 @@ class Checkpoints:
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=2) if engine.chief else None
         self.saved_step: Optional[int] = None
+        self._config_written = False
 
     def restore(self) -> int:
         """Restores the newest checkpoint, if any; returns the step to start at."""
@@ -96,8 +97,10 @@ class Checkpoints:
             return
         if self.manager is not None:
             self.manager.save(checkpoint_number=step)
-            with open(os.path.join(self.directory, "config.json"), "w") as f:
-                json.dump(asdict(self.cfg), f, indent=2)
+            if not self._config_written:  # after the first checkpoint: a resumed run checks against the old one
+                with open(os.path.join(self.directory, "config.json"), "w") as f:
+                    json.dump(asdict(self.cfg), f, indent=2)
+                self._config_written = True
         elif self.engine.saves_on_every_worker:
             scratch = tempfile.mkdtemp(prefix="distclip-checkpoint-")
             try:
@@ -106,6 +109,19 @@ class Checkpoints:
                 shutil.rmtree(scratch, ignore_errors=True)
         self.saved_step = step
         self.engine.barrier()
+
+    def after(self, done: int, stop: bool, flush: Callable[[], None]) -> bool:
+        """After `done` steps: on an agreed SIGTERM before the last step, saves and returns True (stop);
+        every `--checkpoint-every` steps, flushes the step log (its rows reach the disk before the
+        checkpoint does) and saves."""
+        if stop and done < self.cfg.steps:
+            flush()
+            self.save(done)
+            return True
+        if self.cfg.checkpoint_every and done % self.cfg.checkpoint_every == 0:
+            flush()
+            self.save(done)
+        return False
 
     def _check_config(self) -> None:
         path = os.path.join(self.directory, "config.json")

@@ -58,7 +58,7 @@ def run_fit(cfg: Config, engine) -> dict:
     data = AddingBatches(cfg, engine.local_rows(cfg.batch_size), first)
     start = time.monotonic()
     with StopOnSigterm("distclip train") as sigterm:
-        keeper = _Checkpointing(cfg, engine, checkpoints, progress, logger, sigterm, first)
+        keeper = _Checkpointing(engine, checkpoints, progress, logger, sigterm, first)
         model.fit(data, epochs=1, shuffle=False, verbose=1 if engine.chief else 0,
                   callbacks=[BroadcastCallback(), logger, keeper])
         if keeper.stopped_after is not None:
@@ -74,10 +74,10 @@ class _Checkpointing(keras.callbacks.Callback):
     """Per step: the loop's progress (each step's loss from `fit`'s running means), a checkpoint every
     `--checkpoint-every` steps, and on SIGTERM (agreed by every rank) a checkpoint and the end of `fit`."""
 
-    def __init__(self, cfg: Config, engine, checkpoints: Checkpoints, progress: Progress, logger: ClipLogger,
+    def __init__(self, engine, checkpoints: Checkpoints, progress: Progress, logger: ClipLogger,
                  sigterm: StopOnSigterm, first: int):
         super().__init__()
-        self.cfg, self.engine, self.checkpoints, self.progress = cfg, engine, checkpoints, progress
+        self.engine, self.checkpoints, self.progress = engine, checkpoints, progress
         self.logger, self.sigterm, self.first = logger, sigterm, first
         self.previous_mean, self.clipped = 0.0, 0
         self.stopped_after = None
@@ -91,10 +91,6 @@ class _Checkpointing(keras.callbacks.Callback):
         loss, stop = self.engine.agree(loss, self.sigterm.requested)
         clipped, self.clipped = self.logger.clipped_steps - self.clipped, self.logger.clipped_steps
         self.progress.record(step, loss, bool(clipped))
-        if stop and step + 1 < self.cfg.steps:
-            self.checkpoints.save(step + 1)
+        if self.checkpoints.after(step + 1, stop, self.logger.flush):
             self.stopped_after = step + 1
             self.model.stop_training = True
-        elif self.cfg.checkpoint_every and (step + 1) % self.cfg.checkpoint_every == 0:
-            self.logger.flush()
-            self.checkpoints.save(step + 1)

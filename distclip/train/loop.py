@@ -71,15 +71,10 @@ def run(cfg: Config, engine) -> dict:
                 log.write(dict(step=step, loss=float(loss), global_norm=float(norm), scale=float(scale),
                                clip_norm=threshold, clipped=int(clipped), skipped=int(not finite and cfg.clip_norm is not None)))
             bar.update(step + 1, [("loss", float(loss)), ("norm", float(norm)), ("clip", float(clipped))])
-            if stop and step + 1 < cfg.steps:
+            if checkpoints.after(step + 1, bool(stop), log.flush if log else lambda: None):
                 if log:
                     log.close()
-                checkpoints.save(step + 1)
                 stopped(cfg, engine, checkpoints, step + 1)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                if log:
-                    log.flush()  # the rows up to this checkpoint are on disk before it is
-                checkpoints.save(step + 1)
         checkpoints.save(cfg.steps)
     if log:
         log.close()

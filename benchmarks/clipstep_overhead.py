@@ -14,7 +14,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from distclip.strategies import make_strategy  # noqa: E402
+from distclip.cluster.strategies import make_strategy  # noqa: E402
 
 strategy = make_strategy("mirrored", replicas=2)  # before any other TensorFlow op
 

@@ -5,11 +5,13 @@
     result = step.apply(grads, model.trainable_variables)       # inside strategy.run
     model.compile(optimizer=distclip.keras.ClipOptimizer(optimizer, clip_norm=1.0), ...)
 
-Names are imported on first use, so `python -m distclip.launcher` and
+Names are imported on first use, so `python -m distclip.cluster.launcher` and
 `distclip --help` start without loading TensorFlow.
 """
 from importlib import import_module
 from typing import TYPE_CHECKING
+
+from distclip import _moved
 
 __version__ = "0.1.0"
 
@@ -18,13 +20,15 @@ _EXPORTS = {
     "ClipStep": "distclip.step",
     "ClipResult": "distclip.result",
     "broadcast_from_root": "distclip.sync",
-    "verify_replicas": "distclip.verify",
-    "ReplicaMismatchError": "distclip.verify",
+    "verify_replicas": "distclip.cluster.verify",
+    "ReplicaMismatchError": "distclip.cluster.verify",
     "ArgumentError": "distclip.errors",
     "ContextError": "distclip.errors",
     "AutoClip": "distclip.policies",
     "SpikeClip": "distclip.policies",
 }
+_moved.install()  # distclip.launcher, distclip.verify, ... still import (see distclip/_moved.py)
+
 __all__ = sorted(_EXPORTS) + ["cluster", "keras", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from distclip.result import ClipResult  # noqa: F401
     from distclip.step import ClipStep  # noqa: F401
     from distclip.sync import broadcast_from_root  # noqa: F401
-    from distclip.verify import ReplicaMismatchError, verify_replicas  # noqa: F401
+    from distclip.cluster.verify import ReplicaMismatchError, verify_replicas  # noqa: F401
 
 
 def __getattr__(name: str):

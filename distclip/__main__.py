@@ -1,5 +1,5 @@
 import sys
 
-from distclip.cli import main
+from distclip.train.cli import main
 
 sys.exit(main())

@@ -43,7 +43,8 @@ def sync_and_clip(
     Args:
       grads: this replica's gradients; `None` entries pass through as `None`.
       clip_norm: the threshold, in units of the global norm: a positive finite
-        number, a scalar tensor or variable, or a callable of `step`.
+        number, a scalar tensor or variable, a callable of `step`, or None:
+        no clipping (synchronize only; `global_norm` is still reported).
       nonfinite: if `global_norm` is inf or NaN: "skip" returns zero gradients,
         `scale=0` and `finite=False` (`ClipStep` then skips the update on every
         replica); "raise" fails the step with an error naming the norm;
@@ -67,7 +68,8 @@ def sync_and_clip(
             "distclip.ClipStep or distclip.keras.ClipOptimizer, which hold it in variables"
         )
     threshold = resolve_clip_norm(clip_norm, step)  # checks clip_norm
-    reducer = sync.select(options.backend, sync.check_replica_context("sync_and_clip"))
+    sync.check_replica_context("sync_and_clip")
+    reducer = sync.select(options.backend)
     result, _ = clip_synchronized(grads, reducer, lambda norm: threshold, options)
     return result
 

@@ -125,7 +125,7 @@ class ClipEngine:
 
     def step(self, grads: List[Any], variables: List[Any]) -> ClipResult:
         """One update: reduce, measure, decide, scale, apply, record."""
-        backend = sync.select(self.options.backend, tf.distribute.get_replica_context())
+        backend = sync.select(self.options.backend)
         result, threshold = clip_synchronized(
             grads, backend, self.threshold.at(self.stepper.iterations), self.options,
             micro_batches=self.options.accumulation_steps, loss_scale=loss_scale.scale_of(self.lso))

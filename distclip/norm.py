@@ -10,6 +10,9 @@ from typing import List, Sequence, Union
 import tensorflow as tf
 
 Gradient = Union[tf.Tensor, tf.IndexedSlices]
+#: The threshold `clip_norm=None` stands for: `min(1, inf / norm) == 1` for every finite norm, so the
+#: step synchronizes and applies, never clips, and still reports the norm.
+NO_CLIP = float("inf")
 #: Name scope of the rare-path norm (gradients whose float32 sum of squares overflows).
 RESCALED_NORM = "rescaled_norm"
 

@@ -21,6 +21,7 @@ import keras
 import tensorflow as tf
 
 from distclip.errors import ArgumentError
+from distclip.norm import NO_CLIP
 
 State = Dict[str, tf.Tensor]
 #: name -> (shape, dtype, initial value)
@@ -28,7 +29,6 @@ StateSpec = Dict[str, Tuple[Tuple[int, ...], tf.DType, float]]
 
 # A policy's threshold never goes below this (a zero threshold would zero the step).
 _FLOOR = 1e-12
-_NO_CLIP = 3.4e38  # float32's largest: min(1, _NO_CLIP / norm) == 1 for every finite norm
 
 
 class Policy:
@@ -147,7 +147,7 @@ class SpikeClip(Policy):
 
     def threshold(self, state: State, norm: tf.Tensor) -> tf.Tensor:
         spike = state["mean"] + self.z * tf.sqrt(state["var"])
-        initial = _NO_CLIP if self.initial_clip_norm is None else self.initial_clip_norm
+        initial = NO_CLIP if self.initial_clip_norm is None else self.initial_clip_norm
         warming = state["count"] < self.warmup
         return tf.maximum(tf.where(warming, tf.constant(initial, tf.float32), spike), _FLOOR)
 

@@ -41,6 +41,8 @@ class ClipStep(WithStepOptions, tf.Module):
     policy (`distclip.AutoClip`, `distclip.SpikeClip`) whose state this module
     keeps in variables (`policy_state`, saved by `tf.train.Checkpoint`) and
     updates from the synchronized norm, identically on every replica.
+    `clip_norm=None` never clips: the step synchronizes and applies, and still
+    reports the norm (`ClipResult.global_norm`), as a baseline run to compare.
 
     `backend`, `reduction`, `sparse_as_dense` and `compression` mean what they
     mean for `sync_and_clip`; under Horovod (`backend="auto"` finds it) each

@@ -1,6 +1,7 @@
 """Clip thresholds: what `clip_norm` may be, checked, and turned into a float32 scalar.
 
 A threshold is one of
+  * None: no clipping (the step synchronizes and applies the gradients, and reports their norm);
   * a policy (`distclip.AutoClip`, `distclip.SpikeClip`), whose state `Threshold` keeps;
   * a positive finite Python number (checked when it is given);
   * a scalar `tf.Tensor` or `tf.Variable` (checked when given if its value is
@@ -21,11 +22,13 @@ import tensorflow as tf
 
 from distclip.checks import short_repr
 from distclip.errors import ArgumentError
+from distclip.norm import NO_CLIP
 from distclip.policies import Policy
 
-ClipNorm = Union[float, int, tf.Tensor, tf.Variable, Callable[[tf.Tensor], tf.Tensor]]
+ClipNorm = Optional[Union[float, int, tf.Tensor, tf.Variable, Callable[[tf.Tensor], tf.Tensor]]]
 
-_RULE = "clip_norm must be a positive finite number, a scalar tensor or variable holding one, or a callable of the step number"
+_RULE = ("clip_norm must be a positive finite number, a scalar tensor or variable holding one, a callable of the step "
+         "number, or None (no clipping)")
 
 
 def _is_tensor_like(value) -> bool:
@@ -54,7 +57,9 @@ def _check_number(value: Any, shown: Any) -> None:
 
 def check_clip_norm(clip_norm: ClipNorm) -> ClipNorm:
     """Returns `clip_norm` unchanged if it is a valid threshold; raises `ArgumentError` naming it otherwise."""
-    if isinstance(clip_norm, bool) or clip_norm is None or isinstance(clip_norm, str):
+    if clip_norm is None:
+        return None
+    if isinstance(clip_norm, bool) or isinstance(clip_norm, str):
         raise ArgumentError(f"{_RULE}; got clip_norm={short_repr(clip_norm)}")
     if isinstance(clip_norm, numbers.Real):
         _check_number(clip_norm, clip_norm)
@@ -95,6 +100,8 @@ def resolve_clip_norm(clip_norm: ClipNorm, step: Optional[tf.Tensor] = None) -> 
     threshold fails the step before anything is applied (XLA drops assertions).
     """
     check_clip_norm(clip_norm)
+    if clip_norm is None:
+        return tf.constant(NO_CLIP, tf.float32)
     if isinstance(clip_norm, numbers.Real) and not isinstance(clip_norm, bool):
         return tf.constant(float(clip_norm), tf.float32)
     if callable(clip_norm) and not _is_tensor_like(clip_norm):

@@ -8,7 +8,7 @@ if [[ "$(id -u)" == 0 ]]; then
 fi
 export HOROVOD_GLOO_TIMEOUT_SECONDS="${HOROVOD_GLOO_TIMEOUT_SECONDS:-60}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-# Each rank runs under distclip.watchdog (python -m distclip.watchdog --help): a rank that exits early, never
+# Each rank runs under distclip.cluster.watchdog (python -m distclip.cluster.watchdog --help): a rank that exits early, never
 # starts or is stopped ends the run within DISTCLIP_WATCHDOG_TIMEOUT seconds, named. Its folder is this run's
 # own (on a file system every host shares when HOSTS or HOSTFILE name several); the last rank out removes it.
 if [[ -z "${DISTCLIP_WATCHDOG_DIR:-}" ]]; then
@@ -16,4 +16,4 @@ if [[ -z "${DISTCLIP_WATCHDOG_DIR:-}" ]]; then
   export DISTCLIP_WATCHDOG_DIR="$base/.distclip-watchdog-$(date +%s)-$$-$RANDOM"
 fi
 export DISTCLIP_WATCHDOG_TIMEOUT="${DISTCLIP_WATCHDOG_TIMEOUT:-50}"
-watchdog=(python -m distclip.watchdog --)
+watchdog=(python -m distclip.cluster.watchdog --)

@@ -3,7 +3,7 @@
 #   NP=2 launch/mpirun.sh                                  # distclip train --strategy horovod
 #   NP=2 launch/mpirun.sh distclip train --strategy multiworker
 #   NP=8 HOSTFILE=hosts launch/mpirun.sh python my_train.py
-# Open MPI ends the whole job when one process dies abnormally; distclip.watchdog (see env.sh) when one
+# Open MPI ends the whole job when one process dies abnormally; distclip.cluster.watchdog (see env.sh) when one
 # exits with status 0 early, never starts or is stopped.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -11,7 +11,7 @@ source "$here/env.sh"
 NP="${NP:-2}"
 (($#)) || set -- distclip train --strategy horovod
 hosts=()
-local=(python -m distclip.netns)  # on this machine alone: loopback only (see horovodrun.sh)
+local=(python -m distclip.cluster.netns)  # on this machine alone: loopback only (see horovodrun.sh)
 [[ -n "${HOSTFILE:-}" ]] && hosts=(--hostfile "$HOSTFILE") && local=()
 # --bind-to none: TensorFlow runs its own thread pools; -x passes the environment Horovod and TF read.
 exec "${local[@]}" mpirun -np "$NP" "${hosts[@]}" --oversubscribe --bind-to none \

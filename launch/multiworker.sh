@@ -9,4 +9,4 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/env.sh"
 NP="${NP:-2}"
 (($#)) || set -- distclip train --strategy multiworker
-exec python -m distclip.launcher --nproc "$NP" ${TIMEOUT:+--timeout "$TIMEOUT"} -- "$@"
+exec python -m distclip.cluster.launcher --nproc "$NP" ${TIMEOUT:+--timeout "$TIMEOUT"} -- "$@"

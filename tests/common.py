@@ -150,3 +150,45 @@ def check_multiworker_outputs(outs, clip_norm, steps):
     assert got[0]["weights"] == got[1]["weights"]
     assert got[0]["norms"] == got[1]["norms"]
     assert got[0]["checksums"] == got[1]["checksums"]
+
+
+def train_single(strategy, clip_norm, steps=3, use_pairs=False):
+    """ClipStep (through `apply`, or `apply_gradients` with `use_pairs`) under `strategy`: (weights, norms)."""
+    with strategy.scope():
+        model, opt = make_model(), make_optimizer("adam")
+        step = distclip.ClipStep(opt, clip_norm)
+
+    @tf.function
+    def train(x, y):
+        def fn(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(x) - y))
+            grads = tape.gradient(loss, model.trainable_variables)
+            if use_pairs:
+                return step.apply_gradients(zip(grads, model.trainable_variables)).global_norm
+            return step.apply(grads, model.trainable_variables).global_norm
+        return strategy.run(fn, args=(x, y))
+
+    norms = [float(train(*global_batch(s))) for s in range(steps)]
+    return model.get_weights(), norms
+
+
+# Bad input changes nothing: a snapshot of everything a step could write, compared after a refused call.
+MODES = ["eager", "traced"]
+
+
+def snapshot(model, optimizer, wrapper):
+    return [np.array(v) for v in model.get_weights()] + [np.array(v.numpy()) for v in optimizer.variables] + [
+        np.array(wrapper.skipped_steps.numpy())]
+
+
+def unchanged(before, after):
+    return len(before) == len(after) and all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def make_wrapper(api, optimizer, clip_norm=1.0):
+    return distclip.ClipStep(optimizer, clip_norm) if api == "ClipStep" else distclip.keras.ClipOptimizer(optimizer, clip_norm)
+
+
+def call(mode, fn):
+    return fn() if mode == "eager" else tf.function(fn)()

@@ -45,3 +45,11 @@ def temporary_files_in_the_test_folder(tmp_path_factory):
 def mirrored():
     """MirroredStrategy over the 2 logical CPU devices."""
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """Single-device fit with Keras's global_clipnorm on the tiny model: (weights, norms) (see fitting.py)."""
+    import fitting
+
+    return fitting.reference()

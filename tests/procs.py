@@ -13,6 +13,11 @@ import pytest
 
 from distclip.cluster import free_ports, info  # noqa: F401  (free_ports: for the tests)
 
+#: tests/, the repository's root, and the worker scripts the scenarios start.
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+WORKERS = os.path.join(TESTS, "workers")
+
 #: A killed worker must end the whole run within this many seconds.
 BOUND_S = 60
 

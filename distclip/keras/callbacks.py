@@ -6,10 +6,9 @@ from typing import Dict, Optional
 
 import keras
 
-from distclip import cluster
+from distclip import sync
 from distclip.errors import ArgumentError, ContextError
-from distclip.sync import broadcast_from_root
-from distclip.train.logs import StepLog
+from distclip.steplog import StepLog
 
 
 class BroadcastCallback(keras.callbacks.Callback):
@@ -28,7 +27,7 @@ class BroadcastCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None) -> None:
         optimizer = getattr(self.model, "optimizer", None)
         variables = list(self.model.variables) + (list(optimizer.variables) if optimizer is not None else [])
-        broadcast_from_root(variables, self.root)
+        sync.broadcast_from_root(variables, self.root)
 
 
 class ClipLogger(keras.callbacks.Callback):
@@ -38,7 +37,7 @@ class ClipLogger(keras.callbacks.Callback):
     over the epoch's steps with a finite norm so far, and `skipped_steps`, the
     steps skipped since the start (non-finite synchronized norm).
 
-    With `log_dir`, rank 0 only (`distclip.cluster.info().rank`) writes a row
+    With `log_dir`, the process of rank 0 only (`distclip.sync.current(model.variables).rank()`) writes a row
     per step to `log_dir/metrics.csv` (step, loss, global_norm before clipping,
     scale, clip_norm, clipped, skipped; steps count from 0; loss is `fit`'s
     running mean over the epoch; what `distclip plot log_dir` draws) and
@@ -76,7 +75,7 @@ class ClipLogger(keras.callbacks.Callback):
         self._opt = optimizer = self._optimizer()
         self._skipped = int(optimizer.skipped_steps.numpy()) if optimizer.built else 0
         self._updates = self._skipped + int(optimizer.iterations.numpy())
-        if self.log_dir and cluster.info().rank == 0:
+        if self.log_dir and sync.current(self.model.variables).rank() == 0:
             self._log = StepLog(self.log_dir, first_step=self.initial_step or None)
 
     def on_epoch_begin(self, epoch, logs=None) -> None:

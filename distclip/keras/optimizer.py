@@ -37,7 +37,7 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
     Args:
       optimizer: the Keras 3 optimizer that takes the steps, without its own
         `clipnorm`/`clipvalue`/`global_clipnorm`.
-      clip_norm: threshold in units of the global norm: a positive number, a
+      clip_norm: threshold in units of the global norm: None (no clipping), a positive number, a
         `keras.optimizers.schedules.LearningRateSchedule` or callable of the
         step, or a policy (`distclip.AutoClip`, `distclip.SpikeClip`) whose
         state is kept in this optimizer's variables (saved with it).
@@ -159,9 +159,9 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
         clip_norm = self.clip_norm
         if isinstance(clip_norm, (Policy, keras.optimizers.schedules.LearningRateSchedule)):
             clip_norm = keras.saving.serialize_keras_object(clip_norm)
-        elif not isinstance(clip_norm, numbers.Real):
+        elif clip_norm is not None and not isinstance(clip_norm, numbers.Real):
             raise NotImplementedError(
-                f"ClipOptimizer.get_config: clip_norm={clip_norm!r} cannot be saved; use a number, a "
+                f"ClipOptimizer.get_config: clip_norm={clip_norm!r} cannot be saved; use a number, None, a "
                 "LearningRateSchedule or a distclip policy to save the optimizer with the model"
             )
         return {

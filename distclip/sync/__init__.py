@@ -1,30 +1,57 @@
-"""How gradients are synchronized: one small backend per engine, picked here.
+"""How replicas are kept identical: one small backend per engine, and the one place that picks it.
 
-`select(backend, ctx)` returns the engine for the replica context `ctx`:
-  * "tf_distribute": inside `strategy.run` of a strategy with more than one
-    replica in sync (MirroredStrategy, MultiWorkerMirroredStrategy, TPUStrategy);
-  * "horovod": each process one replica, under an initialized Horovod;
-  * "none": a single replica (no strategy, the default strategy,
-    `OneDeviceStrategy`), or gradients the caller already synchronized;
-  * "auto" (the default): "tf_distribute" in a multi-replica strategy, else
-    "horovod" if Horovod is initialized with more than one process, else "none".
+`current(variables)` is the engine of this process and context, first match wins:
+  1. "tf_distribute": a tf.distribute strategy with more than one replica in
+     sync (that of `variables` if they are mirrored, else the one in scope or
+     running: MirroredStrategy, MultiWorkerMirroredStrategy, TPUStrategy);
+  2. "horovod": Horovod, imported and initialized by the program, with more than one process;
+  3. "mpi": one of several processes of an MPI world (mpirun, srun), for
+     checks and broadcasts between steps only (see `distclip.sync.mpi`);
+  4. "none": a single replica (no strategy, the default strategy, `OneDeviceStrategy`).
+The clip path (`backend="auto"`), `broadcast_from_root` and `verify_replicas`
+all ask it. `select(backend)` honours an explicit `backend=` option instead.
 """
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+import keras
 import tensorflow as tf
 
 from distclip.errors import ArgumentError, ContextError
-from distclip.sync import horovod
+from distclip.sync import horovod, mpi
 from distclip.sync.base import MEAN, SUM, Backend
 from distclip.sync.horovod import HorovodBackend
 from distclip.sync.local import LocalBackend
+from distclip.sync.mpi import MPIBackend
 from distclip.sync.tf_distribute import TFDistributeBackend
 
 BACKENDS = ("auto", "tf_distribute", "horovod", "none")
 REDUCTIONS = ("auto", SUM, MEAN)
 
-__all__ = ["Backend", "BACKENDS", "REDUCTIONS", "SUM", "MEAN", "select", "resolve_reduction", "check_replica_context",
-           "broadcast_from_root"]
+__all__ = ["Backend", "BACKENDS", "REDUCTIONS", "SUM", "MEAN", "current", "select", "resolve_reduction",
+           "check_replica_context", "broadcast_from_root"]
+
+
+def _strategy(variables: Sequence[Any]):
+    """The strategy that holds `variables` (mirrored ones), else the one in scope, else None."""
+    for v in variables:
+        value = v.value if isinstance(v, keras.Variable) else v
+        if isinstance(value, tf.distribute.DistributedValues):
+            return value.distribute_strategy
+    return tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
+
+
+def current(variables: Sequence[Any] = ()) -> Backend:
+    """The engine that keeps this process's replicas identical (see the module docstring)."""
+    strategy = _strategy(variables)
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+        return TFDistributeBackend(strategy)
+    if horovod.active():
+        return HorovodBackend()
+    if mpi.active():
+        return MPIBackend()
+    return LocalBackend()
 
 
 def check_replica_context(caller: str) -> tf.distribute.ReplicaContext:
@@ -40,48 +67,42 @@ def check_replica_context(caller: str) -> tf.distribute.ReplicaContext:
     return ctx
 
 
-def select(backend: str, ctx: tf.distribute.ReplicaContext) -> Backend:
-    """The backend for replica context `ctx` (see `check_replica_context`); `backend` is one of `BACKENDS`."""
+def select(backend: str) -> Backend:
+    """The backend for the gradients of this replica context; `backend` is one of `BACKENDS`."""
+    if backend == "auto":
+        return current()
     if backend == "none":
         return LocalBackend()
+    replicas = tf.distribute.get_replica_context().num_replicas_in_sync if tf.distribute.has_strategy() else 1
     if backend == "horovod":
-        if tf.distribute.has_strategy() and ctx.num_replicas_in_sync > 1:
+        if replicas > 1:
             raise ContextError(
                 f"backend='horovod' inside a {type(tf.distribute.get_strategy()).__name__} with "
-                f"{ctx.num_replicas_in_sync} replicas: use one engine, Horovod (one replica per process) "
-                "or tf.distribute"
+                f"{replicas} replicas: use one engine, Horovod (one replica per process) or tf.distribute"
             )
         return HorovodBackend()
-    if backend == "tf_distribute":
-        if not tf.distribute.has_strategy():
-            raise ContextError(
-                "backend='tf_distribute' needs a tf.distribute strategy: call distclip inside strategy.run"
-            )
-        return TFDistributeBackend(ctx)
-    if tf.distribute.has_strategy() and ctx.num_replicas_in_sync > 1:
-        return TFDistributeBackend(ctx)
-    if horovod.active():
-        return HorovodBackend()
-    return LocalBackend()
+    if not tf.distribute.has_strategy():
+        raise ContextError("backend='tf_distribute' needs a tf.distribute strategy: call distclip inside strategy.run")
+    return TFDistributeBackend(tf.distribute.get_strategy())
 
 
 def broadcast_from_root(variables, root: int = 0) -> None:
     """Makes every replica's `variables` equal to those of rank `root` (model and optimizer, at the start).
 
-    Under Horovod this broadcasts them (`hvd.broadcast_variables`). Under
-    tf.distribute it does nothing: the strategy already creates mirrored
-    variables identical on every replica (MultiWorkerMirroredStrategy
-    broadcasts initial values from worker 0). Call it after the optimizer is
-    built (`optimizer.build(model.trainable_variables)`), so its slots are included.
+    Under Horovod this broadcasts them (`hvd.broadcast_variables`), and in an
+    MPI world with mpi4py. Under tf.distribute it does nothing: the strategy
+    already creates mirrored variables identical on every replica
+    (MultiWorkerMirroredStrategy broadcasts initial values from worker 0). Call
+    it after the optimizer is built (`optimizer.build(model.trainable_variables)`),
+    so its slots are included.
     """
     if isinstance(root, bool) or not isinstance(root, int) or root < 0:
         raise ArgumentError(f"root must be a non-negative process rank; got root={root!r}")
     variables = list(variables)
-    if horovod.active():
-        backend = HorovodBackend()
-        if root >= backend.num_replicas():
-            raise ArgumentError(f"root={root} but Horovod has {backend.num_replicas()} processes")
-        backend.broadcast(variables, root)
+    backend = current(variables)
+    if root >= backend.size():
+        raise ArgumentError(f"root={root} but {backend.name} has {backend.size()} processes")
+    backend.broadcast(variables, root)
 
 
 def resolve_reduction(reduction: str, backend: Backend) -> str:

@@ -1,7 +1,10 @@
 """The seam every synchronization engine implements."""
 from __future__ import annotations
 
-from typing import List, Protocol, Sequence
+from typing import Any, Callable, List, Protocol, Sequence
+
+import numpy as np
+import tensorflow as tf
 
 from distclip.norm import Gradient
 
@@ -10,7 +13,7 @@ MEAN = "mean"
 
 
 class Backend(Protocol):
-    """How gradients are made identical across replicas.
+    """An engine that keeps replicas identical: tf.distribute, Horovod, an MPI world, or none.
 
     `all_reduce_sum` takes every gradient of one step (no `None`) and returns
     their sums over all replicas, from one packed collective per dtype, in
@@ -19,12 +22,30 @@ class Backend(Protocol):
     `tf.function`. Backends only sum: the 1/n of a mean is folded into the clip
     multiply (`distclip.clip`), which saves the collective's own pass over
     every gradient to divide it.
+
+    The rest runs eagerly, between steps: `rank`/`size` place this process
+    among the job's processes (rank 0 writes the files), `broadcast` makes
+    every process's variables those of process `root`, and `all_gather` stacks
+    a small tensor from every replica (a checksum, a flag).
     """
 
     name: str
     #: The reduction `reduction="auto"` means for this engine: `SUM` or `MEAN`.
     default_reduction: str
 
-    def num_replicas(self) -> int: ...
+    def num_replicas(self) -> int:
+        """Replicas in sync: devices under tf.distribute, processes under Horovod or MPI."""
+
+    def rank(self) -> int:
+        """This process's index among the job's processes, 0 to `size() - 1`."""
+
+    def size(self) -> int:
+        """Processes in the job (one under MirroredStrategy, whatever its replicas)."""
 
     def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]: ...
+
+    def broadcast(self, variables: Sequence[Any], root: int) -> None: ...
+
+    def all_gather(self, local: Callable[[], tf.Tensor], name: str) -> np.ndarray:
+        """`local()` evaluated on every replica, stacked as `[num_replicas, ...]` in replica order,
+        the same on every process. `name` names the collective (and the caller, in errors)."""

@@ -8,9 +8,11 @@ buffer); `tf.IndexedSlices` are all-gathered (values and indices), as
 from __future__ import annotations
 
 import sys
-from typing import Any, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from distclip.errors import ContextError
 from distclip.norm import Gradient
@@ -49,6 +51,12 @@ class HorovodBackend:
     def num_replicas(self) -> int:
         return self._hvd.size()
 
+    def rank(self) -> int:
+        return self._hvd.rank()
+
+    def size(self) -> int:
+        return self._hvd.size()
+
     def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]:
         # Sum, not Average: Average is Sum plus a pass over the fused buffer to
         # divide, which the clip multiply does for free (distclip.clip).
@@ -57,3 +65,6 @@ class HorovodBackend:
     def broadcast(self, variables: Sequence[Any], root: int) -> None:
         tf_vars = [v.value if isinstance(v, keras.Variable) else v for v in variables]
         self._hvd.broadcast_variables(tf_vars, root_rank=root)
+
+    def all_gather(self, local: Callable[[], tf.Tensor], name: str) -> np.ndarray:
+        return self._hvd.allgather(tf.convert_to_tensor(local())[tf.newaxis], name=name).numpy()

@@ -5,7 +5,10 @@ and for callers that reduced the gradients themselves.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Any, Callable, List, Sequence
+
+import numpy as np
+import tensorflow as tf
 
 from distclip.norm import Gradient
 from distclip.sync.base import SUM
@@ -18,5 +21,17 @@ class LocalBackend:
     def num_replicas(self) -> int:
         return 1
 
+    def rank(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 1
+
     def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]:
         return list(grads)
+
+    def broadcast(self, variables: Sequence[Any], root: int) -> None:
+        pass
+
+    def all_gather(self, local: Callable[[], tf.Tensor], name: str) -> np.ndarray:
+        return np.asarray(local())[np.newaxis]

@@ -8,10 +8,12 @@ every replica. No host synchronization: this is also the `TPUStrategy` path.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Any, Callable, List, Sequence
 
+import numpy as np
 import tensorflow as tf
 
+from distclip.errors import ContextError
 from distclip.norm import Gradient
 from distclip.sync.base import SUM
 
@@ -23,15 +25,41 @@ class TFDistributeBackend:
     # strategy), so the SUM of replica gradients is the global-batch gradient.
     default_reduction = SUM
 
-    def __init__(self, replica_context: tf.distribute.ReplicaContext):
-        self._ctx = replica_context
+    def __init__(self, strategy: tf.distribute.Strategy):
+        self.strategy = strategy
 
     def num_replicas(self) -> int:
-        return self._ctx.num_replicas_in_sync
+        return self.strategy.num_replicas_in_sync
+
+    def _tasks(self):
+        """(this worker's rank, workers) from MultiWorkerMirroredStrategy's cluster; one process otherwise."""
+        resolver = getattr(self.strategy, "cluster_resolver", None)
+        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy) or not resolver.task_type:
+            return 0, 1
+        spec = resolver.cluster_spec().as_dict()
+        chiefs, workers = len(spec.get("chief", [])), len(spec.get("worker", []))
+        rank = 0 if resolver.task_type == "chief" else chiefs + resolver.task_id
+        return rank, chiefs + workers
+
+    def rank(self) -> int:
+        return self._tasks()[0]
+
+    def size(self) -> int:
+        return self._tasks()[1]
 
     def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]:
         # A traced tensor with no device (a function input passed straight in) gives
         # MultiWorkerMirroredStrategy's reduction no destination; place it on this replica's device.
         grads = [tf.identity(g) if isinstance(g, tf.Tensor) and not g.device and not tf.executing_eagerly() else g
                  for g in grads]
-        return list(self._ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads))
+        return list(tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads))
+
+    def broadcast(self, variables: Sequence[Any], root: int) -> None:
+        pass  # mirrored variables start identical (MultiWorkerMirroredStrategy broadcasts worker 0's)
+
+    def all_gather(self, local: Callable[[], tf.Tensor], name: str) -> np.ndarray:
+        strategy = self.strategy
+        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+            raise ContextError(f"{name} was called inside strategy.run: call it between steps")
+        with strategy.scope():
+            return strategy.gather(strategy.run(lambda: local()[tf.newaxis]), axis=0).numpy()

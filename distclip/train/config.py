@@ -21,3 +21,8 @@ class Config:
     fit: bool = False
     checkpoint_every: int = 1000  # steps between checkpoints; 0: only on SIGTERM and at the end
     resume: bool = False
+
+    @property
+    def nonfinite(self) -> str:
+        """Without clipping the run is plain SGD (a non-finite step applies NaN, as it would); with it, skipped."""
+        return "propagate" if self.clip_norm is None else "skip"

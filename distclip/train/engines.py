@@ -13,21 +13,39 @@ from typing import Callable, Tuple
 import tensorflow as tf
 
 import distclip
-from distclip import cluster
+from distclip import cluster, sync
 
 # replica_fn(x, y, loss_denominator) -> (loss, ClipResult); `loss` is this replica's share.
 ReplicaFn = Callable[[tf.Tensor, tf.Tensor, float], Tuple[tf.Tensor, distclip.ClipResult]]
 
 
-class DistributeEngine:
+class _Processes:
+    """What both engines ask of the library's backend (`distclip.sync.current`) between steps."""
+
+    backend: sync.Backend
+
+    def agree(self, value: float, flag: bool) -> Tuple[float, bool]:
+        """`value` averaged over processes, and whether `flag` is True on any (one all-gather for both;
+        none in one process, whose values are everyone's already)."""
+        if self.backend.size() == 1:
+            return value, flag
+        rows = self.backend.all_gather(lambda: tf.constant([value, float(flag)], tf.float64), "distclip_train_agree")
+        return float(rows[:, 0].mean()), bool(rows[:, 1].max() > 0)
+
+    def barrier(self) -> None:
+        """Returns once every process got here (a collective; nothing to wait for in one process)."""
+        self.agree(0.0, False)
+
+
+class DistributeEngine(_Processes):
     """A tf.distribute strategy: per-replica loss divided by the global batch, SUM all-reduce."""
 
     def __init__(self, strategy: tf.distribute.Strategy):
         self.strategy = strategy
         self.replicas = strategy.num_replicas_in_sync
-        resolver = getattr(strategy, "cluster_resolver", None)
-        task_type = getattr(resolver, "task_type", None)
-        self.chief = not task_type or task_type == "chief" or (task_type == "worker" and resolver.task_id == 0)
+        with strategy.scope():
+            self.backend = sync.current()
+        self.chief = self.backend.rank() == 0
         # TensorFlow's rule for MultiWorkerMirroredStrategy: every worker saves (the others to scratch).
         self.saves_on_every_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -67,25 +85,12 @@ class DistributeEngine:
     def read(self, variable) -> int:
         return int(self.strategy.experimental_local_results(variable)[0].numpy())
 
-    def agree(self, value: float, flag: bool) -> Tuple[float, bool]:
-        """`value` averaged over processes, and whether `flag` is True on any (one collective for both;
-        none in one process, whose `fit` logs are global already)."""
-        if not self.saves_on_every_worker:
-            return value, flag
-        per_replica = self.strategy.run(lambda: tf.constant([value, float(flag)]) / self.replicas)
-        mean, any_flag = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
-        return float(mean), bool(any_flag > 0)
-
-    def barrier(self) -> None:
-        """Returns once every process got here (a collective; nothing to wait for in one process)."""
-        self.agree(0.0, False)
-
     def local_rows(self, global_batch: int) -> slice:
         """The rows of a global batch this process feeds to `fit` (all: the strategy splits them)."""
         return slice(None)
 
 
-class HorovodEngine:
+class HorovodEngine(_Processes):
     """One replica per process: per-rank mean loss, Average all-reduce (`hvd.grouped_allreduce`)."""
 
     name = "Horovod"
@@ -96,8 +101,9 @@ class HorovodEngine:
         hvd.init()
         cluster.pin_gpu(cluster.info())  # one GPU per process, by local rank
         self.hvd = hvd
-        self.replicas = hvd.size()
-        self.chief = hvd.rank() == 0
+        self.backend = sync.current()
+        self.replicas = self.backend.num_replicas()
+        self.chief = self.backend.rank() == 0
         self.saves_on_every_worker = False  # rank 0 saves, as Horovod users do
 
     def scope(self):
@@ -122,23 +128,15 @@ class HorovodEngine:
     def read(self, variable) -> int:
         return int(variable.numpy())
 
-    def agree(self, value: float, flag: bool) -> Tuple[float, bool]:
-        mean, any_flag = self.hvd.allreduce(tf.constant([value, float(flag)], tf.float64), op=self.hvd.Average,
-                                            name="distclip_train_agree").numpy()
-        return float(mean), bool(any_flag > 0)
-
-    def barrier(self) -> None:
-        self.agree(0.0, False)  # an all-reduce returns once every rank has called it
-
     def local_rows(self, global_batch: int) -> slice:
         per = global_batch // self.replicas
-        return slice(self.hvd.rank() * per, (self.hvd.rank() + 1) * per)
+        return slice(self.backend.rank() * per, (self.backend.rank() + 1) * per)
 
 
 def make_engine(strategy_name: str, replicas: int):
     """The engine for `--strategy`: "horovod", or a tf.distribute strategy by name."""
     if strategy_name == "horovod":
         return HorovodEngine()
-    from distclip.strategies import make_strategy
+    from distclip.cluster.strategies import make_strategy
 
     return DistributeEngine(make_strategy(strategy_name, replicas))

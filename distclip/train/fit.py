@@ -4,14 +4,12 @@ from __future__ import annotations
 import time
 
 import keras
-import numpy as np
 
 from distclip.keras import BroadcastCallback, ClipLogger, ClipOptimizer
 from distclip.train import adding
 from distclip.train.checkpoint import Checkpoints, Progress, StopOnSigterm, announce, stopped
 from distclip.train.config import Config
-
-NO_CLIP = float(np.finfo(np.float32).max)
+from distclip.train.summary import finish
 
 
 class AddingBatches(keras.utils.PyDataset):
@@ -29,7 +27,7 @@ class AddingBatches(keras.utils.PyDataset):
         return x[self.rows], y[self.rows]
 
 
-def run_fit(cfg: Config, engine) -> dict:
+def run(cfg: Config, engine) -> dict:
     """Trains per `cfg` with `model.fit` and `ClipOptimizer`; returns the summary, the same on every rank.
 
     One epoch of the remaining steps, so the batches are those of the custom
@@ -39,15 +37,10 @@ def run_fit(cfg: Config, engine) -> dict:
     (`distclip.train.checkpoint`); metrics.csv's `loss` is `fit`'s running mean
     since the (resumed) `fit` began.
     """
-    from distclip.train.loop import finish  # loop imports this module lazily, so this import is lazy too
-
     with engine.scope():
         model = adding.model(cfg.length, cfg.units, cfg.seed, cfg.recurrent_gain)
-        optimizer = ClipOptimizer(
-            keras.optimizers.SGD(cfg.learning_rate, momentum=0.9),
-            NO_CLIP if cfg.clip_norm is None else cfg.clip_norm,
-            nonfinite="propagate" if cfg.clip_norm is None else "skip",
-        )
+        optimizer = ClipOptimizer(keras.optimizers.SGD(cfg.learning_rate, momentum=0.9), cfg.clip_norm,
+                                  nonfinite=cfg.nonfinite)
         model.compile(optimizer=optimizer, loss="mse")
         optimizer.build(model.trainable_variables)
     progress = Progress()

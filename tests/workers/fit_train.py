@@ -9,7 +9,7 @@ horovod: under horovodrun, each rank runs `model.fit` on its own half of every
 global batch, with different initial weights that BroadcastCallback replaces
 by rank 0's. ClipLogger writes OUT_DIR/log/ on rank 0 only (both engines).
 multiworker: `model.fit` under MultiWorkerMirroredStrategy (TF_CONFIG from
-distclip.launcher, or from mpirun's or srun's ranks), which works with `distclip.keras` imported (it patches Keras's
+distclip.cluster.launcher, or from mpirun's or srun's ranks), which works with `distclip.keras` imported (it patches Keras's
 keras-team/keras#20585). Writes OUT_DIR/rank{R}.json.
 """
 import json
@@ -23,9 +23,9 @@ fp16 = len(sys.argv) > 6 and sys.argv[6] == "fp16"
 import tensorflow as tf  # noqa: E402
 
 if engine == "multiworker":
-    from distclip.strategies import make_strategy
+    from distclip.cluster.strategies import make_strategy
 
-    # TF_CONFIG from distclip.launcher, or built from the ranks of mpirun or srun (distclip.cluster.set_tf_config).
+    # TF_CONFIG from distclip.cluster.launcher, or built from the ranks of mpirun or srun (distclip.cluster.set_tf_config).
     strategy = make_strategy("multiworker", collective_timeout_s=60.0)
     rank = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
 else:

@@ -1,0 +1,202 @@
+"""A local launcher for MultiWorkerMirroredStrategy: N processes, each with its TF_CONFIG.
+
+The TensorFlow analogue of `torchrun --standalone`:
+
+    python -m distclip.cluster.launcher --nproc 2 -- distclip train --strategy multiworker
+
+Each worker gets a TF_CONFIG naming all N workers on free localhost ports and
+its own index. SIGINT and SIGTERM are forwarded to every worker, and whatever
+still runs --grace seconds later (default 30) is killed. If a worker exits
+non-zero or is killed, the launcher stops the others (SIGTERM, then SIGKILL
+after 5 s, or --grace if shorter) and exits non-zero, naming the worker's rank and how it
+ended; a worker that exits with status 0 while the others still run, or is
+stopped, ends the run after --exit-wait seconds (default 50). It never waits
+forever: --timeout bounds the whole run.
+
+The workers run in a private network namespace with only a loopback interface
+(TensorFlow's gRPC servers listen on every interface, unauthenticated), unless
+--host-network; they then cannot reach other machines either.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import List, Optional, Sequence, Tuple
+
+from distclip.cluster import free_ports
+from distclip.cluster.netns import isolate
+
+
+#: Seconds the other workers get between SIGTERM and SIGKILL when one of them failed.
+FAILURE_GRACE_S = 5.0
+
+
+def describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (SIGSTOP, SIGTSTP): it will never answer its peers."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, grace: float = 30.0,
+           exit_wait: float = 50.0, log=sys.stderr) -> int:
+    """Runs `command` as `nproc` workers; returns 0 if all succeed, else a non-zero status. Never hangs:
+
+    * a worker that fails (non-zero status, killed) stops the others at once
+      (SIGTERM, then SIGKILL after min(`grace`, 5) seconds);
+    * a worker that exits with status 0 while others still run, or that is
+      stopped (SIGSTOP), stops the others after `exit_wait` seconds if they
+      have not finished by then (they would wait for it forever);
+    * SIGINT and SIGTERM are forwarded, and `grace` seconds later whatever
+      still runs is killed (SIGKILL), as Slurm does after KillWait;
+    * `timeout` bounds the whole run.
+    Every stop says which worker caused it.
+    """
+    procs: List[subprocess.Popen] = []
+
+    def signal_all(sig: int) -> None:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def say(message: str) -> None:
+        print(f"distclip.launcher: {message}", file=log, flush=True)
+
+    workers = [f"localhost:{p}" for p in free_ports(nproc, "127.0.0.1")]
+    for i in range(nproc):
+        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
+        try:
+            procs.append(subprocess.Popen(list(command), env=env, start_new_session=True))
+        except OSError as e:
+            say(f"worker {i} could not start: {e}; stopping the other {len(procs)} worker(s)")
+            signal_all(signal.SIGKILL)
+            for p in procs:
+                p.wait()
+            return 127
+
+    received: List[Tuple[int, float]] = []  # (signal, when) of each forwarded signal
+
+    def forward(signum, _frame):
+        received.append((signum, time.monotonic()))
+        signal_all(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    waiting_since: dict = {}  # rank -> when it finished early or was first seen stopped
+    status = 0
+    try:
+        while True:
+            now = time.monotonic()
+            codes = [p.poll() for p in procs]  # poll every worker: `any` would stop at the first live one
+            if all(c is not None for c in codes):
+                break
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                rank, code = failed[0]
+                say(f"worker {rank} (pid {procs[rank].pid}) {describe(code)}; "
+                    f"stopping the other {sum(c is None for c in codes)} worker(s)")
+                status = code if code > 0 else 128 - code
+                break
+            if received and now > received[0][1] + grace:
+                say(f"workers still running {grace:g} s after {signal.Signals(received[0][0]).name}: killing them")
+                status = 128 + received[0][0]
+                break
+            if deadline is not None and now > deadline:
+                say(f"--timeout {timeout:g} s reached; stopping all workers")
+                status = 124
+                break
+            for i, (p, c) in enumerate(zip(procs, codes)):
+                if c == 0 or (c is None and is_stopped(p.pid)):
+                    waiting_since.setdefault(i, now)
+                elif c is None:
+                    waiting_since.pop(i, None)  # continued after a stop
+            late = [i for i, t in waiting_since.items() if now > t + exit_wait]
+            if late:
+                rank = late[0]
+                how = "exited with status 0" if codes[rank] == 0 else "is stopped (SIGSTOP) and does not answer"
+                say(f"worker {rank} (pid {procs[rank].pid}) {how} while {sum(c is None for c in codes) - (codes[rank] is None)} "
+                    f"other worker(s) still ran for {exit_wait:g} s (--exit-wait); stopping them")
+                status = 1
+                break
+            time.sleep(0.1)
+        if status:
+            signal_all(signal.SIGCONT)  # a stopped worker cannot act on SIGTERM
+            signal_all(signal.SIGTERM)
+            if received:  # the user's SIGTERM/SIGINT: up to --grace after it, to checkpoint and exit
+                wait = max(0.0, received[0][1] + grace - time.monotonic())
+            elif status == 124:
+                wait = grace  # the user's --timeout: the workers may checkpoint
+            else:
+                wait = min(grace, FAILURE_GRACE_S)  # a peer is gone: nothing useful can finish
+            end = time.monotonic() + wait
+            while any(p.poll() is None for p in procs) and time.monotonic() < end:
+                time.sleep(0.1)
+            signal_all(signal.SIGKILL)
+        for p in procs:
+            p.wait()
+        if not status:
+            failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
+            if failed:
+                rank, code = failed[0]
+                say(f"worker {rank} {describe(code)}")
+                status = code if code > 0 else 128 - code
+        if received and not status:
+            status = 128 + received[0][0]
+        return status
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        signal_all(signal.SIGKILL)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m distclip.cluster.launcher", description=__doc__.splitlines()[0],
+                                usage="%(prog)s [--nproc N] [--timeout S] [--grace S] -- COMMAND [ARGS...]")
+    p.add_argument("--nproc", type=int, default=2, help="number of workers (default 2)")
+    p.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds between SIGTERM and SIGKILL when stopping workers (default 30, Slurm's KillWait)")
+    p.add_argument("--exit-wait", type=float, default=50.0,
+                   help="seconds the others may run on after a worker exited with status 0 or was stopped (default 50)")
+    p.add_argument("--host-network", action="store_true",
+                   help="run the workers in this machine's network namespace (by default they get a private one "
+                        "with loopback only, since TensorFlow's gRPC servers listen on every interface)")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        p.error("give the command to run after --")
+    if args.nproc < 1:
+        p.error(f"--nproc must be a positive integer; got {args.nproc}")
+    for flag in ("timeout", "grace", "exit_wait"):
+        value = getattr(args, flag)
+        if value is not None and not value >= 0:
+            p.error(f"--{flag.replace('_', '-')} must be a number of seconds >= 0; got {value}")
+    if not args.host_network:
+        # Here, in the process that exists only to run the workers, not in `launch`, which a caller
+        # could not undo: the namespace is this process's for good.
+        isolate("distclip.launcher")
+    return launch(command, args.nproc, args.timeout, args.grace, args.exit_wait)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Per-step clip metrics to a CSV file and TensorBoard: what `ClipLogger` and `distclip train` write.
+
+One row per update, in `metrics.csv` with the columns of `COLUMNS`:
+`step` (from 0), `loss`, `global_norm` (synchronized, before clipping, in the
+gradients' units), `scale` (the clip factor applied), `clip_norm` (the
+threshold used; inf for `clip_norm=None`), `clipped` and `skipped` (0 or 1).
+The same scalars go to TensorBoard event files under `tensorboard/`.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Dict, List, Optional
+
+import tensorflow as tf
+
+COLUMNS = ("step", "loss", "global_norm", "scale", "clip_norm", "clipped", "skipped")
+
+
+class StepLog:
+    """Per-step metrics to `metrics.csv` and TensorBoard event files under `out/tensorboard`."""
+
+    def __init__(self, out: str, first_step: Optional[int] = None):
+        """`first_step`: continue a resumed run's metrics.csv, keeping the rows of the steps before it."""
+        os.makedirs(out, exist_ok=True)
+        self.csv_path = os.path.join(out, "metrics.csv")
+        kept: List[List[str]] = []  # the earlier rows, exactly as written
+        if first_step is not None and os.path.exists(self.csv_path):
+            with open(self.csv_path, newline="") as f:
+                rows = list(csv.reader(f))[1:first_step + 1]
+            # Rows after the checkpoint (and a line cut short by a kill) go; those before it were flushed whole.
+            kept = [r for i, r in enumerate(rows) if len(r) == len(COLUMNS) and r[0] == str(i)]
+        self.rows: List[Dict[str, float]] = [{c: float(v) for c, v in zip(COLUMNS, r)} for r in kept]
+        self._file = open(self.csv_path, "w", newline="")
+        self._csv = csv.writer(self._file)
+        self._csv.writerow(COLUMNS)
+        self._csv.writerows(kept)
+        self._tb = tf.summary.create_file_writer(os.path.join(out, "tensorboard"))
+
+    def write(self, row: Dict[str, float]) -> None:
+        self.rows.append(row)
+        self._csv.writerow([row[c] for c in COLUMNS])
+        with self._tb.as_default(step=int(row["step"])):
+            for name in ("loss", "global_norm", "scale", "clip_norm", "skipped"):
+                if math.isfinite(row[name]):
+                    tf.summary.scalar(name, row[name])
+
+    def flush(self) -> None:
+        self._file.flush()
+        self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()
+
+

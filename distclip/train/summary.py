@@ -1,0 +1,42 @@
+"""The end of a `distclip train` run: replicas checked, held-out error, summary.json and plot.png."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+
+import tensorflow as tf
+
+from distclip.cluster.verify import verify_replicas
+from distclip.train import adding
+from distclip.train.config import Config
+from distclip.train.plots import plot
+
+
+def finish(cfg: Config, engine, model, optimizer, *, final_loss: float, clipped: int, skipped: int, seconds: float,
+           rows) -> dict:
+    """Checks the replicas, evaluates, and (chief only, `rows` given) writes plot.png and summary.json."""
+    # Raises ReplicaMismatchError naming the first variable that differs.
+    checked = len(verify_replicas(model.variables + optimizer.variables))
+    x, y = adding.batch(cfg.seed + 10_000, 0, 1024, cfg.length)
+    summary = {
+        "strategy": engine.name,
+        "replicas": engine.replicas,
+        "clip_norm": cfg.clip_norm,
+        "steps": cfg.steps,
+        "final_loss": final_loss,
+        "eval_mse": float(tf.reduce_mean(tf.square(model(x) - y))),
+        "steps_clipped": clipped,
+        "steps_skipped": skipped,  # counted by the clip step, identically on every replica
+        "variables_verified_identical": checked,
+        "seconds": round(seconds, 1),
+        "config": asdict(cfg),
+    }
+    if rows is not None:
+        title = f"adding problem, T={cfg.length}, {engine.replicas} replicas, " + (
+            "no clipping" if cfg.clip_norm is None else f"clip_norm={cfg.clip_norm}"
+        ) + (", model.fit" if cfg.fit else "")
+        plot(rows, os.path.join(cfg.out, "plot.png"), title, baseline=(1 / 6, "predict the mean (MSE 0.167)"))
+        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary

@@ -1,0 +1,130 @@
+"""`distclip train` end to end, in its own process: outputs, summary, and bad flags."""
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+from procs import TESTS
+
+
+BIN = os.path.join(os.path.dirname(sys.executable), "distclip")
+
+
+def _run(args, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _scalars(event_dir):
+    tags = {}
+    for path in glob.glob(os.path.join(event_dir, "events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for v in event.summary.value:
+                tags.setdefault(v.tag, []).append(event.step)
+    return tags
+
+
+def test_train_writes_csv_tensorboard_plot_and_summary(tmp_path):
+    out = tmp_path / "run"
+    r = _run([BIN, "train", "--steps", "40", "--clip-norm", "0.5", "--seed", "3", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    assert "MirroredStrategy x2" in r.stdout and "steps clipped:" in r.stdout and "steps skipped" in r.stdout
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(40))
+    assert set(rows[0]) == {"step", "loss", "global_norm", "scale", "clip_norm", "clipped", "skipped"}
+    for row in rows:
+        norm, scale = float(row["global_norm"]), float(row["scale"])
+        assert scale == min(1.0, 0.5 / norm) or abs(scale - min(1.0, 0.5 / norm)) < 1e-6
+        assert int(row["clipped"]) == int(norm > 0.5)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_clipped"] == sum(int(r["clipped"]) for r in rows) > 0
+    assert summary["replicas"] == 2 and summary["steps_skipped"] == 0
+    assert f"steps clipped: {summary['steps_clipped']}" in r.stdout
+    # Model (5) and optimizer variables (iterations, learning rate, 5 momenta) all checked across replicas.
+    assert summary["variables_verified_identical"] >= 12
+    assert f"replicas identical: {summary['variables_verified_identical']} variables checked" in r.stdout
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tags = _scalars(out / "tensorboard")
+    assert sorted(tags["global_norm"]) == list(range(40))
+    assert {"loss", "scale", "clip_norm"} <= set(tags)
+
+
+def test_train_without_clipping_and_bad_flags(tmp_path):
+    r = _run([sys.executable, "-m", "distclip", "train", "--steps", "20", "--clip-norm", "none", "--strategy", "default",
+              "--out", str(tmp_path / "noclip")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "noclip" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(float(r["scale"]) == 1.0 and r["clipped"] == "0" for r in rows)
+    assert "clip_norm=None" in r.stdout
+
+    bad = _run([BIN, "train", "--clip-norm", "-1"])
+    assert bad.returncode == 2 and "--clip-norm must be a positive finite number or 'none'; got '-1'" in bad.stderr
+
+
+@pytest.mark.parametrize("fit", [False, True], ids=["loop", "fit"])
+def test_train_multiworker_two_processes(tmp_path, fit):
+    """--strategy multiworker from TF_CONFIG: same summary on both workers, files from worker 0 only; with
+    --fit (Keras's fit patched by distclip.keras, keras-team/keras#20585) the same norms and held-out MSE as
+    --fit under MirroredStrategy."""
+    sys.path.insert(0, TESTS)
+    from procs import free_ports, run_all
+
+    args = ["train", "--steps", "15", "--clip-norm", "0.5"] + (["--fit"] if fit else [])
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    commands, envs = [], []
+    for i in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
+        envs.append(dict(os.environ, TF_CONFIG=tf_config, TF_CPP_MIN_LOG_LEVEL="2"))
+        commands.append([BIN, *args, "--strategy", "multiworker", "--out", str(tmp_path / f"w{i}")])
+    results = run_all(commands, envs, timeout=240)
+    for i, r in enumerate(results):
+        assert r.returncode == 0, f"worker {i}: {r.stdout[-3000:]}"
+    summaries = [r.stdout[r.stdout.index("distclip train:"):].splitlines()[:5] for r in results]
+    assert summaries[0] == summaries[1]
+    assert "MultiWorkerMirroredStrategy x2" in summaries[0][0]
+    assert (tmp_path / "w0" / "metrics.csv").exists() and not (tmp_path / "w1").exists()
+    if fit:
+        assert all(r.stdout.count("Keras's fit under MultiWorkerMirroredStrategy patched") == 1 for r in results)
+        r = _run([BIN, *args, "--strategy", "mirrored", "--out", str(tmp_path / "mirrored")])
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = [list(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("w0", "mirrored")]
+        assert [float(a["global_norm"]) for a in rows[0]] == pytest.approx([float(b["global_norm"]) for b in rows[1]],
+                                                                           rel=1e-5)
+        held_out = [json.loads((tmp_path / d / "summary.json").read_text())["eval_mse"] for d in ("w0", "mirrored")]
+        assert held_out[0] == pytest.approx(held_out[1], rel=1e-5)
+
+
+def test_train_tpu_without_a_tpu_fails_clearly(tmp_path):
+    r = _run([BIN, "train", "--strategy", "tpu", "--steps", "1", "--out", str(tmp_path / "tpu")])
+    assert r.returncode != 0
+    assert "--strategy tpu: no TPU could be reached" in r.stderr
+
+
+def test_train_fit_equals_the_custom_loop(tmp_path):
+    """`distclip train --fit` (model.fit, ClipOptimizer, ClipLogger) sees the custom loop's norms and ends the same."""
+    args = ["train", "--steps", "30", "--clip-norm", "0.5", "--seed", "3"]
+    runs = {}
+    for name, extra in (("loop", []), ("fit", ["--fit"])):
+        r = _run([BIN] + args + extra + ["--out", str(tmp_path / name)])
+        assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+        with open(tmp_path / name / "metrics.csv") as f:
+            runs[name] = (list(csv.DictReader(f)), json.loads((tmp_path / name / "summary.json").read_text()))
+    (loop_rows, loop_sum), (fit_rows, fit_sum) = runs["loop"], runs["fit"]
+    assert [r["step"] for r in fit_rows] == [r["step"] for r in loop_rows]
+    for a, b in zip(loop_rows, fit_rows):
+        assert abs(float(a["global_norm"]) - float(b["global_norm"])) <= 1e-4 * float(a["global_norm"])
+        assert a["clipped"] == b["clipped"] and a["skipped"] == b["skipped"]
+    assert fit_sum["steps_clipped"] == loop_sum["steps_clipped"] > 0
+    assert abs(fit_sum["eval_mse"] - loop_sum["eval_mse"]) <= 1e-4
+    assert abs(fit_sum["final_loss"] - loop_sum["final_loss"]) <= 1e-4
+    assert (tmp_path / "fit" / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"global_norm", "clip_norm", "scale", "skipped"} <= set(_scalars(tmp_path / "fit" / "tensorboard"))

@@ -1,0 +1,198 @@
+"""Preemption-safe `distclip train`: SIGTERM checkpoints and exits 143, and `--resume` continues bit-identically.
+
+Each case runs the same job three times in its own processes: uninterrupted;
+interrupted (SIGTERM, or SIGKILL after a periodic checkpoint); resumed. The
+resumed run's final checkpoint (weights, optimizer slots and `iterations`,
+the ClipStep counters) must equal the uninterrupted run's bit for bit, and so
+must metrics.csv.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from procs import ROOT, rank_process
+
+
+BIN = os.path.join(os.path.dirname(sys.executable), "distclip")
+HOROVODRUN = os.path.join(ROOT, "launch", "horovodrun.sh")
+STEPS, EVERY = 1000, 300
+JOB = ["train", "--steps", str(STEPS), "--length", "10", "--units", "8", "--batch-size", "16",
+       "--checkpoint-every", str(EVERY)]
+
+
+def _env(tmp_path):
+    # A killed worker's leftovers (TensorFlow's and Horovod's temporary files) stay in the test's folder.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", NP="2", TMPDIR=str(tmp))
+
+
+def _command(engine, out, *extra):
+    if engine == "horovod":
+        return [HOROVODRUN, BIN, *JOB, "--strategy", "horovod", "--out", str(out), *extra]
+    fit = ["--fit"] if engine == "mirrored-fit" else []
+    return [BIN, *JOB, "--strategy", "mirrored", "--out", str(out), *fit, *extra]
+
+
+def _run(cmd, env):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def _interrupt(cmd, env, out, how, victim=None):
+    """Starts `cmd`, and once training is under way sends `how` to `victim(out)` (default: the process started).
+
+    Returns (exit code, seconds from the signal to the end, output)."""
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w+", errors="replace") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            # SIGTERM once a step is done (every rank's handler is set by then); SIGKILL after the first checkpoint.
+            wanted = (lambda: _lines(out / "metrics.csv") >= 2) if how == signal.SIGTERM else (
+                lambda: (out / "checkpoints" / "checkpoint").exists())  # written last: ckpt-300 is complete
+            while not wanted() and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            target = p if victim is None else victim(out)
+            assert target is not None and p.poll() is None, f"training never started:\n{open(log).read()[-3000:]}"
+            target.send_signal(how)
+            sent = time.monotonic()
+            code = p.wait(timeout=120)
+            took = time.monotonic() - sent
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        f.seek(0)
+        return code, took, f.read()
+
+
+def _lines(path):
+    try:
+        with open(path) as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def _state(out):
+    """Every saved tensor of the newest checkpoint in `out`, by name (the checkpoint's own counter aside)."""
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(out / "checkpoints")))
+    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
+            if "save_counter" not in n and n != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+def _assert_same_run(reference, resumed, fit=False):
+    a, b = _state(reference), _state(resumed)
+    assert sorted(a) == sorted(b)
+    if fit:
+        # Under fit each step's loss is read back from fit's running mean, which starts anew in the resumed
+        # fit: equal to rounding, not bit for bit; so is metrics.csv's loss column (the running mean itself).
+        np.testing.assert_allclose(a.pop("progress/losses/.ATTRIBUTES/VARIABLE_VALUE"),
+                                   b.pop("progress/losses/.ATTRIBUTES/VARIABLE_VALUE"), atol=1e-4)
+    # The weights, the momentum slots, iterations, the ClipStep's (ClipOptimizer's) state and the loop's progress.
+    parts = ("optimizer/_trainable_variables/", "optimizer/_variables/", "optimizer/_iterations/", "progress/step/")
+    parts += ("optimizer/inner_optimizer/_variables/",) if fit else ("clip/skipped_steps/",)
+    for part in parts:
+        assert any(n.startswith(part) for n in a), (part, sorted(a))
+    differ = [n for n in a if not np.array_equal(a[n], b[n])]
+    assert not differ, f"differ after resuming: {differ}"
+    if not fit:
+        assert (reference / "metrics.csv").read_bytes() == (resumed / "metrics.csv").read_bytes()
+    else:
+        rows = [[r.split(",") for r in (d / "metrics.csv").read_text().splitlines()] for d in (reference, resumed)]
+        assert len(rows[0]) == STEPS + 1
+        assert [r[:1] + r[2:] for r in rows[0]] == [r[:1] + r[2:] for r in rows[1]]
+
+
+def _rank1(out):
+    return rank_process(str(out), 1)
+
+
+def _mirrored_process(out):
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            args = p.cmdline()
+            if len(args) > 2 and args[1].endswith("distclip") and str(out) in args:
+                return p
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return None
+
+
+@pytest.mark.parametrize("engine, how", [
+    ("mirrored", signal.SIGTERM),
+    ("mirrored", signal.SIGKILL),
+    ("horovod", signal.SIGTERM),
+    ("mirrored-fit", signal.SIGTERM),
+], ids=["mirrored-SIGTERM", "mirrored-SIGKILL-after-a-periodic-checkpoint", "horovodrun-SIGTERM-to-rank-1-only",
+        "mirrored-fit-SIGTERM"])
+def test_interrupted_run_resumes_bit_identically(tmp_path, engine, how):
+    env = _env(tmp_path)
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    _run(_command(engine, reference), env)
+
+    victim = _rank1 if engine == "horovod" else _mirrored_process
+    code, _, output = _interrupt(_command(engine, resumed), env, resumed, how, victim)
+    if how == signal.SIGTERM:
+        stopped = re.search(rf"stopped by SIGTERM after step (\d+) of {STEPS}; checkpoint in ", output)
+        assert stopped, output[-3000:]
+        at = int(stopped.group(1))
+        assert 0 < at < STEPS
+        if engine == "horovod":  # horovodrun reports the ranks' status 143 its own way
+            assert code != 0 and re.search(r"Process name: [01]\s+Exit code: 143", output), output[-3000:]
+        else:
+            assert code == 143
+        # (Under horovodrun rank 1 alone was signalled: both ranks stopped after the same step, rank 0 saved.)
+        assert int(_state(resumed)["progress/step/.ATTRIBUTES/VARIABLE_VALUE"]) == at
+    else:
+        assert code == -signal.SIGKILL
+        at = EVERY
+    assert "resuming" not in output
+
+    r = _run(_command(engine, resumed, "--resume"), env)
+    assert f"resuming at step {at} from {resumed / 'checkpoints'}" in r.stderr + r.stdout
+    _assert_same_run(reference, resumed, fit=engine == "mirrored-fit")
+
+
+def test_resume_refuses_other_settings_and_starts_fresh_without_a_checkpoint(tmp_path):
+    env = _env(tmp_path)
+    out = tmp_path / "run"
+    r = subprocess.run([BIN, "train", "--steps", "3", "--length", "5", "--units", "4", "--out", str(out), "--resume"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and f"no checkpoint in {out / 'checkpoints'}; starting at step 0" in r.stderr
+    r = subprocess.run([BIN, "train", "--steps", "5", "--length", "5", "--units", "6", "--out", str(out), "--resume"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0
+    assert "was written with --units=4; this run has --units=6" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script, strategy", [("multiworker.sh", "multiworker"), ("horovodrun.sh", "horovod")])
+def test_sigterm_to_the_launch_script_checkpoints_every_rank(tmp_path, script, strategy):
+    """SIGTERM to `launch/multiworker.sh` (distclip.cluster.launcher forwards it) or `launch/horovodrun.sh` (horovodrun
+    passes it to each rank's watchdog, which passes it on): every rank stops after the same step, the chief
+    writes the checkpoint, and the run ends in seconds, long before any grace period would kill a rank."""
+    out = tmp_path / "run"
+    cmd = [os.path.join(ROOT, "launch", script), BIN, *JOB, "--strategy", strategy, "--out", str(out)]
+    code, took, output = _interrupt(cmd, _env(tmp_path), out, signal.SIGTERM)
+    if strategy == "multiworker":
+        assert code == 143 and "killing them" not in output, (code, output[-3000:])
+        # Worker 1 saved too (TensorFlow's rule), into a scratch folder it removed.
+        assert not [n for n in os.listdir(tmp_path / "tmp") if n.startswith("distclip-checkpoint-")]
+    else:
+        assert code != 0 and re.search(r"Process name: [01]\s+Exit code: 143", output), output[-3000:]
+    assert took < 25, (took, output[-3000:])
+    stopped = re.search(rf"stopped by SIGTERM after step (\d+) of {STEPS}", output)
+    assert stopped, output[-3000:]
+    assert output.count("SIGTERM received; checkpointing after this step") == 2
+    assert int(_state(out)["progress/step/.ATTRIBUTES/VARIABLE_VALUE"]) == int(stopped.group(1))

@@ -1,0 +1,47 @@
+"""distclip.clip: one packed reduction per step, and a ClipResult usable in tf.function."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import distclip
+from common import distributed_train, global_batch, shard
+from graphs import reduced_elements
+
+
+def _trace(strategy, mode):
+    _, _, _, objs = distributed_train(strategy, 0.5, 0, mode=mode)
+    x, y = global_batch()
+    n_params = sum(int(tf.size(v)) for v in objs["model"].trainable_variables)
+    return objs["step"].get_concrete_function(shard(strategy, x), shard(strategy, y)), n_params
+
+
+def test_one_packed_reduction(mirrored):
+    plain, n_params = _trace(mirrored, "unclipped")
+    ours, _ = _trace(mirrored, "clipstep")
+    plain_elems, plain_ops, plain_nested = reduced_elements(plain)
+    our_elems, our_ops, our_nested = reduced_elements(ours)  # nested: elements in nested functions
+    replicas = mirrored.num_replicas_in_sync
+
+    assert plain_elems == replicas * n_params, "the baseline itself must reduce every gradient once"
+    assert our_elems <= plain_elems + replicas
+    # One packed collective per device, none hidden in the skip conditionals.
+    assert our_ops == replicas
+    assert our_nested == 0 and plain_nested == 0
+
+
+def test_result_is_a_namedtuple_usable_in_tf_function():
+    @tf.function
+    def f(g):
+        return distclip.sync_and_clip([g], 2.0)
+
+    r = f(tf.constant([3.0, 4.0]))
+    assert isinstance(r, distclip.ClipResult)
+    assert r._fields == ("grads", "global_norm", "scale", "clipped", "finite")
+    assert float(r.global_norm) == 5.0 and float(r.scale) == pytest.approx(0.4)
+    assert bool(r.clipped) and bool(r.finite)
+    np.testing.assert_allclose(r.grads[0].numpy(), [1.2, 1.6], rtol=1e-6)
+    zero = distclip.sync_and_clip([tf.zeros([3])], 1.0)
+    assert float(zero.scale) == 1.0 and not bool(zero.clipped)
+    skipped = distclip.sync_and_clip([tf.constant([1.0, np.inf])], 1.0)
+    assert float(skipped.scale) == 0.0 and not bool(skipped.finite)
+    assert np.array_equal(skipped.grads[0].numpy(), [0.0, 0.0])

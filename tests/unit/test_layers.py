@@ -1,0 +1,93 @@
+"""The package's layers, read from every import in distclip/ (function-level ones included).
+
+    core      distclip.* (the step: norm, thresholds, policies, accumulation, loss scaling, engine, step log)
+              and distclip.sync.* (one backend per engine)
+    keras     distclip.keras.*      imports core
+    cluster   distclip.cluster.*    imports core (launcher, watchdog, netns: nothing heavier than env)
+    app       distclip.train.*      the example application: imports anything, imported by nothing
+              (but `python -m distclip`, distclip/__main__.py, which starts it)
+
+No circle among modules, and no import from a lower layer to a higher one.
+"""
+import ast
+import os
+
+import distclip
+
+PACKAGE = os.path.dirname(distclip.__file__)
+RANK = {"core": 0, "keras": 1, "cluster": 1, "app": 2}
+#: What each layer may import besides itself and lower layers.
+ALLOWED = {"keras": {"core"}, "cluster": {"core"}, "core": set(), "app": {"core", "keras", "cluster"}}
+
+
+def _modules():
+    found = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                name = os.path.relpath(path, os.path.dirname(PACKAGE))[:-3].replace(os.sep, ".")
+                found[name[:-9] if name.endswith(".__init__") else name] = path
+    return found
+
+
+def _imports(path, modules):
+    """The distclip modules `path` imports (a `from package import name` of a submodule counts as that module)."""
+    out = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("distclip")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("distclip"):
+            for a in node.names:
+                out.add(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module)
+    return {m for m in out if m in modules}
+
+
+def layer(module):
+    parts = module.split(".")
+    return {"keras": "keras", "cluster": "cluster", "train": "app"}.get(parts[1] if len(parts) > 1 else "", "core")
+
+
+def _graph():
+    modules = _modules()
+    return {m: _imports(p, modules) - {m} for m, p in modules.items()}
+
+
+def test_no_import_goes_up_or_sideways():
+    wrong = []
+    for module, imported in _graph().items():
+        if module in ("distclip", "distclip.__main__", "distclip._moved"):
+            continue  # the package's lazy exports, the `python -m distclip` entry point, the old-path aliases
+        for other in imported:
+            a, b = layer(module), layer(other)
+            if a != b and b not in ALLOWED[a]:
+                wrong.append(f"{module} ({a}) imports {other} ({b})")
+    assert not wrong, wrong
+
+
+def test_no_import_circle():
+    graph = _graph()
+    state, circles = {}, []
+
+    def visit(module, path):
+        state[module] = "open"
+        for other in sorted(graph[module]):
+            if state.get(other) == "open":
+                circles.append(path[path.index(other):] + [other])
+            elif other not in state:
+                visit(other, path + [other])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not circles, circles
+
+
+def test_the_check_sees_the_imports_it_judges():
+    graph = _graph()
+    # Guards against a check that passes on an empty or unresolved graph.
+    assert "distclip.clip" in graph["distclip.engine"] and "distclip.sync" in graph["distclip.clip"]
+    assert "distclip.steplog" in graph["distclip.keras.callbacks"]
+    assert "distclip.train.summary" in graph["distclip.train.loop"]
+    assert layer("distclip.sync.horovod") == "core" and layer("distclip.train.cli") == "app"

@@ -1,0 +1,79 @@
+"""distclip.lockstep: a step whose synchronized norm is not finite is skipped on every replica together (or raises, or propagates)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import contract
+from common import distributed_train, global_batch, max_abs_diff, reference_train, replica_values, shard
+
+
+def _poisoned(seed=0):
+    x, y = global_batch(seed)
+    x = x.copy()
+    x[-1, 0] = np.inf  # the last example lives on replica 1 only
+    return x, y
+
+
+def test_skip_on_every_replica_then_train_normally(mirrored):
+    weights, norms, per_replica, objs = distributed_train(mirrored, 0.2, 1, batches=[global_batch(0)])
+    model, optimizer, clip, step = objs["model"], objs["optimizer"], objs["clip"], objs["step"]
+
+    before_vars = replica_values(mirrored, model.trainable_variables)
+    before_opt = replica_values(mirrored, optimizer.variables)
+    out = step(shard(mirrored, _poisoned()[0]), shard(mirrored, _poisoned()[1]))
+    reported = [float(v) for v in mirrored.experimental_local_results(out)]
+    assert all(not np.isfinite(v) for v in reported), reported
+
+    after_vars = replica_values(mirrored, model.trainable_variables)
+    after_opt = replica_values(mirrored, optimizer.variables)
+    for b, a in zip(before_vars + before_opt, after_vars + after_opt):
+        for rb, ra in zip(b, a):
+            assert np.array_equal(rb, ra)
+    assert int(np.array(mirrored.experimental_local_results(optimizer.iterations.value)[0])) == 1
+    assert [int(v) for v in mirrored.experimental_local_results(clip.skipped_steps)] == [1, 1]
+
+    # The next finite step trains as if the poisoned step never happened.
+    step(shard(mirrored, global_batch(1)[0]), shard(mirrored, global_batch(1)[1]))
+    ref_weights, _ = reference_train(0.2, 2, batches=[global_batch(0), global_batch(1)])
+    assert max_abs_diff(model.get_weights(), ref_weights) <= 1e-5
+    final = replica_values(mirrored, model.trainable_variables)
+    assert all(np.array_equal(v[0], v[1]) for v in final)
+
+
+def test_raise_fails_the_step_and_changes_nothing(mirrored):
+    _, _, _, objs = distributed_train(mirrored, 0.2, 1, batches=[global_batch(0)], nonfinite="raise")
+    model, optimizer, step = objs["model"], objs["optimizer"], objs["step"]
+
+    before = replica_values(mirrored, model.trainable_variables + optimizer.variables)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="global gradient norm is not finite"):
+        step(shard(mirrored, _poisoned()[0]), shard(mirrored, _poisoned()[1]))
+    after = replica_values(mirrored, model.trainable_variables + optimizer.variables)
+    for b, a in zip(before, after):
+        assert all(np.array_equal(rb, ra) for rb, ra in zip(b, a))
+
+
+def test_propagate_behaves_like_tf_clip_by_global_norm(mirrored):
+    _, _, _, objs = distributed_train(mirrored, 0.2, 1, batches=[global_batch(0)], opt="sgd", nonfinite="propagate")
+    model, step = objs["model"], objs["step"]
+
+    step(shard(mirrored, _poisoned()[0]), shard(mirrored, _poisoned()[1]))
+    # tf.clip_by_global_norm turns every gradient into NaN when the norm is not finite.
+    grads, _ = tf.clip_by_global_norm([tf.constant([1.0, np.inf])], 1.0)
+    assert np.isnan(grads[0].numpy()).all()
+    assert all(np.isnan(w).all() for w in model.get_weights())
+
+
+ENGINES = ("none", "mirrored")
+
+
+def _engine(name, mirrored):
+    return {} if name == "none" else dict(strategy=mirrored, replicas=2)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", contract.SKIP_CASES)
+@pytest.mark.parametrize("api", contract.APIS)
+def test_nonfinite_step_is_skipped_on_every_replica(mirrored, engine, name, api):
+    found, _ = contract.check_skip(name, api, True, **_engine(engine, mirrored))
+    assert not found, found

@@ -1,0 +1,29 @@
+"""distclip.steplog: the per-step CSV and TensorBoard log that ClipLogger and `distclip train` share."""
+import math
+import os
+
+from distclip.steplog import COLUMNS, StepLog
+from distclip.train.plots import read_csv
+
+
+def _row(step, clip_norm=1.0):
+    return dict(step=step, loss=0.5 / (step + 1), global_norm=2.0 + step, scale=1.0 / (2.0 + step), clip_norm=clip_norm,
+                clipped=1, skipped=0)
+
+
+def test_rows_go_to_the_csv_and_tensorboard_and_a_resume_keeps_only_the_earlier_ones(tmp_path):
+    log = StepLog(str(tmp_path))
+    for step in range(5):
+        log.write(_row(step, clip_norm=math.inf if step == 4 else 1.0))
+    log.close()
+    rows = read_csv(os.path.join(tmp_path, "metrics.csv"))
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and list(rows[0]) == list(COLUMNS)
+    assert rows[2]["global_norm"] == 4.0 and rows[4]["clip_norm"] == math.inf  # clip_norm=None: inf
+    assert os.listdir(os.path.join(tmp_path, "tensorboard"))
+    with open(os.path.join(tmp_path, "metrics.csv"), "a") as f:
+        f.write("5,0.1,2")  # a line cut short by a kill
+    resumed = StepLog(str(tmp_path), first_step=3)  # the checkpoint was taken after 3 steps
+    assert [r["step"] for r in resumed.rows] == [0, 1, 2]
+    resumed.write(_row(3))
+    resumed.close()
+    assert [r["step"] for r in read_csv(os.path.join(tmp_path, "metrics.csv"))] == [0, 1, 2, 3]

@@ -5,6 +5,15 @@
     result = step.apply(grads, model.trainable_variables)       # inside strategy.run
     model.compile(optimizer=distclip.keras.ClipOptimizer(optimizer, clip_norm=1.0), ...)
 
+Layers, each importing only those before it:
+  * the core, here: the step (`engine`, `clip`, `norm`, `threshold`, `policies`,
+    `apply`, `lockstep`, `accumulate`, `loss_scale`, `step`, `steplog`) and
+    `distclip.sync` (which engine keeps replicas identical; one backend per engine);
+  * `distclip.keras`: `ClipOptimizer` and its callbacks, for `model.fit`;
+  * `distclip.cluster`: running on a cluster (launcher env, strategies,
+    `verify_replicas`, the launcher, the watchdog);
+  * `distclip.train`: the example application (`distclip train`), never imported by the library.
+
 Names are imported on first use, so `python -m distclip.cluster.launcher` and
 `distclip --help` start without loading TensorFlow.
 """

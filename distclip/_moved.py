@@ -30,11 +30,12 @@ class _OldPath(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(name, self, origin=real.origin)
 
     def create_module(self, spec):
-        return importlib.import_module(MOVED[spec.name])
+        module = importlib.import_module(MOVED[spec.name])
+        spec.loader_state = module.__spec__  # the import system is about to set __spec__ to the old name's
+        return module
 
     def exec_module(self, module) -> None:
-        # The import system set the module's __spec__ to the old name's; give it back its own.
-        module.__spec__ = importlib.util.find_spec(module.__name__)
+        module.__spec__ = module.__spec__.loader_state  # give it back its own
 
     def get_code(self, name):
         """For `python -m OLD`: runpy runs the new module's code as __main__."""

@@ -22,6 +22,17 @@ WORKERS = os.path.join(TESTS, "workers")
 BOUND_S = 60
 
 
+def require(*programs: str, modules: Sequence[str] = ()) -> None:
+    """Fails the test, saying to run scripts/setup.sh, where a program or Python module it needs is missing."""
+    import importlib.util
+    import shutil
+
+    missing = [p for p in programs if shutil.which(p) is None]
+    missing += [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed: run scripts/setup.sh, which installs everything the tests use")
+
+
 def run_all(commands: Sequence[Sequence[str]], envs: Sequence[dict], timeout: float) -> List[subprocess.CompletedProcess]:
     """Runs the commands together; if one fails or time runs out, kills the rest. Never hangs."""
     procs = [

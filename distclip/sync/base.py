@@ -49,3 +49,19 @@ class Backend(Protocol):
     def all_gather(self, local: Callable[[], tf.Tensor], name: str) -> np.ndarray:
         """`local()` evaluated on every replica, stacked as `[num_replicas, ...]` in replica order,
         the same on every process. `name` names the collective (and the caller, in errors)."""
+
+
+class OneReplicaPerProcess:
+    """What the engines with one replica per process share (Horovod, an MPI world).
+
+    Their convention: each rank's loss is the mean over its own batch, and
+    gradients are averaged across ranks (`reduction="auto"` is MEAN).
+    """
+
+    default_reduction = MEAN
+
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def num_replicas(self) -> int:
+        return self.size()

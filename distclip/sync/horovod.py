@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from distclip.errors import ContextError
 from distclip.norm import Gradient
-from distclip.sync.base import MEAN
+from distclip.sync.base import OneReplicaPerProcess
 
 
 def active() -> bool:
@@ -39,17 +39,11 @@ def _hvd():
     return hvd
 
 
-class HorovodBackend:
+class HorovodBackend(OneReplicaPerProcess):
     name = "horovod"
-    # Horovod's convention: each rank's loss is the mean over its own batch, and
-    # gradients are averaged across ranks.
-    default_reduction = MEAN
 
     def __init__(self):
         self._hvd = _hvd()
-
-    def num_replicas(self) -> int:
-        return self._hvd.size()
 
     def rank(self) -> int:
         return self._hvd.rank()

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from distclip.errors import ContextError
 from distclip.norm import Gradient
-from distclip.sync.base import MEAN
+from distclip.sync.base import OneReplicaPerProcess
 
 # Set by the launchers in every process they start: Open MPI's mpirun, and Slurm's srun (per job step).
 _WORLD_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
@@ -45,17 +45,13 @@ def active() -> bool:
     return _world() is not None
 
 
-class MPIBackend:
+class MPIBackend(OneReplicaPerProcess):
     name = "mpi"
-    default_reduction = MEAN  # one replica per process, as under Horovod
 
     def __init__(self):
         self._comm = _world()
         if self._comm is None:
             raise ContextError("no MPI world of more than one process (launch with mpirun or srun, and mpi4py)")
-
-    def num_replicas(self) -> int:
-        return self._comm.Get_size()
 
     def rank(self) -> int:
         return self._comm.Get_rank()

@@ -3,10 +3,11 @@ mpi4py; the clip step refuses to run unsynchronized instead of clipping each pro
 import json
 import os
 
-from procs import WORKERS, python, run_all
+from procs import WORKERS, python, require, run_all
 
 
 def test_mpi_world_verifies_and_broadcasts_and_the_clip_step_refuses_it(tmp_path):
+    require("mpirun", modules=["mpi4py"])
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     mpirun = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", "-x", "PYTHONPATH"]
     (r,) = run_all([[python(), "-m", "distclip.cluster.netns"] + mpirun +

@@ -130,6 +130,21 @@ def _mirrored_process(out):
     return None
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The uninterrupted run of an engine, made once and shared by the cases that interrupt it."""
+    runs = {}
+
+    def get(engine):
+        if engine not in runs:
+            folder = tmp_path_factory.mktemp(f"uninterrupted-{engine}")
+            _run(_command(engine, folder / "run"), _env(folder))
+            runs[engine] = folder / "run"
+        return runs[engine]
+
+    return get
+
+
 @pytest.mark.parametrize("engine, how", [
     ("mirrored", signal.SIGTERM),
     ("mirrored", signal.SIGKILL),
@@ -137,10 +152,9 @@ def _mirrored_process(out):
     ("mirrored-fit", signal.SIGTERM),
 ], ids=["mirrored-SIGTERM", "mirrored-SIGKILL-after-a-periodic-checkpoint", "horovodrun-SIGTERM-to-rank-1-only",
         "mirrored-fit-SIGTERM"])
-def test_interrupted_run_resumes_bit_identically(tmp_path, engine, how):
+def test_interrupted_run_resumes_bit_identically(tmp_path, engine, how, uninterrupted):
     env = _env(tmp_path)
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    _run(_command(engine, reference), env)
+    reference, resumed = uninterrupted(engine), tmp_path / "resumed"
 
     victim = _rank1 if engine == "horovod" else _mirrored_process
     code, _, output = _interrupt(_command(engine, resumed), env, resumed, how, victim)

@@ -10,8 +10,8 @@ from distclip.checks import check_gradients
 from distclip.errors import ArgumentError
 from distclip.options import StepOptions
 from distclip.policies import Policy
-from distclip.sync import wire
-from distclip.norm import clip_scale, global_norm, scale_gradients
+from distclip.norm import clip_scale, norm_from_squares, scale_gradients, sum_of_squares
+from distclip.sync import buckets, wire
 from distclip.result import ClipResult
 from distclip.threshold import ClipNorm, resolve_clip_norm
 
@@ -26,6 +26,7 @@ def sync_and_clip(
     step: Optional[tf.Tensor] = None,
     sparse_as_dense: bool = False,
     compression: Optional[str] = None,
+    bucket_mb: Optional[float] = None,
 ) -> ClipResult:
     """All-reduce `grads` across replicas, then clip them by their global L2 norm.
 
@@ -57,10 +58,13 @@ def sync_and_clip(
         all-reduce instead of all-gathering them (see `distclip.sync.wire`).
       compression: None or "fp16": float32/float64 gradients travel as float16;
         the norm is computed on the decompressed values.
+      bucket_mb: None (one packed all-reduce after the backward pass), or send
+        the gradients in buckets of at most this many megabytes, last layers
+        first, each as soon as it is ready (see `distclip.sync.buckets`).
 
     Must run in a replica context: inside `strategy.run`, or with no strategy.
     """
-    options = StepOptions(nonfinite, reduction, backend, sparse_as_dense, compression)
+    options = StepOptions(nonfinite, reduction, backend, sparse_as_dense, compression, bucket_mb=bucket_mb)
     grads = check_gradients(grads)
     if isinstance(clip_norm, Policy):
         raise ArgumentError(
@@ -98,12 +102,18 @@ def clip_synchronized(
     present = [i for i, g in enumerate(grads) if g is not None]
     sent, dtypes = wire.encode([grads[i] for i in present], sparse_as_dense=options.sparse_as_dense,
                                compression=options.compression)
-    summed = wire.decode(backend.all_reduce_sum(sent), dtypes)                    # reduce: one packed sum
+    summed: List[Any] = [None] * len(sent)
+    squares = []
+    for bucket in buckets.plan(sent, options.bucket_mb):                          # reduce: one packed sum
+        reduced = wire.decode(backend.all_reduce_sum([sent[i] for i in bucket]), [dtypes[i] for i in bucket])
+        squares.append(sum_of_squares(reduced))                                  # (each bucket's share of the norm)
+        for i, g in zip(bucket, reduced):
+            summed[i] = g
     # A mean is the sum times 1/n (and 1/k over micro-batches); that factor rides on the clip multiply.
     to_mean = (1.0 / backend.num_replicas() if op == sync.MEAN else 1.0) / micro_batches
     if loss_scale is not None:
         to_mean = tf.constant(to_mean, tf.float32) / tf.cast(loss_scale, tf.float32)
-    norm = global_norm(summed) * to_mean                                         # measure
+    norm = norm_from_squares(tf.add_n(squares), summed) * to_mean                # measure
     finite = tf.math.is_finite(norm)
     threshold = threshold_of(norm)                                               # decide
     scale = _on_nonfinite(nonfinite, clip_scale(norm, threshold), norm, finite)

@@ -55,7 +55,16 @@ def global_norm(grads: Sequence[Gradient]) -> tf.Tensor:
     so it is finite whenever it fits in float32. That second pass runs only on
     such steps (a `tf.cond`); inf or NaN gradients still give a non-finite norm.
     """
-    total = tf.add_n([squared_norm(g) for g in grads])
+    return norm_from_squares(sum_of_squares(grads), grads)
+
+
+def sum_of_squares(grads: Sequence[Gradient]) -> tf.Tensor:
+    """`sum_i ||g_i||_2^2`, float32 (one part of `global_norm`, e.g. one bucket's share)."""
+    return tf.add_n([squared_norm(g) for g in grads])
+
+
+def norm_from_squares(total: tf.Tensor, grads: Sequence[Gradient]) -> tf.Tensor:
+    """`sqrt(total)` where `total` is the sum of squares of `grads`; if it overflowed, the rescaled second pass."""
     return tf.cond(tf.math.is_finite(total), lambda: tf.sqrt(total), lambda: _rescaled_norm(grads, total))
 
 

@@ -186,8 +186,10 @@ def unchanged(before, after):
     return len(before) == len(after) and all(np.array_equal(a, b) for a, b in zip(before, after))
 
 
-def make_wrapper(api, optimizer, clip_norm=1.0):
-    return distclip.ClipStep(optimizer, clip_norm) if api == "ClipStep" else distclip.keras.ClipOptimizer(optimizer, clip_norm)
+def make_wrapper(api, optimizer, clip_norm=1.0, **options):
+    """`ClipStep` or `ClipOptimizer` (by `api`) around `optimizer`."""
+    cls = distclip.ClipStep if api == "ClipStep" else distclip.keras.ClipOptimizer
+    return cls(optimizer, clip_norm, **options)
 
 
 def call(mode, fn):

@@ -21,6 +21,21 @@ def collectives(graph, depth: int = 0, seen=None) -> List[Tuple[int, int]]:
     return found
 
 
+def op_types(graph, seen=None) -> List[str]:
+    """The type of every op in `graph` and in every function nested in it."""
+    seen = set() if seen is None else seen
+    found = [op.type for op in graph.get_operations()]
+    for name, function in getattr(graph, "_functions", {}).items():
+        if name not in seen:
+            seen.add(name)
+            found += op_types(function.graph, seen)
+    return found
+
+
+#: Ops that stop the device for the host: Python callbacks, printing, host-side assertions.
+HOST_ROUND_TRIPS = ("PyFunc", "PyFuncStateless", "EagerPyFunc", "Print", "PrintV2", "Assert")
+
+
 def reduced_elements(concrete) -> Tuple[int, int, int]:
     """(elements through CollectiveReduceV2 at the top of the step's graph, how many such ops there,
     elements in nested functions)."""

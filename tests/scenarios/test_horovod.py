@@ -133,7 +133,8 @@ def test_distclip_train_under_horovodrun_matches_mirrored(tmp_path, fit):
 
 
 def test_indexed_slices_and_compression_under_horovod(tmp_path):
-    """All-gathered by default, densified on request, fp16 on the wire: the norm is the dense one every time."""
+    """All-gathered by default, densified on request, fp16 on the wire, in buckets: the norm is the dense one every
+    time."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, **ROOT_OK)
     cmd = LAUNCHERS["horovodrun-gloo"] + [python(), os.path.join(WORKERS, "horovod_sparse.py"), str(tmp_path)]
     (r,) = run_all([cmd], [env], timeout=240)
@@ -150,11 +151,11 @@ def test_indexed_slices_and_compression_under_horovod(tmp_path):
     dense = np.mean([[1.0, -2.0, 0.5], [1.0, -4.0, 0.5]], axis=0)
     want = np.sqrt((emb ** 2).sum() + (dense ** 2).sum())
     for got in ranks:
-        for mode, tol in (("sparse", 1e-6), ("dense", 1e-6), ("fp16", 1e-3)):
+        for mode, tol in (("sparse", 1e-6), ("dense", 1e-6), ("fp16", 1e-3), ("buckets", 1e-6)):
             assert got[mode]["norm"] == pytest.approx(want, rel=tol), mode
             np.testing.assert_allclose(got[mode]["emb"], emb / want, rtol=tol, atol=tol)
             np.testing.assert_allclose(got[mode]["dense"], dense / want, rtol=tol, atol=tol)
-        assert got["sparse"]["sparse"] and not got["dense"]["sparse"] and got["fp16"]["sparse"]
+        assert got["sparse"]["sparse"] and not got["dense"]["sparse"] and got["fp16"]["sparse"] and got["buckets"]["sparse"]
     assert ranks[0] == ranks[1]
 
 

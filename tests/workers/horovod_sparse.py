@@ -1,5 +1,5 @@
 """One rank: sync_and_clip on an embedding-style IndexedSlices (repeated indices) plus a dense gradient,
-as Horovod all-gathers it by default, densified (sparse_as_dense=True), and with fp16 compression.
+as Horovod all-gathers it by default, densified (sparse_as_dense=True), with fp16 compression, and in buckets.
 Writes OUT_DIR/rank{R}.json: for each mode, the norm, whether the result stayed sparse, and the dense result."""
 import json
 import os
@@ -17,7 +17,9 @@ values = tf.constant([[1.0 + rank, 2.0], [3.0, -1.0 - rank], [0.5, 0.5]])
 indices = tf.constant([0, 2, 2] if rank == 0 else [2, 5, 5])
 dense = tf.constant([1.0, -2.0 * (rank + 1), 0.5])
 out = {}
-for mode, kwargs in {"sparse": {}, "dense": {"sparse_as_dense": True}, "fp16": {"compression": "fp16"}}.items():
+modes = {"sparse": {}, "dense": {"sparse_as_dense": True}, "fp16": {"compression": "fp16"},
+         "buckets": {"bucket_mb": 1e-6}}  # each gradient its own grouped all-reduce, the dense one first
+for mode, kwargs in modes.items():
     @tf.function
     def step():
         # tf.identity: inside a traced step gradients are graph tensors, as tape.gradient gives them.

@@ -142,3 +142,14 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path, mirrored):
 def test_bad_arguments_name_the_argument(make, named):
     with pytest.raises(distclip.ArgumentError, match=named):
         make()
+
+
+def test_fit_under_mirrored_keeps_xla_off_and_explicit_xla_fails_in_keras_itself(mirrored):
+    """Keras's "auto" turns XLA off under MirroredStrategy. Asked for explicitly, on logical CPU devices, XLA's
+    placement fails Keras's own step the same way with or without ClipOptimizer (tensorflow.org/xla/known_issues,
+    "tf.Variable on a different device"); the day it works, this test fails and the README's note can go."""
+    model, _, _ = fit(clip_adam(), mirrored, steps=1)
+    assert model.jit_compile is False and not fit_xla_functions(model)
+    for optimizer in (keras_adam(global_clipnorm=CLIP), clip_adam()):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="Trying to access resource .* located in device"):
+            fit(optimizer, mirrored, steps=1, jit_compile=True)

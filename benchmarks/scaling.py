@@ -1,0 +1,203 @@
+"""What clipping costs as models and replica counts grow: ClipStep against the unclipped synchronized step.
+
+For 2, 4 and 8 replicas (MirroredStrategy over logical CPU devices, one worker process per count, since the
+devices are fixed when TensorFlow starts) and MLPs of about 1M, 10M and 50M parameters, it times, alternating
+in blocks in the same process (A B, B A, ...), one training step with `ClipStep` and the same step with plain
+`optimizer.apply` (both with one packed all-reduce of the gradients, SGD, a threshold that binds on every
+step). Separately, on one device, it times the norm pass alone (`distclip.norm.global_norm`) against a plain
+read of the same gradients (`tf.reduce_sum` of each), to show where clipping's cost goes. Prints a table, and
+writes docs/scaling.json (every timing; `benchmarks/cost_model.py` fits its constants to it) and
+docs/scaling.png (the overhead ratio against parameters, one line per replica count).
+
+    .venv/bin/python benchmarks/scaling.py [--replicas 2 4 8] [--sizes 1M 10M 50M] [--rounds 10]
+
+Targets on this machine: median ratio ClipStep / unclipped at most 1.05 at every size; norm pass within 1.5x
+of the plain read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DOCS = os.path.join(os.path.dirname(HERE), "docs")
+#: name -> (hidden width, hidden layers) of an MLP 512 -> width x layers -> 10.
+SIZES = {"1M": (768, 2), "10M": (2048, 3), "50M": (4096, 4)}
+IN, OUT, BATCH = 512, 10, 256
+#: Steps per timed block, by size: fewer for the large models, whose steps take longer.
+BLOCK = {"1M": 10, "10M": 4, "50M": 2}
+
+
+def _model(size: str):
+    import keras
+
+    width, layers = SIZES[size]
+    model = keras.Sequential([keras.Input((IN,))] + [keras.layers.Dense(width, activation="relu") for _ in range(layers)]
+                             + [keras.layers.Dense(OUT)])
+    return model
+
+
+def _alternate(steps: Dict[str, callable], rounds: int, block: int) -> Dict[str, List[float]]:
+    import numpy as np
+
+    def run(name):
+        start = time.perf_counter()
+        for _ in range(block):
+            out = steps[name]()
+        np.asarray(out)
+        return (time.perf_counter() - start) / block
+
+    for name in steps:  # trace and warm up
+        run(name)
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name].append(run(name))
+    return times
+
+
+def worker(replicas: int, sizes: List[str], rounds: int) -> List[dict]:
+    """One replica count: every size, ClipStep against the unclipped step; on one device, the norm pass."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from distclip.cluster.strategies import make_strategy
+
+    strategy = make_strategy("mirrored", replicas=replicas)  # before any other TensorFlow op
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import distclip
+    from distclip.norm import global_norm
+
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(BATCH, IN)).astype("float32")
+    ys = rng.integers(0, OUT, size=(BATCH,)).astype("int32")
+    per = BATCH // replicas
+    x = strategy.experimental_distribute_values_from_function(lambda c: tf.constant(xs[c.replica_id_in_sync_group * per:][:per]))
+    y = strategy.experimental_distribute_values_from_function(lambda c: tf.constant(ys[c.replica_id_in_sync_group * per:][:per]))
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+    results = []
+    for size in sizes:
+        steps = {}
+        for name in ("unclipped", "ClipStep"):
+            with strategy.scope():
+                keras.utils.set_random_seed(0)
+                model = _model(size)
+                optimizer = keras.optimizers.SGD(1e-9)  # a tiny step: the gradients stay the same from step to step
+                clip = distclip.ClipStep(optimizer, clip_norm=1e-3) if name == "ClipStep" else None
+                optimizer.build(model.trainable_variables)
+
+            def make(model=model, optimizer=optimizer, clip=clip):
+                @tf.function
+                def step(x, y):
+                    def replica_fn(x, y):
+                        with tf.GradientTape() as tape:
+                            loss = tf.nn.compute_average_loss(loss_fn(y, model(x, training=True)), global_batch_size=BATCH)
+                        grads = tape.gradient(loss, model.trainable_variables)
+                        if clip is None:
+                            optimizer.apply(grads, model.trainable_variables)
+                            return loss
+                        return clip.apply(grads, model.trainable_variables).global_norm
+                    return strategy.experimental_local_results(strategy.run(replica_fn, args=(x, y)))[0]
+                return lambda: step(x, y)
+
+            steps[name] = make()
+        params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+        norm = float(steps["ClipStep"]())
+        times = _alternate(steps, rounds, BLOCK[size])
+        ratios = [c / u for c, u in zip(times["ClipStep"], times["unclipped"])]
+
+        grads = [tf.constant(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables]
+        passes = {"plain read": tf.function(lambda g: tf.add_n([tf.reduce_sum(t) for t in g])),
+                  "norm pass": tf.function(global_norm)}
+        pass_times = _alternate({k: (lambda f=f: f(grads)) for k, f in passes.items()}, rounds, 10)
+        pass_ratios = [n / r for n, r in zip(pass_times["norm pass"], pass_times["plain read"])]
+        results.append({
+            "replicas": replicas, "size": size, "params": params, "global_norm": norm, "clip_norm": 1e-3,
+            "unclipped_s": times["unclipped"], "clipstep_s": times["ClipStep"], "ratios": ratios,
+            "plain_read_s": pass_times["plain read"], "norm_pass_s": pass_times["norm pass"], "pass_ratios": pass_ratios,
+        })
+        print(f"  {replicas} replicas, {size} ({params / 1e6:.2f}M): ratio {statistics.median(ratios):.3f}, "
+              f"norm pass / read {statistics.median(pass_ratios):.3f}", file=sys.stderr, flush=True)
+    return results
+
+
+def _summary(results: List[dict]) -> str:
+    def spread(v):
+        q = statistics.quantiles(v, n=4)
+        return f"{statistics.median(v):.3f} ({q[0]:.3f}-{q[2]:.3f})"
+
+    lines = [f"{'replicas':>8} {'size':>5} {'params':>8} {'unclipped ms':>13} {'ClipStep ms':>12} "
+             f"{'ratio median (IQR)':>22} {'norm pass / read (IQR)':>24}"]
+    for r in results:
+        lines.append(f"{r['replicas']:>8} {r['size']:>5} {r['params'] / 1e6:>7.2f}M "
+                     f"{statistics.median(r['unclipped_s']) * 1e3:>13.1f} {statistics.median(r['clipstep_s']) * 1e3:>12.1f} "
+                     f"{spread(r['ratios']):>22} {spread(r['pass_ratios']):>24}")
+    return "\n".join(lines)
+
+
+def _plot(results: List[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n in sorted({r["replicas"] for r in results}):
+        rows = sorted((r for r in results if r["replicas"] == n), key=lambda r: r["params"])
+        med = [statistics.median(r["ratios"]) for r in rows]
+        q = [statistics.quantiles(r["ratios"], n=4) for r in rows]
+        ax.errorbar([r["params"] for r in rows], med, yerr=[[m - a[0] for m, a in zip(med, q)], [a[2] - m for m, a in zip(med, q)]],
+                    marker="o", capsize=3, label=f"{n} replicas")
+    ax.axhline(1.05, color="r", ls="--", lw=1, label="target 1.05")
+    ax.axhline(1.0, color="gray", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("step time, ClipStep / unclipped")
+    ax.set_title("Clipping's overhead (MirroredStrategy, logical CPUs, 2 cores); median and IQR", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--replicas", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--rounds", type=int, default=10, help="alternating block pairs per configuration")
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=DOCS, help="folder for scaling.json and scaling.png")
+    args = p.parse_args(argv)
+    if args.worker:
+        json.dump(worker(args.worker, args.sizes, args.rounds), sys.stdout)
+        return 0
+    command = " ".join([".venv/bin/python", "benchmarks/scaling.py"] + (argv if argv is not None else sys.argv[1:]))
+    results = []
+    for n in args.replicas:
+        print(f"{n} replicas ...", file=sys.stderr, flush=True)
+        out = subprocess.run([sys.executable, __file__, "--worker", str(n), "--rounds", str(args.rounds), "--sizes",
+                              *args.sizes], check=True, capture_output=True, text=True)
+        sys.stderr.write(out.stderr[-2000:] if "ratio" not in out.stderr else "")
+        results += json.loads(out.stdout)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "scaling.json"), "w") as f:
+        json.dump({"command": command, "cpu_cores": os.cpu_count(), "batch": BATCH, "results": results}, f)
+    _plot(results, os.path.join(args.out, "scaling.png"))
+    print(f"command: {command}")
+    print(f"setup: MirroredStrategy over N logical CPU devices ({os.cpu_count()} cores), MLP 512 -> width x layers -> 10, "
+          f"SGD, global batch {BATCH}, clip_norm 1e-3 (binds on every step), {args.rounds} alternating rounds")
+    print(_summary(results))
+    print("targets: ratio <= 1.05 at every size; norm pass / read <= 1.5")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

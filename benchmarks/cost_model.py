@@ -26,21 +26,39 @@ CLIP_BYTES = 3 * GRAD_BYTES
 
 
 # ---------------------------------------------------------------------------------------------- this machine
-def fit_this_machine(results: List[dict]) -> Dict[str, float]:
-    """Least-squares constants for the logical-CPU runs of scaling.py (n replicas share one memory system).
+def _nonnegative_fit(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0 (few coefficients: the best over the subsets left free)."""
+    best, best_err = np.zeros(a.shape[1]), float(np.sum(y ** 2))
+    for mask in range(1, 2 ** a.shape[1]):
+        cols = [i for i in range(a.shape[1]) if mask >> i & 1]
+        coef, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
+        if (coef >= 0).all():
+            full = np.zeros(a.shape[1])
+            full[cols] = coef
+            err = float(np.sum((a @ full - y) ** 2))
+            if err < best_err:
+                best, best_err = full, err
+    return best
 
-    unclipped step  t_u = c + f P + 2 (n - 1) alpha + g (n - 1) P      compute, then the in-process ring
-    clip overhead   d   = a + b n + k n P                              per-replica fixed cost + n passes of
-                                                                       CLIP_BYTES per parameter
+
+def fit_this_machine(results: List[dict]) -> Dict[str, float]:
+    """Constants for the logical-CPU runs of scaling.py, where the n replicas share 2 cores and one memory system.
+
+    unclipped step  t_u = c n + f P + g (n - 1) P     per-replica fixed cost, the global batch's compute,
+                                                      the in-process ring (2 (n-1)/n * 4 bytes per parameter
+                                                      on each of n replicas)
+    clip overhead   d   = a n + k n P                 per-replica fixed cost, n passes of CLIP_BYTES per parameter
+
+    Fitted to relative error (each row divided by its measured time), every coefficient >= 0.
     """
     n = np.array([r["replicas"] for r in results], float)
     p = np.array([r["params"] for r in results], float)
     t_u = np.array([statistics.median(r["unclipped_s"]) for r in results])
     t_c = np.array([statistics.median(r["clipstep_s"]) for r in results])
-    (c, f, alpha, g), *_ = np.linalg.lstsq(np.stack([np.ones_like(n), p, 2 * (n - 1), (n - 1) * p], 1), t_u, rcond=None)
-    (a, b, k), *_ = np.linalg.lstsq(np.stack([np.ones_like(n), n, n * p], 1), t_c - t_u, rcond=None)
-    return {"c": c, "f": f, "alpha": alpha, "g": g, "a": a, "b": b, "k": k,
-            "ring_bytes_per_s": 8.0 / g if g > 0 else math.inf,  # 2 (n-1)/n * 4 bytes per parameter, n replicas
+    c, f, g = _nonnegative_fit(np.stack([n, p, (n - 1) * p], 1) / t_u[:, None], np.ones_like(t_u))
+    a, k = _nonnegative_fit(np.stack([n, n * p], 1) / t_u[:, None], (t_c - t_u) / t_u)
+    return {"c": c, "f": f, "g": g, "a": a, "k": k,
+            "ring_bytes_per_s": 8.0 / g if g > 0 else math.inf,
             "clip_bytes_per_s": CLIP_BYTES / k if k > 0 else math.inf}
 
 
@@ -49,8 +67,8 @@ def check_this_machine(results: List[dict], fit: Dict[str, float]) -> List[Tuple
     rows = []
     for r in results:
         n, p = r["replicas"], r["params"]
-        t_u = fit["c"] + fit["f"] * p + 2 * (n - 1) * fit["alpha"] + fit["g"] * (n - 1) * p
-        d = fit["a"] + fit["b"] * n + fit["k"] * n * p
+        t_u = fit["c"] * n + fit["f"] * p + fit["g"] * (n - 1) * p
+        d = fit["a"] * n + fit["k"] * n * p
         measured = statistics.median(r["ratios"])
         modelled = (t_u + d) / t_u
         rows.append((n, r["size"], measured, modelled, modelled - measured))
@@ -135,15 +153,21 @@ def main(argv=None) -> int:
     with open(path) as f:
         results = json.load(f)["results"]
     fit = fit_this_machine(results)
+    largest = max(r["replicas"] for r in results)
+    held_out = fit_this_machine([r for r in results if r["replicas"] < largest])
     print("## This machine: fitted constants")
-    print(f"- unclipped step: c = {fit['c'] * 1e3:.2f} ms, compute f = {fit['f'] * 1e9:.2f} ns/parameter, "
-          f"alpha = {fit['alpha'] * 1e6:.0f} us per ring step, in-process ring {fit['ring_bytes_per_s'] / 1e9:.2f} GB/s")
-    print(f"- clip overhead: a = {fit['a'] * 1e3:.2f} ms + b = {fit['b'] * 1e3:.3f} ms per replica, "
-          f"memory traffic {fit['clip_bytes_per_s'] / 1e9:.2f} GB/s ({CLIP_BYTES} bytes per parameter per replica)")
+    print(f"- unclipped step: {fit['c'] * 1e3:.2f} ms per replica + {fit['f'] * 1e9:.2f} ns per parameter (the "
+          f"global batch's compute) + the in-process ring at {fit['ring_bytes_per_s'] / 1e9:.2f} GB/s")
+    print(f"- clip step: {fit['a'] * 1e3:.3f} ms per replica + {CLIP_BYTES} bytes per parameter per replica at "
+          f"{fit['clip_bytes_per_s'] / 1e9:.2f} GB/s")
     print("\n## This machine: model against measurement (ratio ClipStep / unclipped, medians)")
-    print("| replicas | size | measured | modelled | modelled - measured |\n|---|---|---|---|---|")
-    for n, size, measured, modelled, err in check_this_machine(results, fit):
-        print(f"| {n} | {size} | {measured:.3f} | {modelled:.3f} | {err:+.3f} |")
+    print(f"Fitted to every run, and (last column) to the runs with fewer than {largest} replicas only, so that "
+          f"its {largest}-replica rows are predictions.\n")
+    print(f"| replicas | size | measured | modelled | modelled - measured | fitted without {largest} replicas |\n"
+          "|---|---|---|---|---|---|")
+    for (n, size, measured, modelled, err), (_, _, _, predicted, _) in zip(check_this_machine(results, fit),
+                                                                          check_this_machine(results, held_out)):
+        print(f"| {n} | {size} | {measured:.3f} | {modelled:.3f} | {err:+.3f} | {predicted:.3f} ({predicted - measured:+.3f}) |")
     for kind, title in (("gpu", "8-GPU H100 nodes, NVLink inside, 400 Gb/s per GPU between nodes"),
                         ("tpu", "TPU v5p slice (3D torus, ICI)")):
         print(f"\n## Predicted: {title}")

@@ -3,8 +3,8 @@
 For 2, 4 and 8 replicas (MirroredStrategy over logical CPU devices, one worker process per count, since the
 devices are fixed when TensorFlow starts) and MLPs of about 1M, 10M and 50M parameters, it times, alternating
 in blocks in the same process (A B, B A, ...), one training step with `ClipStep` and the same step with plain
-`optimizer.apply` (both with one packed all-reduce of the gradients, SGD, a threshold that binds on every
-step). Separately, on one device, it times the norm pass alone (`distclip.norm.global_norm`) against a plain
+`optimizer.apply` (both with one packed all-reduce of the gradients, Adam by default, a threshold that binds
+on every step, so the multiply runs every step). Separately, on one device, it times the norm pass alone (`distclip.norm.global_norm`) against a plain
 read of the same gradients (`tf.reduce_sum` of each), to show where clipping's cost goes. Prints a table, and
 writes docs/scaling.json (every timing; `benchmarks/cost_model.py` fits its constants to it) and
 docs/scaling.png (the overhead ratio against parameters, one line per replica count).
@@ -63,7 +63,7 @@ def _alternate(steps: Dict[str, callable], rounds: int, block: int) -> Dict[str,
     return times
 
 
-def worker(replicas: int, sizes: List[str], rounds: int) -> List[dict]:
+def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) -> List[dict]:
     """One replica count: every size, ClipStep against the unclipped step; on one device, the norm pass."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from distclip.cluster.strategies import make_strategy
@@ -90,7 +90,8 @@ def worker(replicas: int, sizes: List[str], rounds: int) -> List[dict]:
             with strategy.scope():
                 keras.utils.set_random_seed(0)
                 model = _model(size)
-                optimizer = keras.optimizers.SGD(1e-9)  # a tiny step: the gradients stay the same from step to step
+                # A tiny step: the gradients (and so whether the threshold binds) stay the same from step to step.
+                optimizer = keras.optimizers.Adam(1e-9) if optimizer_name == "adam" else keras.optimizers.SGD(1e-9)
                 clip = distclip.ClipStep(optimizer, clip_norm=1e-3) if name == "ClipStep" else None
                 optimizer.build(model.trainable_variables)
 
@@ -173,27 +174,30 @@ def main(argv=None) -> int:
     p.add_argument("--replicas", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--rounds", type=int, default=10, help="alternating block pairs per configuration")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"],
+                   help="the update both steps end with (SGD: the lightest, so the largest ratio)")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", default=DOCS, help="folder for scaling.json and scaling.png")
     args = p.parse_args(argv)
     if args.worker:
-        json.dump(worker(args.worker, args.sizes, args.rounds), sys.stdout)
+        json.dump(worker(args.worker, args.sizes, args.rounds, args.optimizer), sys.stdout)
         return 0
     command = " ".join([".venv/bin/python", "benchmarks/scaling.py"] + (argv if argv is not None else sys.argv[1:]))
     results = []
     for n in args.replicas:
         print(f"{n} replicas ...", file=sys.stderr, flush=True)
-        out = subprocess.run([sys.executable, __file__, "--worker", str(n), "--rounds", str(args.rounds), "--sizes",
-                              *args.sizes], check=True, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--worker", str(n), "--rounds", str(args.rounds), "--optimizer",
+                              args.optimizer, "--sizes", *args.sizes], check=True, capture_output=True, text=True)
         sys.stderr.write(out.stderr[-2000:] if "ratio" not in out.stderr else "")
         results += json.loads(out.stdout)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "scaling.json"), "w") as f:
-        json.dump({"command": command, "cpu_cores": os.cpu_count(), "batch": BATCH, "results": results}, f)
+        json.dump({"command": command, "cpu_cores": os.cpu_count(), "batch": BATCH, "optimizer": args.optimizer,
+                   "results": results}, f)
     _plot(results, os.path.join(args.out, "scaling.png"))
     print(f"command: {command}")
     print(f"setup: MirroredStrategy over N logical CPU devices ({os.cpu_count()} cores), MLP 512 -> width x layers -> 10, "
-          f"SGD, global batch {BATCH}, clip_norm 1e-3 (binds on every step), {args.rounds} alternating rounds")
+          f"{args.optimizer}, global batch {BATCH}, clip_norm 1e-3 (binds on every step), {args.rounds} alternating rounds")
     print(_summary(results))
     print("targets: ratio <= 1.05 at every size; norm pass / read <= 1.5")
     return 0

@@ -5,7 +5,7 @@ import inspect
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, TypeVar
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, TypeVar, Union
 
 from distclip import sync
 from distclip.errors import ArgumentError
@@ -28,8 +28,10 @@ class StepOptions:
       sparse_as_dense: send `tf.IndexedSlices` dense in the packed all-reduce.
       compression: None, "none" or "fp16" (see `distclip.sync.wire`).
       accumulation_steps: k >= 1 micro-batches per update (see `distclip.accumulate`).
-      bucket_mb: None (one packed all-reduce), or buckets of at most this many
-        megabytes sent last layers first as they are ready (see `distclip.sync.buckets`).
+      bucket_mb: "auto" (the engine's default: buckets of 25 MB under Horovod, one
+        packed all-reduce under tf.distribute), None (one packed all-reduce), or
+        buckets of at most this many megabytes sent last layers first as they
+        are ready (see `distclip.sync.buckets`).
     """
 
     NONFINITE: ClassVar[Tuple[str, ...]] = ("skip", "raise", "propagate")
@@ -43,7 +45,7 @@ class StepOptions:
     sparse_as_dense: bool = False
     compression: Optional[str] = None
     accumulation_steps: int = 1
-    bucket_mb: Optional[float] = None
+    bucket_mb: Union[None, float, str] = "auto"
 
     def __post_init__(self) -> None:
         _choice("nonfinite", self.nonfinite, self.NONFINITE)
@@ -58,9 +60,9 @@ class StepOptions:
             raise ArgumentError(f"accumulation_steps must be an integer >= 1; got accumulation_steps={steps!r}")
         object.__setattr__(self, "accumulation_steps", int(steps))
         mb = self.bucket_mb
-        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, numbers.Real) or not math.isfinite(mb)
-                               or mb <= 0):
-            raise ArgumentError(f"bucket_mb must be None or a positive number of megabytes; got bucket_mb={mb!r}")
+        if mb not in (None, "auto") and (isinstance(mb, (bool, str)) or not isinstance(mb, numbers.Real)
+                                         or not math.isfinite(mb) or mb <= 0):
+            raise ArgumentError(f"bucket_mb must be 'auto', None or a positive number of megabytes; got bucket_mb={mb!r}")
 
     @classmethod
     def from_keywords(cls, owner: str, options: Dict[str, Any]) -> "StepOptions":

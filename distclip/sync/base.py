@@ -1,7 +1,7 @@
 """The seam every synchronization engine implements."""
 from __future__ import annotations
 
-from typing import Any, Callable, List, Protocol, Sequence
+from typing import Any, Callable, List, Optional, Protocol, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -32,6 +32,8 @@ class Backend(Protocol):
     name: str
     #: The reduction `reduction="auto"` means for this engine: `SUM` or `MEAN`.
     default_reduction: str
+    #: What `bucket_mb="auto"` means for this engine: None (one packed all-reduce) or a bucket size in MB.
+    default_bucket_mb: Optional[float]
 
     def num_replicas(self) -> int:
         """Replicas in sync: devices under tf.distribute, processes under Horovod or MPI."""
@@ -59,6 +61,7 @@ class OneReplicaPerProcess:
     """
 
     default_reduction = MEAN
+    default_bucket_mb = None
 
     def size(self) -> int:
         raise NotImplementedError

@@ -1,13 +1,14 @@
-"""Which gradients travel together: one packed collective (the default), or buckets in reverse layer order.
+"""Which gradients travel together: one packed collective, or buckets in reverse layer order.
 
 `plan(grads, bucket_mb)` returns the order of collectives as lists of indices into `grads`:
   * `bucket_mb=None`: one bucket holding every gradient, in order: one packed all-reduce after the
-    whole backward pass (one collective per dtype);
+    whole backward pass (one collective per dtype); the default under tf.distribute;
   * `bucket_mb=B`: the gradients from the last to the first, cut into buckets of at most B megabytes
     (a larger gradient alone), like PyTorch DDP's `bucket_cap_mb`. Backpropagation produces the last
     layers' gradients first; each bucket's all-reduce depends on its own gradients only, so TensorFlow's
     executor can start it while the first layers are still being differentiated, and the bucket's share
-    of the norm (`sum_of_squares`) is computed as soon as it arrives.
+    of the norm (`sum_of_squares`) is computed as soon as it arrives. The default under Horovod (25 MB):
+    `benchmarks/horovod_buckets.py` measured it faster than one group at 50M parameters and even at 5M.
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from distclip.sync.base import SUM
 class LocalBackend:
     name = "none"
     default_reduction = SUM
+    default_bucket_mb = None
 
     def num_replicas(self) -> int:
         return 1

@@ -24,6 +24,8 @@ class TFDistributeBackend:
     # global batch size (tf.nn.compute_average_loss, Keras losses under a
     # strategy), so the SUM of replica gradients is the global-batch gradient.
     default_reduction = SUM
+    # One packed collective: the strategy's cross-device ops pack it (not measured with buckets).
+    default_bucket_mb = None
 
     def __init__(self, strategy: tf.distribute.Strategy):
         self.strategy = strategy

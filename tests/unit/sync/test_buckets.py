@@ -21,7 +21,7 @@ def test_plan_cuts_the_reversed_gradients_at_the_cap():
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "25"])
 def test_bucket_mb_is_checked(bad):
-    with pytest.raises(distclip.ArgumentError, match=f"bucket_mb must be None or a positive number of megabytes; "
+    with pytest.raises(distclip.ArgumentError, match=f"bucket_mb must be .auto., None or a positive number of megabytes; "
                                                      f"got bucket_mb={bad!r}"):
         distclip.ClipStep(keras.optimizers.SGD(0.1), 1.0, bucket_mb=bad)
 

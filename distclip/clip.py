@@ -107,7 +107,7 @@ def clip_synchronized(
     summed: List[Any] = [None] * len(sent)
     squares = []
     bucket_mb = backend.default_bucket_mb if options.bucket_mb == "auto" else options.bucket_mb
-    for bucket in buckets.plan(sent, bucket_mb):                                  # reduce: one packed sum
+    for bucket in buckets.plan(sent, bucket_mb):              # reduce: one packed sum (or one per bucket)
         reduced = wire.decode(backend.all_reduce_sum([sent[i] for i in bucket]), [dtypes[i] for i in bucket])
         squares.append(sum_of_squares(reduced))                                  # (each bucket's share of the norm)
         for i, g in zip(bucket, reduced):

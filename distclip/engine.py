@@ -2,7 +2,7 @@
 
 Per update, top to bottom (`ClipEngine.step`):
 
-    reduce   g     = sum over replicas of each replica's gradients   (one packed collective)
+    reduce   g     = sum over replicas of each replica's gradients   (one packed collective, or one per bucket)
     measure  norm  = ||g||_2 * f          f = 1/n for a mean, 1/k over k micro-batches, 1/S under a loss scale
     decide   scale = min(1, clip_norm / norm); finite = isfinite(norm)
     scale    g    <- g * scale * f                                      (one multiply)

@@ -57,7 +57,14 @@ class HorovodBackend(OneReplicaPerProcess):
     def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]:
         # Sum, not Average: Average is Sum plus a pass over the fused buffer to
         # divide, which the clip multiply does for free (distclip.clip).
-        return list(self._hvd.grouped_allreduce(list(grads), op=self._hvd.Sum, name="distclip_grads"))
+        # tf.IndexedSlices go first: Horovod 0.28.1's grouped_allreduce takes each one's dense_shape from the
+        # group's first tensors (`zip(new_values, new_indices, tensors)`), which fails on a dense tensor.
+        order = sorted(range(len(grads)), key=lambda i: not isinstance(grads[i], tf.IndexedSlices))
+        summed = self._hvd.grouped_allreduce([grads[i] for i in order], op=self._hvd.Sum, name="distclip_grads")
+        out: List[Gradient] = [None] * len(grads)
+        for i, g in zip(order, summed):
+            out[i] = g
+        return out
 
     def broadcast(self, variables: Sequence[Any], root: int) -> None:
         tf_vars = [v.value if isinstance(v, keras.Variable) else v for v in variables]

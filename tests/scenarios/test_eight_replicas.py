@@ -54,6 +54,10 @@ def test_eight_replicas_match_single_device_and_skip_together(tmp_path, engine):
         assert rep["iterations"] == STEPS - 1
         if engine == "horovodrun":
             assert rep["skipped"] == 1 and rep["size"] == 8 and rep["verified"] == "ok"
+            # The cluster helpers see the launch: from Horovod itself, and from horovodrun's environment alone.
+            mine = {"rank": rep["rank"], "size": 8, "local_rank": rep["rank"], "local_size": 8}
+            assert rep["cluster"] == dict(mine, launcher="horovod")
+            assert rep["env_cluster"] == dict(mine, launcher="horovodrun")
         else:
             assert set(rep["skipped"]) == {1} and rep["local_replicas_identical"]
             assert rep["local_replicas"] * len(reports) == 8

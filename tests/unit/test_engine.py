@@ -80,8 +80,9 @@ def _train(api, config, jit, strategy=None):
     return model.get_weights(), op_types(step.get_concrete_function(*args(batches[0])).graph)
 
 
+# ClipOptimizer's cases are `slow` (the fast tier compiles it through fit: keras/test_optimizer.py).
 @pytest.mark.parametrize("config", sorted(_configs()))
-@pytest.mark.parametrize("api", ["ClipStep", "ClipOptimizer"])
+@pytest.mark.parametrize("api", ["ClipStep", pytest.param("ClipOptimizer", marks=pytest.mark.slow)])
 def test_every_step_path_compiles_with_xla_and_never_waits_for_the_host(api, config):
     compiled, ops = _train(api, config, jit=True)
     plain, _ = _train(api, config, jit=False)

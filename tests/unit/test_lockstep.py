@@ -64,14 +64,12 @@ def test_propagate_behaves_like_tf_clip_by_global_norm(mirrored):
     assert all(np.isnan(w).all() for w in model.get_weights())
 
 
-ENGINES = ("none", "mirrored")
-
-
 def _engine(name, mirrored):
     return {} if name == "none" else dict(strategy=mirrored, replicas=2)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+# One device: `slow` (the lockstep is the mirrored case's; fast one-device skips: test_engine.py, test_threshold.py).
+@pytest.mark.parametrize("engine", [pytest.param("none", marks=pytest.mark.slow), "mirrored"])
 @pytest.mark.parametrize("name", contract.SKIP_CASES)
 @pytest.mark.parametrize("api", contract.APIS)
 def test_nonfinite_step_is_skipped_on_every_replica(mirrored, engine, name, api):

@@ -88,3 +88,27 @@ def arg_parser(doc: str, batch_default: int, batch_help: str) -> argparse.Argume
                    help="threshold; the global norm here is about 2.3, so 0.1 binds on every step")
     p.add_argument("--nonfinite", default="skip", choices=["skip", "raise", "propagate"])
     return p
+
+
+def strategy_step(strategy, model, optimizer, clip, global_batch: int):
+    """A traced training step under `strategy`: ClipStep's `apply` (or, with `clip=None`, the optimizer's own
+    `apply`, which reduces the gradients itself). Returns step(x, y) -> (global loss, pre-clip norm or NaN)."""
+    import tensorflow as tf
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+
+    @tf.function
+    def step(x, y):
+        def replica_fn(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.nn.compute_average_loss(loss_fn(y, model(x, training=True)), global_batch_size=global_batch)
+            grads = tape.gradient(loss, model.trainable_variables)
+            if clip is None:
+                optimizer.apply(grads, model.trainable_variables)
+                return loss, tf.constant(float("nan"))
+            return loss, clip.apply(grads, model.trainable_variables).global_norm
+
+        loss, norm = strategy.run(replica_fn, args=(x, y))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None), strategy.experimental_local_results(norm)[0]
+
+    return step

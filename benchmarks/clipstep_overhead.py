@@ -18,31 +18,10 @@ from distclip.cluster.strategies import make_strategy  # noqa: E402
 
 strategy = make_strategy("mirrored", replicas=2)  # before any other TensorFlow op
 
-import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import distclip  # noqa: E402
-from bench_common import alternate, arg_parser, build, data, report  # noqa: E402
-
-
-def make_step(model, optimizer, clip, global_batch):
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
-
-    @tf.function
-    def step(x, y):
-        def replica_fn(x, y):
-            with tf.GradientTape() as tape:
-                loss = tf.nn.compute_average_loss(loss_fn(y, model(x, training=True)), global_batch_size=global_batch)
-            grads = tape.gradient(loss, model.trainable_variables)
-            if clip is None:
-                optimizer.apply(grads, model.trainable_variables)
-                return loss, tf.constant(float("nan"))
-            return loss, clip.apply(grads, model.trainable_variables).global_norm
-
-        loss, norm = strategy.run(replica_fn, args=(x, y))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None), strategy.experimental_local_results(norm)[0]
-
-    return step
+from bench_common import alternate, arg_parser, build, data, report, strategy_step  # noqa: E402
 
 
 def main() -> int:
@@ -58,8 +37,8 @@ def main() -> int:
     xs, ys = data(args.batch_size)
     x = strategy.experimental_distribute_values_from_function(lambda c: tf.constant(xs[c.replica_id_in_sync_group * per:][:per]))
     y = strategy.experimental_distribute_values_from_function(lambda c: tf.constant(ys[c.replica_id_in_sync_group * per:][:per]))
-    plain = make_step(plain_model, plain_opt, None, args.batch_size)
-    ours = make_step(clip_model, clip_opt, clip, args.batch_size)
+    plain = strategy_step(strategy, plain_model, plain_opt, None, args.batch_size)
+    ours = strategy_step(strategy, clip_model, clip_opt, clip, args.batch_size)
 
     times, ratios, norms = alternate({"plain optimizer.apply": lambda: plain(x, y), "ClipStep": lambda: ours(x, y)},
                                      args.rounds, args.steps)

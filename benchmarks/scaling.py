@@ -74,6 +74,7 @@ def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) ->
     import tensorflow as tf
 
     import distclip
+    from bench_common import strategy_step
     from distclip.norm import global_norm
 
     rng = np.random.default_rng(0)
@@ -82,7 +83,6 @@ def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) ->
     per = BATCH // replicas
     x = strategy.experimental_distribute_values_from_function(lambda c: tf.constant(xs[c.replica_id_in_sync_group * per:][:per]))
     y = strategy.experimental_distribute_values_from_function(lambda c: tf.constant(ys[c.replica_id_in_sync_group * per:][:per]))
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
     results = []
     for size in sizes:
         steps = {}
@@ -95,24 +95,10 @@ def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) ->
                 clip = distclip.ClipStep(optimizer, clip_norm=1e-3) if name == "ClipStep" else None
                 optimizer.build(model.trainable_variables)
 
-            def make(model=model, optimizer=optimizer, clip=clip):
-                @tf.function
-                def step(x, y):
-                    def replica_fn(x, y):
-                        with tf.GradientTape() as tape:
-                            loss = tf.nn.compute_average_loss(loss_fn(y, model(x, training=True)), global_batch_size=BATCH)
-                        grads = tape.gradient(loss, model.trainable_variables)
-                        if clip is None:
-                            optimizer.apply(grads, model.trainable_variables)
-                            return loss
-                        return clip.apply(grads, model.trainable_variables).global_norm
-                    return strategy.experimental_local_results(strategy.run(replica_fn, args=(x, y)))[0]
-                return lambda: step(x, y)
-
-            steps[name] = make()
+            steps[name] = strategy_step(strategy, model, optimizer, clip, BATCH)
         params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-        norm = float(steps["ClipStep"]())
-        times = _alternate(steps, rounds, BLOCK[size])
+        norm = float(steps["ClipStep"](x, y)[1])
+        times = _alternate({name: (lambda s=s: s(x, y)[0]) for name, s in steps.items()}, rounds, BLOCK[size])
         ratios = [c / u for c, u in zip(times["ClipStep"], times["unclipped"])]
 
         grads = [tf.constant(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables]

@@ -14,4 +14,20 @@ NP="${NP:-2}"
 # listen on every interface, unauthenticated (see distclip/netns.py and the README's Security section).
 local=(python -m distclip.cluster.netns)
 [[ -n "${HOSTS:-}" ]] && local=()
-exec "${local[@]}" horovodrun "--${HOROVOD_CONTROLLER:-gloo}" -np "$NP" -H "${HOSTS:-localhost:$NP}" "${watchdog[@]}" "$@"
+# Not exec'd: a SIGTERM (or Ctrl-C) to this script goes on to horovodrun, which passes it to each rank's
+# watchdog; the ranks checkpoint and exit 143. horovodrun then exits 1 ("Exit code: 143" for a rank), or 0
+# when it stops on a signal of its own first (seen once in four runs of tests/scenarios/test_resume.py). A
+# signalled run ends here with 143 (130 for SIGINT), as distclip train and launch/multiworker.sh do, so
+# `... && next` never runs after a stop. Job control (set -m) keeps the background horovodrun from ignoring SIGINT.
+set -m
+"${local[@]}" horovodrun "--${HOROVOD_CONTROLLER:-gloo}" -np "$NP" -H "${HOSTS:-localhost:$NP}" "${watchdog[@]}" "$@" &
+child=$!
+signalled=
+trap 'signalled=143; kill -TERM "$child" 2>/dev/null || true' TERM
+trap 'signalled=130; kill -INT "$child" 2>/dev/null || true' INT
+while :; do
+  wait "$child" && status=0 || status=$?
+  kill -0 "$child" 2>/dev/null || break  # wait returned for a trapped signal: horovodrun still runs
+done
+[[ -n "$signalled" ]] && status=$signalled
+exit "$status"

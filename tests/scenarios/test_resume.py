@@ -204,7 +204,8 @@ def test_sigterm_to_the_launch_script_checkpoints_every_rank(tmp_path, script, s
         # Worker 1 saved too (TensorFlow's rule), into a scratch folder it removed.
         assert not [n for n in os.listdir(tmp_path / "tmp") if n.startswith("distclip-checkpoint-")]
     else:
-        assert code != 0 and re.search(r"Process name: [01]\s+Exit code: 143", output), output[-3000:]
+        # The script ends with 143 whether horovodrun reports the ranks' 143 (status 1) or, a race of its own, 0.
+        assert code == 143, (code, output[-3000:])
     assert took < 25, (took, output[-3000:])
     stopped = re.search(rf"stopped by SIGTERM after step (\d+) of {STEPS}", output)
     assert stopped, output[-3000:]

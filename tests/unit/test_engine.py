@@ -86,7 +86,8 @@ def _train(api, config, jit, strategy=None):
 def test_every_step_path_compiles_with_xla_and_never_waits_for_the_host(api, config):
     compiled, ops = _train(api, config, jit=True)
     plain, _ = _train(api, config, jit=False)
-    assert max_abs_diff(compiled, plain) <= 1e-5
+    # float16 on the wire rounds differently compiled and not (3e-5 seen on TensorFlow 2.17): its precision.
+    assert max_abs_diff(compiled, plain) <= (1e-3 if "fp16" in config else 1e-5)
     assert not [op for op in ops if op in HOST_ROUND_TRIPS], sorted(set(ops) & set(HOST_ROUND_TRIPS))
 
 

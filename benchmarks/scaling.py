@@ -22,8 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
-import time
-from typing import Dict, List
+from typing import List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOCS = os.path.join(os.path.dirname(HERE), "docs")
@@ -43,26 +42,6 @@ def _model(size: str):
     return model
 
 
-def _alternate(steps: Dict[str, callable], rounds: int, block: int) -> Dict[str, List[float]]:
-    import numpy as np
-
-    def run(name):
-        start = time.perf_counter()
-        for _ in range(block):
-            out = steps[name]()
-        np.asarray(out)
-        return (time.perf_counter() - start) / block
-
-    for name in steps:  # trace and warm up
-        run(name)
-    times: Dict[str, List[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            times[name].append(run(name))
-    return times
-
-
 def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) -> List[dict]:
     """One replica count: every size, ClipStep against the unclipped step; on one device, the norm pass."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -74,7 +53,7 @@ def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) ->
     import tensorflow as tf
 
     import distclip
-    from bench_common import strategy_step
+    from bench_common import alternate, strategy_step
     from distclip.norm import global_norm
 
     rng = np.random.default_rng(0)
@@ -98,14 +77,14 @@ def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) ->
             steps[name] = strategy_step(strategy, model, optimizer, clip, BATCH)
         params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
         norm = float(steps["ClipStep"](x, y)[1])
-        times = _alternate({name: (lambda s=s: s(x, y)[0]) for name, s in steps.items()}, rounds, BLOCK[size])
-        ratios = [c / u for c, u in zip(times["ClipStep"], times["unclipped"])]
+        # Each returns (the global loss to wait on, the norm); ratios are ClipStep / unclipped.
+        times, ratios, _ = alternate({name: (lambda s=s: s(x, y)) for name, s in steps.items()}, rounds, BLOCK[size])
 
         grads = [tf.constant(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables]
         passes = {"plain read": tf.function(lambda g: tf.add_n([tf.reduce_sum(t) for t in g])),
                   "norm pass": tf.function(global_norm)}
-        pass_times = _alternate({k: (lambda f=f: f(grads)) for k, f in passes.items()}, rounds, 10)
-        pass_ratios = [n / r for n, r in zip(pass_times["norm pass"], pass_times["plain read"])]
+        nan = tf.constant(float("nan"))
+        pass_times, pass_ratios, _ = alternate({k: (lambda f=f: (f(grads), nan)) for k, f in passes.items()}, rounds, 10)
         results.append({
             "replicas": replicas, "size": size, "params": params, "global_norm": norm, "clip_norm": 1e-3,
             "unclipped_s": times["unclipped"], "clipstep_s": times["ClipStep"], "ratios": ratios,

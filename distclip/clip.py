@@ -109,18 +109,18 @@ def clip_synchronized(
     bucket_mb = backend.default_bucket_mb if options.bucket_mb == "auto" else options.bucket_mb
     for bucket in buckets.plan(sent, bucket_mb):              # reduce: one packed sum (or one per bucket)
         reduced = wire.decode(backend.all_reduce_sum([sent[i] for i in bucket]), [dtypes[i] for i in bucket])
-        squares.append(sum_of_squares(reduced))                                  # (each bucket's share of the norm)
+        squares.append(backend.compute_once(sum_of_squares, reduced))            # (each bucket's share of the norm)
         for i, g in zip(bucket, reduced):
             summed[i] = g
     # A mean is the sum times 1/n (and 1/k over micro-batches); that factor rides on the clip multiply.
     to_mean = (1.0 / backend.num_replicas() if op == sync.MEAN else 1.0) / micro_batches
     if loss_scale is not None:
         to_mean = tf.constant(to_mean, tf.float32) / tf.cast(loss_scale, tf.float32)
-    norm = norm_from_squares(tf.add_n(squares), summed) * to_mean                # measure
+    norm = backend.compute_once(_measure(len(squares)), squares + summed) * to_mean  # measure
     finite = tf.math.is_finite(norm)
     threshold = threshold_of(norm)                                               # decide
     scale = _on_nonfinite(nonfinite, clip_scale(norm, threshold), norm, finite)
-    clipped = scale_gradients(summed, scale * to_mean, zero_on_zero_scale=nonfinite == "skip")  # scale
+    clipped = backend.compute_once(_scale(nonfinite == "skip"), [scale * to_mean] + summed)   # scale
 
     out: List[Optional[Any]] = [None] * len(grads)
     for i, g in zip(present, clipped):
@@ -132,6 +132,16 @@ def clip_synchronized(
         clipped=tf.logical_and(finite, norm > threshold),
         finite=finite,
     ), threshold
+
+
+def _measure(buckets: int) -> Callable[[List[Any]], tf.Tensor]:
+    """The norm from `[each bucket's sum of squares] + [the reduced gradients]` (the gradients for the rare rescaled pass)."""
+    return lambda values: norm_from_squares(tf.add_n(values[:buckets]), values[buckets:])
+
+
+def _scale(zero_on_zero_scale: bool) -> Callable[[List[Any]], List[Any]]:
+    """`[scale] + gradients` -> the gradients times `scale`."""
+    return lambda values: scale_gradients(values[1:], values[0], zero_on_zero_scale=zero_on_zero_scale)
 
 
 def _on_nonfinite(nonfinite: str, scale: tf.Tensor, norm: tf.Tensor, finite: tf.Tensor) -> tf.Tensor:

@@ -46,6 +46,15 @@ class Backend(Protocol):
 
     def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]: ...
 
+    def compute_once(self, fn: Callable[[List[Gradient]], Any], values: Sequence[Gradient]) -> Any:
+        """`fn(values)` (tensors, or a list of them) for `values` identical on every replica (the reduced
+        gradients, their scale), called like `all_reduce_sum`.
+
+        Where this process's replicas share its cores and memory it runs once,
+        on the first replica's copy, and every replica gets that result;
+        elsewhere each replica runs it.
+        """
+
     def broadcast(self, variables: Sequence[Any], root: int) -> None: ...
 
     def all_gather(self, local: Callable[[], tf.Tensor], name: str) -> np.ndarray:
@@ -68,3 +77,6 @@ class OneReplicaPerProcess:
 
     def num_replicas(self) -> int:
         return self.size()
+
+    def compute_once(self, fn: Callable[[List[Gradient]], Any], values: Sequence[Gradient]) -> Any:
+        return fn(list(values))  # one replica per process

@@ -31,6 +31,9 @@ class LocalBackend:
     def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]:
         return list(grads)
 
+    def compute_once(self, fn: Callable[[List[Gradient]], Any], values: Sequence[Gradient]) -> Any:
+        return fn(list(values))
+
     def broadcast(self, variables: Sequence[Any], root: int) -> None:
         pass
 

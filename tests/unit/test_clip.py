@@ -5,7 +5,7 @@ import tensorflow as tf
 
 import distclip
 from common import distributed_train, global_batch, shard
-from graphs import reduced_elements
+from graphs import op_types, reduced_elements
 
 
 def _trace(strategy, mode):
@@ -27,6 +27,16 @@ def test_one_packed_reduction(mirrored):
     # One packed collective per device, none hidden in the skip conditionals.
     assert our_ops == replicas
     assert our_nested == 0 and plain_nested == 0
+
+
+def test_replicas_on_one_cpu_measure_and_scale_once(mirrored):
+    """Logical CPU replicas share the cores: the norm pass and the multiply run once, not once per replica."""
+    ours, _ = _trace(mirrored, "clipstep")
+    gradients = 4  # the tiny model's two kernels and two biases
+    ops = op_types(ours.graph)
+    # One squared norm per gradient in the main pass and one in the (rarely taken) rescaled pass.
+    assert ops.count("L2Loss") == 2 * gradients, ops.count("L2Loss")
+    assert ops.count("MulNoNan") == gradients, ops.count("MulNoNan")
 
 
 def test_result_is_a_namedtuple_usable_in_tf_function():

@@ -5,7 +5,8 @@
 
 At POISON_STEP one input of replica 5's shard is inf, so that step's synchronized norm is not finite and every
 replica skips it. Writes OUT (with {rank} replaced by the worker's index) as JSON: the weights, the norms each
-local replica saw, the skip count, whether this process's replicas hold identical values, verify_replicas's checksums.
+local replica saw, the skip count, whether this process's replicas hold identical values, verify_replicas's checksums,
+and how many squared norms (L2Loss ops) the traced step holds.
 """
 import json
 import os
@@ -40,6 +41,7 @@ import distclip  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import GLOBAL_BATCH, distributed_train, global_batch  # noqa: E402
+from graphs import op_types  # noqa: E402
 
 batches = [global_batch(s) for s in range(steps)]
 batches[poison][0][5 * (GLOBAL_BATCH // 8), 0] = np.inf  # replica 5's first row
@@ -54,4 +56,6 @@ with open(out.replace("{rank}", str(task)), "w") as f:
                "iterations": int(local(objs["optimizer"].iterations.value)[0]),
                "local_replicas": len(per_replica[0]),
                "local_replicas_identical": all(np.array_equal(v[0], r) for v in per_replica for r in v[1:]),
-               "checksums": checksums}, f)
+               "checksums": checksums,
+               "squared_norms": [op_types(c.graph).count("L2Loss") for c in objs["step"]._list_all_concrete_functions()]},
+              f)

@@ -23,6 +23,9 @@ GRAD_BYTES = 4  # float32 gradients (distclip accumulates the norm in float32 wh
 #: Bytes per parameter the clip step moves through memory when the threshold binds: the norm pass reads
 #: the gradients (4), the one multiply reads and writes them (8).
 CLIP_BYTES = 3 * GRAD_BYTES
+#: Bytes per parameter each local replica but the first no longer moves when the local replicas share the clip
+#: (logical CPU devices): it never splits its copy of the packed all-reduce's result (a read and a write).
+SPLIT_BYTES = 2 * GRAD_BYTES
 
 
 # ---------------------------------------------------------------------------------------------- this machine
@@ -47,7 +50,11 @@ def fit_this_machine(results: List[dict]) -> Dict[str, float]:
     unclipped step  t_u = c n + f P + g (n - 1) P     per-replica fixed cost, the global batch's compute,
                                                       the in-process ring (2 (n-1)/n * 4 bytes per parameter
                                                       on each of n replicas)
-    clip overhead   d   = a n + k n P                 per-replica fixed cost, n passes of CLIP_BYTES per parameter
+    clip overhead   d   = a n + k (CLIP_BYTES - SPLIT_BYTES (n - 1)) P
+                                                      per-replica fixed cost; the local replicas share one norm
+                                                      pass and one multiply (`distclip.sync.tf_distribute`), and
+                                                      the other n - 1 replicas skip splitting their copy of the
+                                                      packed all-reduce's result; k: seconds per byte
 
     Fitted to relative error (each row divided by its measured time), every coefficient >= 0.
     """
@@ -56,10 +63,15 @@ def fit_this_machine(results: List[dict]) -> Dict[str, float]:
     t_u = np.array([statistics.median(r["unclipped_s"]) for r in results])
     t_c = np.array([statistics.median(r["clipstep_s"]) for r in results])
     c, f, g = _nonnegative_fit(np.stack([n, p, (n - 1) * p], 1) / t_u[:, None], np.ones_like(t_u))
-    a, k = _nonnegative_fit(np.stack([n, n * p], 1) / t_u[:, None], (t_c - t_u) / t_u)
+    a, k = _nonnegative_fit(np.stack([n, _clip_bytes(n, p)], 1) / t_u[:, None], (t_c - t_u) / t_u)
     return {"c": c, "f": f, "g": g, "a": a, "k": k,
             "ring_bytes_per_s": 8.0 / g if g > 0 else math.inf,
-            "clip_bytes_per_s": CLIP_BYTES / k if k > 0 else math.inf}
+            "clip_bytes_per_s": 1.0 / k if k > 0 else math.inf}
+
+
+def _clip_bytes(n, p):
+    """Bytes the clip step adds on one host of n logical replicas (negative where the skipped splits outweigh it)."""
+    return (CLIP_BYTES - SPLIT_BYTES * (n - 1)) * p
 
 
 def check_this_machine(results: List[dict], fit: Dict[str, float]) -> List[Tuple[int, str, float, float, float]]:
@@ -68,7 +80,7 @@ def check_this_machine(results: List[dict], fit: Dict[str, float]) -> List[Tuple
     for r in results:
         n, p = r["replicas"], r["params"]
         t_u = fit["c"] * n + fit["f"] * p + fit["g"] * (n - 1) * p
-        d = fit["a"] * n + fit["k"] * n * p
+        d = fit["a"] * n + fit["k"] * _clip_bytes(n, p)
         measured = statistics.median(r["ratios"])
         modelled = (t_u + d) / t_u
         rows.append((n, r["size"], measured, modelled, modelled - measured))
@@ -158,8 +170,8 @@ def main(argv=None) -> int:
     print("## This machine: fitted constants")
     print(f"- unclipped step: {fit['c'] * 1e3:.2f} ms per replica + {fit['f'] * 1e9:.2f} ns per parameter (the "
           f"global batch's compute) + the in-process ring at {fit['ring_bytes_per_s'] / 1e9:.2f} GB/s")
-    print(f"- clip step: {fit['a'] * 1e3:.3f} ms per replica + {CLIP_BYTES} bytes per parameter per replica at "
-          f"{fit['clip_bytes_per_s'] / 1e9:.2f} GB/s")
+    print(f"- clip step: {fit['a'] * 1e3:.3f} ms per replica + ({CLIP_BYTES} - {SPLIT_BYTES} (n - 1)) bytes per "
+          f"parameter at {fit['clip_bytes_per_s'] / 1e9:.2f} GB/s")
     print("\n## This machine: model against measurement (ratio ClipStep / unclipped, medians)")
     print(f"Fitted to every run, and (last column) to the runs with fewer than {largest} replicas only, so that "
           f"its {largest}-replica rows are predictions.\n")

@@ -29,8 +29,9 @@ DOCS = os.path.join(os.path.dirname(HERE), "docs")
 #: name -> (hidden width, hidden layers) of an MLP 512 -> width x layers -> 10.
 SIZES = {"1M": (768, 2), "10M": (2048, 3), "50M": (4096, 4)}
 IN, OUT, BATCH = 512, 10, 256
-#: Steps per timed block, by size: fewer for the large models, whose steps take longer.
-BLOCK = {"1M": 10, "10M": 4, "50M": 2}
+#: Steps per timed block, by size: fewer for the large models, whose steps take longer; at 1M, 30 steps
+#: (blocks of 0.2 to 0.6 s) keep the timer and scheduling noise of one block small against the ratio.
+BLOCK = {"1M": 30, "10M": 4, "50M": 2}
 
 
 def _model(size: str):

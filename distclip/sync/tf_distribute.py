@@ -87,7 +87,8 @@ class TFDistributeBackend:
 
 
 def _shares_host(strategy: tf.distribute.Strategy, local: Sequence[str]) -> bool:
-    """Whether this process runs several replicas of `strategy` on CPU devices, through `merge_call`."""
+    """Whether this process runs several replicas of `strategy` on CPU devices, through `merge_call`
+    (which the running strategy is asked: call it inside `strategy.run`)."""
     return (isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy))
             and len(local) > 1 and all(tf.DeviceSpec.from_string(d).device_type == "CPU" for d in local)
             and not tf.__internal__.distribute.strategy_supports_no_merge_call())

@@ -101,6 +101,37 @@ def test_all_gather_returns_every_replicas_value_in_order(mirrored):
             mirrored.run(lambda: backend.all_gather(lambda: tf.constant(1), "test"))
 
 
+def test_compute_once_runs_on_the_first_replica_where_replicas_share_the_cpu(mirrored):
+    from distclip.sync.local import LocalBackend
+    from distclip.sync.tf_distribute import TFDistributeBackend, _shares_host
+
+    backend = TFDistributeBackend(mirrored)
+    calls = []
+
+    def fn(values):
+        calls.append(len(values))
+        return [v * 10.0 for v in values]
+
+    @tf.function
+    def step():
+        def replica_fn():
+            mine = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.float32)
+            # (* 1.0: a tensor of each replica's own, read back per replica)
+            return backend.compute_once(fn, [mine + 1.0])[0] * 1.0, LocalBackend().compute_once(fn, [mine + 1.0])[0]
+        return mirrored.run(replica_fn)
+
+    shared, own = step()
+    # Deliberately different inputs show who computed: replica 0, once, for both replicas.
+    assert [float(v) for v in mirrored.experimental_local_results(shared)] == [10.0, 10.0]
+    assert [float(v) for v in mirrored.experimental_local_results(own)] == [10.0, 20.0]
+    assert calls == [1, 1, 1]  # traced: once shared, once per replica without sharing
+    gpus = [f"/job:localhost/replica:0/task:0/device:GPU:{i}" for i in range(2)]
+    with mirrored.scope():  # (it asks the running strategy whether it steps through merge_call)
+        assert _shares_host(mirrored, mirrored.extended.worker_devices)
+        assert not _shares_host(mirrored, gpus), "on GPUs each replica multiplies its own copy"
+        assert not _shares_host(mirrored, mirrored.extended.worker_devices[:1])
+
+
 def test_broadcast_from_root_checks_root_against_the_engine(mirrored):
     with mirrored.scope():
         v = tf.Variable([1.0, 2.0])

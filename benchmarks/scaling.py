@@ -4,12 +4,17 @@ For 2, 4 and 8 replicas (MirroredStrategy over logical CPU devices, one worker p
 devices are fixed when TensorFlow starts) and MLPs of about 1M, 10M and 50M parameters, it times, alternating
 in blocks in the same process (A B, B A, ...), one training step with `ClipStep` and the same step with plain
 `optimizer.apply` (both with one packed all-reduce of the gradients, Adam by default, a threshold that binds
-on every step, so the multiply runs every step). Separately, on one device, it times the norm pass alone (`distclip.norm.global_norm`) against a plain
-read of the same gradients (`tf.reduce_sum` of each), to show where clipping's cost goes. Prints a table, and
-writes docs/scaling.json (every timing; `benchmarks/cost_model.py` fits its constants to it) and
-docs/scaling.png (the overhead ratio against parameters, one line per replica count).
+on every step, so the multiply runs every step). Separately, on one device, it times the norm pass alone
+(`distclip.norm.global_norm`) against a plain read of the same gradients (`tf.reduce_sum` of each), to show
+where clipping's cost goes. Then, under `horovodrun --gloo -np 2` and `-np 4` (one replica per process; 1M
+and 10M parameters, where it fits in time), ClipStep against the step Horovod users write without clipping
+(`hvd.grouped_allreduce` of the gradients, averaged, then `optimizer.apply`), with the same global batch.
+Prints a table, and writes docs/scaling.json (every timing; `benchmarks/cost_model.py` fits its constants to
+the MirroredStrategy rows) and docs/scaling.png (the overhead ratio against parameters, one line per engine
+and replica count).
 
     .venv/bin/python benchmarks/scaling.py [--replicas 2 4 8] [--sizes 1M 10M 50M] [--rounds 10]
+                                           [--horovod 2 4] [--horovod-sizes 1M 10M]
 
 Targets on this machine: median ratio ClipStep / unclipped at most 1.05 at every size; norm pass within 1.5x
 of the plain read.
@@ -19,9 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 from typing import List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,6 +39,9 @@ IN, OUT, BATCH = 512, 10, 256
 #: Steps per timed block, by size: fewer for the large models, whose steps take longer; at 1M, 30 steps
 #: (blocks of 0.2 to 0.6 s) keep the timer and scheduling noise of one block small against the ratio.
 BLOCK = {"1M": 30, "10M": 4, "50M": 2}
+#: A worker (one replica count, every size) or a Horovod run that takes longer than this has stalled:
+#: 20 rounds take at most about 4 minutes.
+WORKER_TIMEOUT_S = HOROVOD_TIMEOUT_S = 1200
 
 
 def _model(size: str):
@@ -96,18 +106,77 @@ def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) ->
     return results
 
 
+def horovod_worker(sizes: List[str], rounds: int, optimizer_name: str) -> List[dict]:
+    """One rank of `horovodrun -np n`: ClipStep (its defaults: grouped all-reduce, 25 MB buckets) against the
+    unclipped step users write (`hvd.grouped_allreduce` of the gradients, averaged, then `optimizer.apply`).
+    Rank 0 returns the timings; every rank times in lockstep, since both steps all-reduce."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import horovod.tensorflow as hvd
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import distclip
+    from bench_common import alternate
+
+    hvd.init()
+    ranks = hvd.size()
+    rng = np.random.default_rng(hvd.rank())
+    per = BATCH // ranks  # the same global batch as the MirroredStrategy runs
+    x = tf.constant(rng.normal(size=(per, IN)).astype("float32"))
+    y = tf.constant(rng.integers(0, OUT, size=(per,)).astype("int32"))
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    results = []
+    for size in sizes:
+        steps = {}
+        for name in ("unclipped", "ClipStep"):
+            keras.utils.set_random_seed(0)
+            model = _model(size)
+            optimizer = keras.optimizers.Adam(1e-9) if optimizer_name == "adam" else keras.optimizers.SGD(1e-9)
+            optimizer.build(model.trainable_variables)
+            clip = distclip.ClipStep(optimizer, clip_norm=1e-3) if name == "ClipStep" else None
+
+            def make(model=model, optimizer=optimizer, clip=clip):
+                @tf.function
+                def step():
+                    with tf.GradientTape() as tape:
+                        loss = loss_fn(y, model(x, training=True))
+                    grads = tape.gradient(loss, model.trainable_variables)
+                    if clip is None:
+                        optimizer.apply(hvd.grouped_allreduce(grads, op=hvd.Average), model.trainable_variables)
+                        return loss, tf.constant(float("nan"))
+                    return loss, clip.apply(grads, model.trainable_variables).global_norm
+                return step
+
+            steps[name] = make()
+        params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+        norm = float(steps["ClipStep"]()[1])
+        times, ratios, _ = alternate(steps, rounds, BLOCK[size])
+        results.append({"engine": "horovod", "replicas": ranks, "size": size, "params": params, "global_norm": norm,
+                        "clip_norm": 1e-3, "unclipped_s": times["unclipped"], "clipstep_s": times["ClipStep"],
+                        "ratios": ratios})
+        if hvd.rank() == 0:
+            print(f"  horovodrun -np {ranks}, {size}: ratio {statistics.median(ratios):.3f}", file=sys.stderr, flush=True)
+    return results if hvd.rank() == 0 else []
+
+
 def _summary(results: List[dict]) -> str:
     def spread(v):
         q = statistics.quantiles(v, n=4)
         return f"{statistics.median(v):.3f} ({q[0]:.3f}-{q[2]:.3f})"
 
-    lines = [f"{'replicas':>8} {'size':>5} {'params':>8} {'unclipped ms':>13} {'ClipStep ms':>12} "
+    lines = [f"{'engine':>10} {'replicas':>8} {'size':>5} {'params':>8} {'unclipped ms':>13} {'ClipStep ms':>12} "
              f"{'ratio median (IQR)':>22} {'norm pass / read (IQR)':>24}"]
     for r in results:
-        lines.append(f"{r['replicas']:>8} {r['size']:>5} {r['params'] / 1e6:>7.2f}M "
+        passes = spread(r["pass_ratios"]) if "pass_ratios" in r else "-"
+        lines.append(f"{_engine(r):>10} {r['replicas']:>8} {r['size']:>5} {r['params'] / 1e6:>7.2f}M "
                      f"{statistics.median(r['unclipped_s']) * 1e3:>13.1f} {statistics.median(r['clipstep_s']) * 1e3:>12.1f} "
-                     f"{spread(r['ratios']):>22} {spread(r['pass_ratios']):>24}")
+                     f"{spread(r['ratios']):>22} {passes:>24}")
     return "\n".join(lines)
+
+
+def _engine(result: dict) -> str:
+    return result.get("engine", "mirrored")
 
 
 def _plot(results: List[dict], path: str) -> None:
@@ -117,53 +186,106 @@ def _plot(results: List[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for n in sorted({r["replicas"] for r in results}):
-        rows = sorted((r for r in results if r["replicas"] == n), key=lambda r: r["params"])
+    for engine, n in sorted({(_engine(r), r["replicas"]) for r in results}, key=lambda e: (e[0] != "mirrored", e[1])):
+        rows = sorted((r for r in results if r["replicas"] == n and _engine(r) == engine), key=lambda r: r["params"])
         med = [statistics.median(r["ratios"]) for r in rows]
         q = [statistics.quantiles(r["ratios"], n=4) for r in rows]
         ax.errorbar([r["params"] for r in rows], med, yerr=[[m - a[0] for m, a in zip(med, q)], [a[2] - m for m, a in zip(med, q)]],
-                    marker="o", capsize=3, label=f"{n} replicas")
+                    marker="o" if engine == "mirrored" else "s", ls="-" if engine == "mirrored" else "--", capsize=3,
+                    label=f"{n} replicas" if engine == "mirrored" else f"horovodrun -np {n}")
     ax.axhline(1.05, color="r", ls="--", lw=1, label="target 1.05")
     ax.axhline(1.0, color="gray", ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("step time, ClipStep / unclipped")
-    ax.set_title("Clipping's overhead (MirroredStrategy, logical CPUs, 2 cores); median and IQR", fontsize=9)
+    ax.set_title("Clipping's overhead (MirroredStrategy over logical CPUs; Horovod over Gloo; 2 cores): median, IQR",
+                 fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _horovod_run(ranks: int, args) -> List[dict]:
+    """`horovodrun --gloo -np ranks` of this script's Horovod worker, with a bound on its time."""
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank0.json")
+        cmd = [horovodrun, "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}", sys.executable, __file__,
+               "--horovod-worker", "--rounds", str(args.rounds), "--optimizer", args.optimizer,
+               "--sizes", *args.horovod_sizes, "--out", out]
+        _bounded(cmd, f"horovodrun -np {ranks}", HOROVOD_TIMEOUT_S)
+        with open(out) as f:
+            return json.load(f)
+
+
+def _bounded(cmd: List[str], name: str, timeout_s: float) -> str:
+    """Runs `cmd` in its own process group; returns its stdout. Past `timeout_s` the group gets SIGTERM, then
+    SIGKILL 10 s later; a failure or a timeout ends the benchmark with the command's stderr."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+                out, err = proc.communicate(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                out, err = proc.communicate()
+                break
+        raise SystemExit(f"{name} took more than {timeout_s:.0f} s and was stopped:\n{err[-3000:]}")
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{err[-3000:]}")
+    sys.stderr.write(err[-2000:] if "ratio" not in err else "")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--replicas", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--replicas", type=int, nargs="*", default=[2, 4, 8], help="MirroredStrategy replica counts (none: skip)")
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--rounds", type=int, default=10, help="alternating block pairs per configuration")
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"],
                    help="the update both steps end with (SGD: the lightest, so the largest ratio)")
+    p.add_argument("--horovod", type=int, nargs="*", default=[2, 4], metavar="RANKS",
+                   help="also time horovodrun --gloo with these rank counts (none: skip)")
+    p.add_argument("--horovod-sizes", nargs="+", default=["1M", "10M"], choices=list(SIZES),
+                   help="sizes for the Horovod runs (50M takes minutes per round there)")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--horovod-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=DOCS, help="folder for scaling.json and scaling.png")
     args = p.parse_args(argv)
     if args.worker:
         json.dump(worker(args.worker, args.sizes, args.rounds, args.optimizer), sys.stdout)
         return 0
+    if args.horovod_worker:
+        results = horovod_worker(args.sizes, args.rounds, args.optimizer)
+        if results:
+            with open(args.out, "w") as f:
+                json.dump(results, f)
+        return 0
     command = " ".join([".venv/bin/python", "benchmarks/scaling.py"] + (argv if argv is not None else sys.argv[1:]))
     results = []
     for n in args.replicas:
         print(f"{n} replicas ...", file=sys.stderr, flush=True)
-        out = subprocess.run([sys.executable, __file__, "--worker", str(n), "--rounds", str(args.rounds), "--optimizer",
-                              args.optimizer, "--sizes", *args.sizes], check=True, capture_output=True, text=True)
-        sys.stderr.write(out.stderr[-2000:] if "ratio" not in out.stderr else "")
-        results += json.loads(out.stdout)
+        out = _bounded([sys.executable, __file__, "--worker", str(n), "--rounds", str(args.rounds), "--optimizer",
+                        args.optimizer, "--sizes", *args.sizes], f"the {n}-replica worker", WORKER_TIMEOUT_S)
+        results += json.loads(out)
+    for n in args.horovod:
+        print(f"horovodrun -np {n} ...", file=sys.stderr, flush=True)
+        results += _horovod_run(n, args)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "scaling.json"), "w") as f:
         json.dump({"command": command, "cpu_cores": os.cpu_count(), "batch": BATCH, "optimizer": args.optimizer,
                    "results": results}, f)
     _plot(results, os.path.join(args.out, "scaling.png"))
     print(f"command: {command}")
-    print(f"setup: MirroredStrategy over N logical CPU devices ({os.cpu_count()} cores), MLP 512 -> width x layers -> 10, "
-          f"{args.optimizer}, global batch {BATCH}, clip_norm 1e-3 (binds on every step), {args.rounds} alternating rounds")
+    print(f"setup: MirroredStrategy over N logical CPU devices, and horovodrun --gloo -np N ({os.cpu_count()} cores), "
+          f"MLP 512 -> width x layers -> 10, {args.optimizer}, global batch {BATCH}, clip_norm 1e-3 (binds on every "
+          f"step), {args.rounds} alternating rounds")
     print(_summary(results))
     print("targets: ratio <= 1.05 at every size; norm pass / read <= 1.5")
     return 0

@@ -192,7 +192,7 @@ def _plot(results: List[dict], path: str) -> None:
         q = [statistics.quantiles(r["ratios"], n=4) for r in rows]
         ax.errorbar([r["params"] for r in rows], med, yerr=[[m - a[0] for m, a in zip(med, q)], [a[2] - m for m, a in zip(med, q)]],
                     marker="o" if engine == "mirrored" else "s", ls="-" if engine == "mirrored" else "--", capsize=3,
-                    label=f"{n} replicas" if engine == "mirrored" else f"horovodrun -np {n}")
+                    label=f"MirroredStrategy, {n} replicas" if engine == "mirrored" else f"horovodrun -np {n}")
     ax.axhline(1.05, color="r", ls="--", lw=1, label="target 1.05")
     ax.axhline(1.0, color="gray", ls=":", lw=1)
     ax.set_xscale("log")

@@ -112,3 +112,25 @@ def strategy_step(strategy, model, optimizer, clip, global_batch: int):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None), strategy.experimental_local_results(norm)[0]
 
     return step
+
+
+def horovod_step(model, optimizer, clip, x, y):
+    """A traced training step on this Horovod rank's batch (x, y): ClipStep's `apply`, or, with `clip=None`, the
+    step Horovod users write without clipping (`hvd.grouped_allreduce` of the gradients, averaged, then
+    `optimizer.apply`). Returns step() -> (this rank's loss, pre-clip norm or NaN)."""
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        if clip is None:
+            optimizer.apply(hvd.grouped_allreduce(grads, op=hvd.Average), model.trainable_variables)
+            return loss, tf.constant(float("nan"))
+        return loss, clip.apply(grads, model.trainable_variables).global_norm
+
+    return step

@@ -15,11 +15,10 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import horovod.tensorflow as hvd  # noqa: E402
-import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import distclip  # noqa: E402
-from bench_common import alternate, arg_parser, build, data, report  # noqa: E402
+from bench_common import alternate, arg_parser, build, data, horovod_step, report  # noqa: E402
 
 MODELS = {"5M": dict(hidden=2048, layers=2), "50M": dict(hidden=4096, layers=4)}
 
@@ -30,24 +29,13 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = p.parse_args()
     hvd.init()
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     x, y = (tf.constant(a) for a in data(args.batch_size, seed=hvd.rank()))
     for name in args.models:
         steps = {}
         for label, bucket_mb in (("one group", None), (f"buckets of {args.bucket_mb:g} MB", args.bucket_mb)):
             model, optimizer = build(0, **MODELS[name])
             clip = distclip.ClipStep(optimizer, clip_norm=args.clip_norm, bucket_mb=bucket_mb)
-
-            def make(model=model, clip=clip):
-                @tf.function
-                def step():
-                    with tf.GradientTape() as tape:
-                        loss = loss_fn(y, model(x, training=True))
-                    return loss, clip.apply(tape.gradient(loss, model.trainable_variables),
-                                            model.trainable_variables).global_norm
-                return step
-
-            steps[label] = make()
+            steps[label] = horovod_step(model, optimizer, clip, x, y)
         times, ratios, norms = alternate(steps, args.rounds, args.steps)
         if hvd.rank() == 0:
             params = sum(int(tf.size(v)) for v in model.trainable_variables)

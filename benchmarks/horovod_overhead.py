@@ -19,7 +19,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import distclip  # noqa: E402
-from bench_common import alternate, arg_parser, build, data, report  # noqa: E402
+from bench_common import alternate, arg_parser, build, data, horovod_step, report  # noqa: E402
 
 
 def main() -> int:
@@ -42,12 +42,7 @@ def main() -> int:
         today_opt.apply(grads, today_model.trainable_variables)
         return loss, norm
 
-    @tf.function
-    def ours():
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, clip_model(x, training=True))
-        result = clip.apply(tape.gradient(loss, clip_model.trainable_variables), clip_model.trainable_variables)
-        return loss, result.global_norm
+    ours = horovod_step(clip_model, clip_opt, clip, x, y)
 
     times, ratios, norms = alternate({"hvd.allreduce + clip + apply": today, "ClipStep": ours}, args.rounds, args.steps)
     if hvd.rank() == 0:

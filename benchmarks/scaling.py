@@ -22,6 +22,7 @@ of the plain read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -41,7 +42,7 @@ IN, OUT, BATCH = 512, 10, 256
 BLOCK = {"1M": 30, "10M": 4, "50M": 2}
 #: A worker (one replica count, every size) or a Horovod run that takes longer than this has stalled:
 #: 20 rounds take at most about 4 minutes.
-WORKER_TIMEOUT_S = HOROVOD_TIMEOUT_S = 1200
+RUN_TIMEOUT_S = 1200
 
 
 def _model(size: str):
@@ -117,7 +118,7 @@ def horovod_worker(sizes: List[str], rounds: int, optimizer_name: str) -> List[d
     import tensorflow as tf
 
     import distclip
-    from bench_common import alternate
+    from bench_common import alternate, horovod_step
 
     hvd.init()
     ranks = hvd.size()
@@ -125,7 +126,6 @@ def horovod_worker(sizes: List[str], rounds: int, optimizer_name: str) -> List[d
     per = BATCH // ranks  # the same global batch as the MirroredStrategy runs
     x = tf.constant(rng.normal(size=(per, IN)).astype("float32"))
     y = tf.constant(rng.integers(0, OUT, size=(per,)).astype("int32"))
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     results = []
     for size in sizes:
         steps = {}
@@ -135,20 +135,7 @@ def horovod_worker(sizes: List[str], rounds: int, optimizer_name: str) -> List[d
             optimizer = keras.optimizers.Adam(1e-9) if optimizer_name == "adam" else keras.optimizers.SGD(1e-9)
             optimizer.build(model.trainable_variables)
             clip = distclip.ClipStep(optimizer, clip_norm=1e-3) if name == "ClipStep" else None
-
-            def make(model=model, optimizer=optimizer, clip=clip):
-                @tf.function
-                def step():
-                    with tf.GradientTape() as tape:
-                        loss = loss_fn(y, model(x, training=True))
-                    grads = tape.gradient(loss, model.trainable_variables)
-                    if clip is None:
-                        optimizer.apply(hvd.grouped_allreduce(grads, op=hvd.Average), model.trainable_variables)
-                        return loss, tf.constant(float("nan"))
-                    return loss, clip.apply(grads, model.trainable_variables).global_norm
-                return step
-
-            steps[name] = make()
+            steps[name] = horovod_step(model, optimizer, clip, x, y)
         params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
         norm = float(steps["ClipStep"]()[1])
         times, ratios, _ = alternate(steps, rounds, BLOCK[size])
@@ -214,7 +201,7 @@ def _horovod_run(ranks: int, args) -> List[dict]:
         cmd = [horovodrun, "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}", sys.executable, __file__,
                "--horovod-worker", "--rounds", str(args.rounds), "--optimizer", args.optimizer,
                "--sizes", *args.horovod_sizes, "--out", out]
-        _bounded(cmd, f"horovodrun -np {ranks}", HOROVOD_TIMEOUT_S)
+        _bounded(cmd, f"horovodrun -np {ranks}", RUN_TIMEOUT_S)
         with open(out) as f:
             return json.load(f)
 
@@ -226,16 +213,14 @@ def _bounded(cmd: List[str], name: str, timeout_s: float) -> str:
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
-            try:
-                os.killpg(proc.pid, sig)
-                out, err = proc.communicate(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                out, err = proc.communicate()
-                break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
         raise SystemExit(f"{name} took more than {timeout_s:.0f} s and was stopped:\n{err[-3000:]}")
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{err[-3000:]}")
@@ -272,7 +257,7 @@ def main(argv=None) -> int:
     for n in args.replicas:
         print(f"{n} replicas ...", file=sys.stderr, flush=True)
         out = _bounded([sys.executable, __file__, "--worker", str(n), "--rounds", str(args.rounds), "--optimizer",
-                        args.optimizer, "--sizes", *args.sizes], f"the {n}-replica worker", WORKER_TIMEOUT_S)
+                        args.optimizer, "--sizes", *args.sizes], f"the {n}-replica worker", RUN_TIMEOUT_S)
         results += json.loads(out)
     for n in args.horovod:
         print(f"horovodrun -np {n} ...", file=sys.stderr, flush=True)

@@ -13,17 +13,22 @@ import numpy as np
 IN, HIDDEN, OUT = 512, 2048, 10
 
 
+def mlp(hidden: int = HIDDEN, layers: int = 2, seed: int = 0):
+    """The benchmarks' model: an MLP 512 -> hidden x layers -> 10 (ReLU), seeded Glorot-uniform kernels."""
+    init = keras.initializers.GlorotUniform
+    return keras.Sequential(
+        [keras.Input((IN,))]
+        + [keras.layers.Dense(hidden, activation="relu", kernel_initializer=init(seed + i)) for i in range(layers)]
+        + [keras.layers.Dense(OUT, kernel_initializer=init(seed + layers))])
+
+
 def build(seed: int = 0, hidden: int = HIDDEN, layers: int = 2):
-    """An MLP (by default of 5.27M parameters: 512 -> 2048 -> 2048 -> 10) and a built Adam.
+    """`mlp` (by default of 5.27M parameters: 512 -> 2048 -> 2048 -> 10) and a built Adam.
 
     A tiny learning rate keeps the gradients (and so whether the threshold
     binds) the same from step to step; the update does the same work.
     """
-    init = keras.initializers.GlorotUniform
-    model = keras.Sequential(
-        [keras.Input((IN,))]
-        + [keras.layers.Dense(hidden, activation="relu", kernel_initializer=init(seed + i)) for i in range(layers)]
-        + [keras.layers.Dense(OUT, kernel_initializer=init(seed + layers))])
+    model = mlp(hidden, layers, seed)
     optimizer = keras.optimizers.Adam(1e-7)
     optimizer.build(model.trainable_variables)
     return model, optimizer

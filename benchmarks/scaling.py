@@ -34,24 +34,15 @@ from typing import List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOCS = os.path.join(os.path.dirname(HERE), "docs")
-#: name -> (hidden width, hidden layers) of an MLP 512 -> width x layers -> 10.
+#: name -> (hidden width, hidden layers) of `bench_common.mlp`, 512 -> width x layers -> 10.
 SIZES = {"1M": (768, 2), "10M": (2048, 3), "50M": (4096, 4)}
-IN, OUT, BATCH = 512, 10, 256
+BATCH = 256
 #: Steps per timed block, by size: fewer for the large models, whose steps take longer; at 1M, 30 steps
 #: (blocks of 0.2 to 0.6 s) keep the timer and scheduling noise of one block small against the ratio.
 BLOCK = {"1M": 30, "10M": 4, "50M": 2}
 #: A worker (one replica count, every size) or a Horovod run that takes longer than this has stalled:
 #: 20 rounds take at most about 4 minutes.
 RUN_TIMEOUT_S = 1200
-
-
-def _model(size: str):
-    import keras
-
-    width, layers = SIZES[size]
-    model = keras.Sequential([keras.Input((IN,))] + [keras.layers.Dense(width, activation="relu") for _ in range(layers)]
-                             + [keras.layers.Dense(OUT)])
-    return model
 
 
 def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) -> List[dict]:
@@ -65,12 +56,11 @@ def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) ->
     import tensorflow as tf
 
     import distclip
-    from bench_common import alternate, strategy_step
+    from bench_common import alternate, data, mlp, strategy_step
     from distclip.norm import global_norm
 
     rng = np.random.default_rng(0)
-    xs = rng.normal(size=(BATCH, IN)).astype("float32")
-    ys = rng.integers(0, OUT, size=(BATCH,)).astype("int32")
+    xs, ys = data(BATCH)
     per = BATCH // replicas
     x = strategy.experimental_distribute_values_from_function(lambda c: tf.constant(xs[c.replica_id_in_sync_group * per:][:per]))
     y = strategy.experimental_distribute_values_from_function(lambda c: tf.constant(ys[c.replica_id_in_sync_group * per:][:per]))
@@ -80,7 +70,7 @@ def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) ->
         for name in ("unclipped", "ClipStep"):
             with strategy.scope():
                 keras.utils.set_random_seed(0)
-                model = _model(size)
+                model = mlp(*SIZES[size])
                 # A tiny step: the gradients (and so whether the threshold binds) stay the same from step to step.
                 optimizer = keras.optimizers.Adam(1e-9) if optimizer_name == "adam" else keras.optimizers.SGD(1e-9)
                 clip = distclip.ClipStep(optimizer, clip_norm=1e-3) if name == "ClipStep" else None
@@ -118,20 +108,17 @@ def horovod_worker(sizes: List[str], rounds: int, optimizer_name: str) -> List[d
     import tensorflow as tf
 
     import distclip
-    from bench_common import alternate, horovod_step
+    from bench_common import alternate, data, horovod_step, mlp
 
     hvd.init()
     ranks = hvd.size()
-    rng = np.random.default_rng(hvd.rank())
-    per = BATCH // ranks  # the same global batch as the MirroredStrategy runs
-    x = tf.constant(rng.normal(size=(per, IN)).astype("float32"))
-    y = tf.constant(rng.integers(0, OUT, size=(per,)).astype("int32"))
+    x, y = (tf.constant(a) for a in data(BATCH // ranks, seed=hvd.rank()))  # the same global batch as MirroredStrategy's
     results = []
     for size in sizes:
         steps = {}
         for name in ("unclipped", "ClipStep"):
             keras.utils.set_random_seed(0)
-            model = _model(size)
+            model = mlp(*SIZES[size])
             optimizer = keras.optimizers.Adam(1e-9) if optimizer_name == "adam" else keras.optimizers.SGD(1e-9)
             optimizer.build(model.trainable_variables)
             clip = distclip.ClipStep(optimizer, clip_norm=1e-3) if name == "ClipStep" else None

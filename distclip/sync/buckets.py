@@ -8,7 +8,8 @@
     layers' gradients first; each bucket's all-reduce depends on its own gradients only, so TensorFlow's
     executor can start it while the first layers are still being differentiated, and the bucket's share
     of the norm (`sum_of_squares`) is computed as soon as it arrives. The default under Horovod (25 MB):
-    `benchmarks/horovod_buckets.py` measured it faster than one group at 50M parameters and even at 5M.
+    `benchmarks/horovod_buckets.py` measured it faster than one group at 50M parameters (0.954, the IQR
+    below 1) and the same within this machine's noise at 5M (0.987, IQR 0.933-1.092).
 """
 from __future__ import annotations
 

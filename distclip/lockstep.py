@@ -10,15 +10,16 @@ every replica takes the same branch and collectives inside a branch match up.
 Tensors a branch needs travel in `args`, so that each replica gets its own
 (a closure over one replica's tensors would copy them to every device).
 
-A strategy that steps through `merge_call` (MirroredStrategy and
-MultiWorkerMirroredStrategy on CPU, and on GPU unless compiled with XLA)
-allows neither a collective nor a `merge_call` (which every Keras optimizer
-step makes) inside a `tf.cond` in the replica context ("merge_call called
-while defining a new graph"). There the condition is taken in the
+Under a tf.distribute strategy the optimizer's step cannot run inside a
+`tf.cond` in the replica context: Keras's `iterations` variable has
+ONLY_FIRST_REPLICA aggregation, and TensorFlow assigns such a variable from a
+replica context through `merge_call` ("merge_call called while defining a new
+graph"), also where the strategy otherwise needs no `merge_call`
+(MirroredStrategy and MultiWorkerMirroredStrategy when the step is compiled
+with XLA on GPUs). So under every strategy the condition is taken in the
 cross-replica context, and each branch runs on every replica through
-`call_for_each_replica`, as Keras's own `LossScaleOptimizer` does. Where no
-merge_call is needed (no strategy, the default strategy, Horovod) it is a
-plain `tf.cond`.
+`call_for_each_replica`, as Keras's own `LossScaleOptimizer` does. Without a
+strategy (one device, Horovod) it is a plain `tf.cond`.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def run_if(pred: tf.Tensor, true_fn: Branch, false_fn: Branch, args: Sequence[An
     control dependencies.
     """
     args = tuple(args)
-    if not tf.distribute.has_strategy() or tf.__internal__.distribute.strategy_supports_no_merge_call():
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
         return tf.cond(pred, lambda: _returning(True, true_fn)(*args), lambda: _returning(False, false_fn)(*args))
 
     def merge_fn(strategy, pred, args):

@@ -22,7 +22,11 @@ class StepLog:
     """Per-step metrics to `metrics.csv` and TensorBoard event files under `out/tensorboard`."""
 
     def __init__(self, out: str, first_step: Optional[int] = None):
-        """`first_step`: continue a resumed run's metrics.csv, keeping the rows of the steps before it."""
+        """`first_step`: continue a resumed run's metrics.csv, keeping the rows of the steps before it.
+
+        The kept rows are rewritten atomically (a temporary file, flushed and fsynced, then renamed over
+        metrics.csv) before this returns, so a kill at any later moment leaves them all on disk.
+        """
         os.makedirs(out, exist_ok=True)
         self.csv_path = os.path.join(out, "metrics.csv")
         kept: List[List[str]] = []  # the earlier rows, exactly as written
@@ -32,10 +36,16 @@ class StepLog:
             # Rows after the checkpoint (and a line cut short by a kill) go; those before it were flushed whole.
             kept = [r for i, r in enumerate(rows) if len(r) == len(COLUMNS) and r[0] == str(i)]
         self.rows: List[Dict[str, float]] = [{c: float(v) for c, v in zip(COLUMNS, r)} for r in kept]
-        self._file = open(self.csv_path, "w", newline="")
+        partial = self.csv_path + ".partial"
+        with open(partial, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(COLUMNS)
+            writer.writerows(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, self.csv_path)
+        self._file = open(self.csv_path, "a", newline="")
         self._csv = csv.writer(self._file)
-        self._csv.writerow(COLUMNS)
-        self._csv.writerows(kept)
         self._tb = tf.summary.create_file_writer(os.path.join(out, "tensorboard"))
 
     def write(self, row: Dict[str, float]) -> None:
@@ -47,7 +57,9 @@ class StepLog:
                     tf.summary.scalar(name, row[name])
 
     def flush(self) -> None:
+        """Puts every row written so far on disk (before each checkpoint: a resume keeps them)."""
         self._file.flush()
+        os.fsync(self._file.fileno())
         self._tb.flush()
 
     def close(self) -> None:

@@ -15,5 +15,6 @@ local=(python -m distclip.cluster.netns)  # on this machine alone: loopback only
 [[ -n "${HOSTFILE:-}" ]] && hosts=(--hostfile "$HOSTFILE") && local=()
 # --bind-to none: TensorFlow runs its own thread pools; -x passes the environment Horovod and TF read.
 exec "${local[@]}" mpirun -np "$NP" "${hosts[@]}" --oversubscribe --bind-to none \
-  -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH -x TF_CPP_MIN_LOG_LEVEL -x DISTCLIP_WATCHDOG_DIR -x DISTCLIP_WATCHDOG_TIMEOUT \
+  -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH -x TF_CPP_MIN_LOG_LEVEL -x DISTCLIP_WATCHDOG_DIR -x DISTCLIP_WATCHDOG_RUN \
+  -x DISTCLIP_WATCHDOG_TIMEOUT \
   "${watchdog[@]}" "$@"

@@ -63,16 +63,12 @@ class SlurmCluster:
         self.host = socket.gethostname()
         self.conf = scratch / "slurm.conf"
         self._pids: List[int] = []
-        self._steps_before: set = set()
 
     @property
     def env(self) -> Dict[str, str]:
         return dict(os.environ, SLURM_CONF=str(self.conf))
 
     def start(self, timeout: float = 60.0) -> "SlurmCluster":
-        import psutil
-
-        self._steps_before = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "slurmstepd"}
         for sub in ("state", "spool"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         ports = free_ports(2)
@@ -146,11 +142,13 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancels every job, then stops the daemons this cluster started and any step they left behind.
 
-        slurmstepd daemonizes (it is no child of slurmd), so leftover steps are
-        found as the slurmstepd processes that did not exist before `start`.
+        slurmstepd daemonizes (it is no child of slurmd), so leftover steps are found as the slurmstepd
+        processes whose environment names this cluster's configuration (slurmd passes its SLURM_CONF on):
+        another cluster's steps, another test run's included, are left alone.
         """
         import psutil
 
+        # scancel reaches this cluster's slurmctld only (SLURM_CONF): its jobs, no one else's.
         subprocess.run(["scancel", "--full", "--user", "root"], env=self.env, capture_output=True, timeout=30)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and self._new_steps():
@@ -176,8 +174,18 @@ class SlurmCluster:
     def _new_steps(self):
         import psutil
 
-        return [p for p in psutil.process_iter(["name", "pid"])
-                if p.info["name"] == "slurmstepd" and p.info["pid"] not in self._steps_before]
+        mine = f"SLURM_CONF={self.conf}".encode()
+        steps = []
+        for p in psutil.process_iter(["name"]):
+            if p.info["name"] != "slurmstepd":
+                continue
+            try:
+                with open(f"/proc/{p.pid}/environ", "rb") as f:
+                    if mine in f.read().split(b"\0"):
+                        steps.append(p)
+            except OSError:  # gone meanwhile
+                continue
+        return steps
 
 
 def _alive(pid: int) -> bool:

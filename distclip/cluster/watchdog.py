@@ -9,11 +9,9 @@ killed, but not when a rank exits with status 0 before the others are done
 (a wrapper that returns early), never starts, or is stopped (SIGSTOP): the
 others then block in their next collective, forever under MPI. Each rank's
 watchdog runs the command as its child and, once a second, writes the rank's
-state to a file in a folder every rank shares (`DISTCLIP_WATCHDOG_DIR`; the
-launch scripts and sbatch templates make one per run): a beat counter, and
-"running", "stopped" (the child is in state T) or "exited CODE". It reads the
-other ranks' files and stops its own command, and exits 1 naming the rank, when
-another rank
+state to a file in a folder every rank shares: a beat counter, and "running",
+"stopped" (the child is in state T) or "exited CODE". It reads the other ranks'
+files and stops its own command, and exits 1 naming the rank, when another rank
 
 * exited non-zero or was killed (at once);
 * exited with status 0, is stopped, or stopped beating, for `--timeout`
@@ -27,15 +25,28 @@ SIGTERM, SIGINT and SIGHUP to the watchdog are passed to the command (after
 SIGCONT), and whatever still runs `--grace` seconds later (default 30, Slurm's
 KillWait) is killed. The command dies with the watchdog (PR_SET_PDEATHSIG),
 and the watchdog ends as its command did: the same status, or the same signal.
-On several machines the folder must be on a file system all of them share.
+
+The folder is the watchdog's own: `.distclip-watchdog-RUN` inside the parent
+folder `DISTCLIP_WATCHDOG_DIR` (`--dir`), where RUN (`DISTCLIP_WATCHDOG_RUN`,
+`--run`; under srun by default `slurm-JOBID.STEPID`) names this run and is the
+same on every rank. The first rank creates it with mode 0700; a folder of that
+name that is not a folder of this user's with mode 0700 (a symbolic link,
+another user's, readable by others) is refused, and so is a parent that every
+user may write to without the sticky bit. State files are opened without
+following symbolic links. When every rank has exited, the last one out removes
+the ranks' state files and then the folder if it is empty: nothing else in the
+parent, or in the folder, is touched. On several machines the parent must be
+on a file system all of them share.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
 import os
-import shutil
+import errno
+import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -46,6 +57,8 @@ from distclip.cluster.launcher import FAILURE_GRACE_S, describe, is_stopped
 
 ENV_DIR = "DISTCLIP_WATCHDOG_DIR"
 ENV_TIMEOUT = "DISTCLIP_WATCHDOG_TIMEOUT"
+ENV_RUN = "DISTCLIP_WATCHDOG_RUN"
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -53,28 +66,108 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+class WatchdogError(Exception):
+    """The watchdog cannot run safely: the message names the path or value and what to do."""
+
+
+def default_run() -> Optional[str]:
+    """The run's name where the launcher gives one that every rank shares: `slurm-JOBID.STEPID` under srun."""
+    job, step = os.environ.get("SLURM_JOB_ID", ""), os.environ.get("SLURM_STEP_ID", "")
+    return f"slurm-{job}.{step}" if job.isdigit() and step.isdigit() else None
+
+
+def make_folder(parent: str, run: str) -> str:
+    """Creates (or, on the other ranks, checks) this run's private folder `.distclip-watchdog-RUN` in `parent`.
+
+    Args:
+      parent: an existing folder every rank shares (`DISTCLIP_WATCHDOG_DIR`).
+      run: this run's name, the same on every rank (`DISTCLIP_WATCHDOG_RUN`).
+
+    Returns:
+      The folder's path.
+
+    Raises:
+      WatchdogError: `run` is not a plain name; `parent` is missing, not a folder, or writable by every user
+        without the sticky bit; the folder cannot be created, or exists and is not this user's with mode 0700.
+    """
+    if not _RUN_NAME.fullmatch(run):
+        raise WatchdogError(f"{ENV_RUN} (--run) must be a name of letters, digits, '.', '_' and '-' (at most 128, "
+                            f"not starting with '.' or '-'); got {run!r}")
+    try:
+        st = os.stat(parent)
+    except FileNotFoundError:
+        raise WatchdogError(f"{ENV_DIR} (--dir) {parent!r} does not exist; give an existing folder that every rank "
+                            "of this run shares") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise WatchdogError(f"{ENV_DIR} (--dir) {parent!r} is not a folder; give an existing folder that every "
+                            "rank of this run shares")
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise WatchdogError(f"{ENV_DIR} (--dir) {parent!r} may be written by every user and has no sticky bit "
+                            "(another user could replace the watchdog's folder); give a folder of your own")
+    folder = os.path.join(parent, f".distclip-watchdog-{run}")
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass  # another rank made it first, or somebody else did: checked below
+    except OSError as e:
+        raise WatchdogError(f"cannot create the watchdog's folder {folder}: {e.strerror}; set {ENV_DIR} to a "
+                            "folder this user can write that every rank of this run shares") from None
+    st = os.lstat(folder)
+    why = ("is not a folder (a symbolic link or a file)" if not stat.S_ISDIR(st.st_mode) else
+           f"belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})" if st.st_uid != os.geteuid() else
+           f"has mode {stat.S_IMODE(st.st_mode):04o}, not 0700" if st.st_mode & 0o077 else None)
+    if why:
+        raise WatchdogError(f"refusing the watchdog's folder {folder}: it {why}, so it is not this run's own; "
+                            f"give this run another {ENV_RUN}, or remove it if it is a stale one of yours")
+    return folder
+
+
 def _write(path: str, beat: int, state: str) -> None:
     # Rewritten in place, fixed width: a reader on another machine reopens the same file and, with NFS's
     # close-to-open consistency, sees the newest contents (a renamed new file could hide behind a cached name).
-    with open(path, "r+" if os.path.exists(path) else "w") as f:
-        f.write(f"{beat:012d} {state:<16}\n")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise WatchdogError(f"cannot write {path}: "
+                            + ("it is a symbolic link, which the watchdog never follows" if e.errno == errno.ELOOP
+                               else e.strerror)) from None
+    try:
+        os.pwrite(fd, f"{beat:012d} {state:<16}\n".encode(), 0)
+    finally:
+        os.close(fd)
 
 
 def _read(path: str) -> Optional[Tuple[str, str]]:
     """(beat, state) from a rank's file, or None if it has not written one (or it is being written)."""
     try:
-        with open(path) as f:
-            beat, _, state = f.read().partition(" ")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
+    except OSError as e:
+        raise WatchdogError(f"cannot read {path}: "
+                            + ("it is a symbolic link, which the watchdog never follows" if e.errno == errno.ELOOP
+                               else e.strerror)) from None
+    try:
+        beat, _, state = os.read(fd, 64).decode(errors="replace").partition(" ")
+    finally:
+        os.close(fd)
     return (beat, state.strip()) if beat.isdigit() and state.endswith("\n") else ("", "")  # ("", ""): mid-write
 
 
 def _clean(folder: str, size: int) -> None:
-    """Removes the folder once every rank has exited (the last one out does it)."""
-    states = [_read(os.path.join(folder, f"rank-{r}")) for r in range(size)]
+    """Once every rank has exited (the last one out does it): removes their state files, then the folder if empty."""
+    files = [os.path.join(folder, f"rank-{r}") for r in range(size)]
+    states = [_read(f) for f in files]
     if all(s is not None and s[1].startswith("exited ") for s in states):
-        shutil.rmtree(folder, ignore_errors=True)
+        for f in files:
+            try:
+                os.unlink(f)
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass  # not empty (somebody put something there), or already gone
 
 
 class Peers:
@@ -117,13 +210,22 @@ class Peers:
         return None
 
 
-def watch(command: List[str], folder: str, timeout: float = 50.0, grace: float = 30.0, log=sys.stderr) -> int:
-    """Runs `command` as this rank's child under the watchdog; returns its status (-N if killed by signal N)."""
+def watch(command: List[str], parent: str, run: str, timeout: float = 50.0, grace: float = 30.0,
+          log=sys.stderr) -> int:
+    """Runs `command` as this rank's child under the watchdog, in the folder `make_folder(parent, run)`.
+
+    Returns:
+      The command's status (-N if killed by signal N); 1 if a peer failed or the state files could not be used.
+
+    Raises:
+      WatchdogError: from `make_folder`, before the command starts.
+    """
     me = info()
     who = f"distclip.watchdog (rank {me.rank})"
-    os.makedirs(folder, exist_ok=True)
+    folder = make_folder(parent, run)
     mine = os.path.join(folder, f"rank-{me.rank}")
     beat = 0
+    _write(mine, beat, "running")  # before the command starts: a symbolic link here stops nothing but this
     try:
         child = subprocess.Popen(command, preexec_fn=_die_with_parent)
     except OSError as e:
@@ -148,26 +250,29 @@ def watch(command: List[str], folder: str, timeout: float = 50.0, grace: float =
         while child.poll() is None:
             now = time.monotonic()
             beat += 1
-            _write(mine, beat, "stopped" if is_stopped(child.pid) else "running")
+            try:
+                _write(mine, beat, "stopped" if is_stopped(child.pid) else "running")
+                why = None if received else peers.problem(now, started, timeout)
+            except WatchdogError as e:
+                why = str(e)
             if received and now > received[0][1] + grace:
                 print(f"{who}: still running {grace:g} s after {signal.Signals(received[0][0]).name}; killing it",
                       file=log, flush=True)
                 child.kill()
                 break
-            why = None if received else peers.problem(now, started, timeout)
             if why:
                 print(f"{who}: {why}; stopping this rank", file=log, flush=True)
-                _write(mine, beat + 1, "exited 1")  # first: the others must not wait on this rank either
+                _finish(mine, beat + 1, "exited 1")  # first: the others must not wait on this rank either
                 _stop(child, min(grace, FAILURE_GRACE_S))
-                _clean(folder, me.size)
+                _clean_quietly(folder, me.size)
                 return 1
             try:
                 child.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 pass
         code = child.wait()
-        _write(mine, beat + 1, f"exited {code}")
-        _clean(folder, me.size)
+        _finish(mine, beat + 1, f"exited {code}")
+        _clean_quietly(folder, me.size)
         return code
     finally:
         for s, handler in old.items():
@@ -175,6 +280,20 @@ def watch(command: List[str], folder: str, timeout: float = 50.0, grace: float =
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def _finish(path: str, beat: int, state: str) -> None:
+    try:
+        _write(path, beat, state)
+    except WatchdogError:
+        pass  # already reported; the command's status still decides how this rank ends
+
+
+def _clean_quietly(folder: str, size: int) -> None:
+    try:
+        _clean(folder, size)
+    except WatchdogError:
+        pass
 
 
 def _stop(child: subprocess.Popen, grace: float) -> None:
@@ -189,9 +308,11 @@ def _stop(child: subprocess.Popen, grace: float) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distclip.cluster.watchdog", description=__doc__.splitlines()[0],
-                                usage="%(prog)s [--dir DIR] [--timeout S] [--grace S] -- COMMAND [ARGS...]")
+                                usage="%(prog)s [--dir DIR] [--run NAME] [--timeout S] [--grace S] -- COMMAND [ARGS...]")
     p.add_argument("--dir", default=os.environ.get(ENV_DIR),
-                   help=f"the folder every rank shares for this run (default: ${ENV_DIR})")
+                   help=f"an existing folder every rank shares, in which the watchdog makes its own (default: ${ENV_DIR})")
+    p.add_argument("--run", default=os.environ.get(ENV_RUN) or default_run(),
+                   help=f"this run's name, the same on every rank (default: ${ENV_RUN}; under srun slurm-JOBID.STEPID)")
     p.add_argument("--timeout", type=float, default=None,
                    help=f"seconds a peer may be gone, stopped or silent (default: ${ENV_TIMEOUT}, else 50)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds between a forwarded SIGTERM and SIGKILL (default 30)")
@@ -207,12 +328,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ValueError:
             p.error(f"{ENV_TIMEOUT} must be a number of seconds > 0; got {ENV_TIMEOUT}={text!r}")
     if not args.dir:
-        p.error(f"give --dir or set {ENV_DIR}: a folder every rank of this run shares, and no other run")
+        p.error(f"give --dir or set {ENV_DIR}: an existing folder every rank of this run shares; the watchdog "
+                "makes its own folder inside it")
+    if not args.run:
+        p.error(f"give --run or set {ENV_RUN}: a name for this run, the same on every rank and unique to the run "
+                "(the launch scripts and sbatch templates set one; under srun it defaults to slurm-JOBID.STEPID)")
     for flag in ("timeout", "grace"):
         if not getattr(args, flag) > 0:
             p.error(f"--{flag} (or {ENV_TIMEOUT}) must be a number of seconds > 0; got {getattr(args, flag)}"
                     if flag == "timeout" else f"--{flag} must be a number of seconds > 0; got {getattr(args, flag)}")
-    code = watch(command, args.dir, args.timeout, args.grace)
+    try:
+        code = watch(command, args.dir, args.run, args.timeout, args.grace)
+    except WatchdogError as e:
+        print(f"distclip.watchdog (rank {info().rank}): {e}", file=sys.stderr, flush=True)
+        return 2
     if code < 0:
         # End as the command did, killed by the same signal, so the launcher reports it ("exited on signal 9").
         if -code not in (signal.SIGKILL, signal.SIGSTOP):

@@ -15,6 +15,14 @@ same step that one of them was asked to stop, save after that step, wait for
 each other, and exit with status 143 (128 + SIGTERM): a run that did not
 finish, resumable with `--resume`.
 
+Damage: `--resume` restores the newest checkpoint that can be read. A newer one
+that cannot (a missing `.index`, a truncated `.data` file) is named on stderr
+and moved, not deleted, to `OUT/checkpoints/damaged/`; if none can be read the
+run stops with an error naming the files. It never starts again from step 0
+while checkpoint files exist. `config.json` (the run's settings, checked on
+resume) is written atomically before the first checkpoint; on resume a missing
+or unreadable one is an error.
+
 Who writes: the chief writes `OUT/checkpoints`; the other processes of a
 MultiWorkerMirroredStrategy save too (TensorFlow's rule: saving may need every
 worker) into a scratch folder they delete; under Horovod only rank 0 writes, as
@@ -25,12 +33,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
 from dataclasses import asdict
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -65,6 +74,28 @@ class Progress(tf.Module):
         return float(np.mean(self.losses.numpy()[:min(n, TAIL)])) if n else float("nan")
 
 
+_FILE = re.compile(r"ckpt-(\d+)\.(index|data-\d+-of-\d+)")
+
+
+def _on_disk(directory: str) -> Dict[int, List[str]]:
+    """The checkpoints' files in `directory` by checkpoint number, whatever the `checkpoint` state file says."""
+    found: Dict[int, List[str]] = {}
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+        m = _FILE.fullmatch(name)
+        if m:
+            found.setdefault(int(m.group(1)), []).append(name)
+    return found
+
+
+def _write_atomically(path: str, text: str) -> None:
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
 class Checkpoints:
     """`OUT/checkpoints`, written by the chief (see the module docstring), read by every rank."""
 
@@ -73,34 +104,75 @@ class Checkpoints:
         self.engine = engine
         self.cfg = cfg
         self.checkpoint = tf.train.Checkpoint(**objects)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=2) if engine.chief else None
+        self.manager: Optional[tf.train.CheckpointManager] = None  # made at the first save, after restore
         self.saved_step: Optional[int] = None
         self._config_written = False
 
     def restore(self) -> int:
-        """Restores the newest checkpoint, if any; returns the step to start at."""
-        latest = tf.train.latest_checkpoint(self.directory)
-        if latest is None:
+        """Restores the newest readable checkpoint, if there is any checkpoint; returns the step to start at.
+
+        Raises:
+          SystemExit: checkpoint files exist but none can be read, config.json is missing or unreadable or
+            names other settings, or the checkpoint is beyond --steps.
+        """
+        found = _on_disk(self.directory)
+        if not found:
             return 0
         self._check_config()
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        damaged: List[str] = []
+        for number in sorted(found, reverse=True):
+            prefix = os.path.join(self.directory, f"ckpt-{number}")
+            try:
+                if f"ckpt-{number}.index" not in found[number]:
+                    raise FileNotFoundError(f"{prefix}.index is missing")
+                self.checkpoint.restore(prefix).assert_existing_objects_matched()
+            except Exception as e:  # whatever TensorFlow raises for a damaged file (IndexError for a short read)
+                damaged.append(f"{prefix} ({', '.join(found[number])}): {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}")
+                continue
+            break
+        else:
+            raise SystemExit(f"distclip train --resume: no checkpoint in {self.directory} can be read:\n  "
+                             + "\n  ".join(damaged) + "\nMove them away to start again from step 0, or give another --out.")
         step = int(self.checkpoint.progress.step.numpy())
         if step > self.cfg.steps:
             raise SystemExit(f"distclip train --resume: the checkpoint in {self.directory} is at step {step}, "
                              f"beyond --steps={self.cfg.steps}")
+        self.engine.barrier()  # every rank has read the files before the chief moves any
+        if self.engine.chief:
+            self._set_aside([n for n in found if n > number], damaged)
+            good = [os.path.join(self.directory, f"ckpt-{n}") for n in sorted(found) if n <= number]
+            tf.compat.v1.train.update_checkpoint_state(self.directory, good[-1], all_model_checkpoint_paths=good)
         self.saved_step = step
         return step
+
+    def _set_aside(self, numbers: List[int], why: List[str]) -> None:
+        """Moves the damaged newer checkpoints' files to `damaged/` (never deletes them), and says so."""
+        if not numbers:
+            return
+        aside = os.path.join(self.directory, "damaged")
+        os.makedirs(aside, exist_ok=True)
+        for n in numbers:
+            for name in _on_disk(self.directory).get(n, []):
+                target = os.path.join(aside, name)
+                while os.path.exists(target):
+                    target += ".again"
+                os.replace(os.path.join(self.directory, name), target)
+        print("distclip train --resume: cannot read " + "; ".join(why) + f"; moved to {aside}, resuming from the "
+              "newest checkpoint that can be read", file=sys.stderr, flush=True)
 
     def save(self, step: int) -> None:
         """Writes the state after `step` steps (once per step), then waits until every rank has."""
         if self.saved_step == step:
             return
-        if self.manager is not None:
-            self.manager.save(checkpoint_number=step)
-            if not self._config_written:  # after the first checkpoint: a resumed run checks against the old one
-                with open(os.path.join(self.directory, "config.json"), "w") as f:
-                    json.dump(asdict(self.cfg), f, indent=2)
+        if self.engine.chief:
+            if not self._config_written:  # before the first checkpoint: a resumed run checks against it
+                os.makedirs(self.directory, exist_ok=True)
+                _write_atomically(os.path.join(self.directory, "config.json"), json.dumps(asdict(self.cfg), indent=2))
                 self._config_written = True
+            if self.manager is None:
+                self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=2)
+            self.manager.save(checkpoint_number=step)
         elif self.engine.saves_on_every_worker:
             scratch = tempfile.mkdtemp(prefix="distclip-checkpoint-")
             try:
@@ -125,10 +197,17 @@ class Checkpoints:
 
     def _check_config(self) -> None:
         path = os.path.join(self.directory, "config.json")
-        if not os.path.exists(path):
-            return
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict):
+                raise ValueError(f"a JSON object was expected, not {type(saved).__name__}")
+        except (OSError, ValueError) as e:
+            raise SystemExit(
+                f"distclip train --resume: cannot read {path} ({e.strerror if isinstance(e, OSError) else e}), "
+                "the settings the checkpoints beside it were written with, so this run's cannot be checked against "
+                "them. Restore it, or give another --out."
+            ) from None
         now = asdict(self.cfg)
         differ = sorted(k for k in now if k not in _MAY_CHANGE and k in saved and saved[k] != now[k])
         if differ:

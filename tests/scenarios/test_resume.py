@@ -7,7 +7,9 @@ the ClipStep counters) must equal the uninterrupted run's bit for bit, and so
 must metrics.csv.
 """
 import os
+import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,3 +213,106 @@ def test_sigterm_to_the_launch_script_checkpoints_every_rank(tmp_path, script, s
     assert stopped, output[-3000:]
     assert output.count("SIGTERM received; checkpointing after this step") == 2
     assert int(_state(out)["progress/step/.ATTRIBUTES/VARIABLE_VALUE"]) == int(stopped.group(1))
+
+
+# A short job for the damage and kill cases: the run to resume stops at step 200 (checkpoints 100 and 200 kept),
+# the reference runs 400 steps uninterrupted; --steps may change on resume, and nothing else depends on it.
+SHORT = ["train", "--length", "10", "--units", "8", "--batch-size", "16", "--checkpoint-every", "100",
+         "--strategy", "mirrored"]
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("short")
+    _run([BIN, *SHORT, "--steps", "200", "--out", str(base / "at-200")], _env(base))
+    _run([BIN, *SHORT, "--steps", "400", "--out", str(base / "reference")], _env(base))
+    return base
+
+
+def _copy_of_run_at_200(short_runs, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(short_runs / "at-200", out)
+    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint", "ckpt-100.data-00000-of-00001", "ckpt-100.index",
+                                                       "ckpt-200.data-00000-of-00001", "ckpt-200.index", "config.json"]
+    return out
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(3)
+
+
+@pytest.mark.parametrize("damage, resumes_at", [
+    ("newest-index-missing", 100),
+    ("newest-data-truncated", 100),
+    ("state-file-garbled", 200),
+])
+def test_resume_uses_the_newest_readable_checkpoint_and_keeps_a_damaged_one_aside(tmp_path, short_runs, damage,
+                                                                                   resumes_at):
+    out = _copy_of_run_at_200(short_runs, tmp_path)
+    ckpts = out / "checkpoints"
+    if damage == "newest-index-missing":
+        os.remove(ckpts / "ckpt-200.index")
+    elif damage == "newest-data-truncated":
+        _truncate(ckpts / "ckpt-200.data-00000-of-00001")
+    else:
+        (ckpts / "checkpoint").write_text("garbage {{{")
+    r = _run([BIN, *SHORT, "--steps", "400", "--out", str(out), "--resume"], _env(tmp_path))
+    assert f"resuming at step {resumes_at} from {ckpts}" in r.stderr, r.stderr[-3000:]
+    if resumes_at == 100:
+        assert f"cannot read {ckpts / 'ckpt-200'} (" in r.stderr and f"moved to {ckpts / 'damaged'}" in r.stderr
+        kept = ["ckpt-200.data-00000-of-00001"] + (["ckpt-200.index"] if damage == "newest-data-truncated" else [])
+        assert sorted(os.listdir(ckpts / "damaged")) == kept  # set aside, not deleted
+    else:
+        assert "cannot read" not in r.stderr
+    _assert_same_run(short_runs / "reference", out)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("every-checkpoint-unreadable", "no checkpoint in {ckpts} can be read:\n  {ckpts}/ckpt-200 (ckpt-200.data-00000-of-00001"
+                                    ", ckpt-200.index): IndexError"),
+    ("config-missing", "cannot read {ckpts}/config.json (No such file or directory)"),
+    ("config-truncated", "cannot read {ckpts}/config.json (Unterminated string"),
+])
+def test_resume_refuses_rather_than_train_from_scratch(tmp_path, short_runs, damage, message):
+    out = _copy_of_run_at_200(short_runs, tmp_path)
+    ckpts = out / "checkpoints"
+    if damage == "every-checkpoint-unreadable":
+        for n in (100, 200):
+            _truncate(ckpts / f"ckpt-{n}.data-00000-of-00001")
+    elif damage == "config-missing":
+        os.remove(ckpts / "config.json")
+    else:
+        (ckpts / "config.json").write_text('{"strategy": "mirr')
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # With config.json gone, a changed setting (--seed) would go unnoticed if the check were skipped.
+    seed = [] if damage == "every-checkpoint-unreadable" else ["--seed", "5"]
+    r = subprocess.run([BIN, *SHORT, "--steps", "400", "--out", str(out), "--resume", *seed],
+                       capture_output=True, text=True, timeout=300, env=_env(tmp_path))
+    assert r.returncode != 0 and message.format(ckpts=ckpts) in r.stderr, r.stderr[-3000:]
+    assert "starting at step 0" not in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written, nothing deleted
+
+
+def test_metrics_survive_kills_at_random_points_after_a_resume(tmp_path, short_runs):
+    """SIGKILL at random moments after `--resume` has started, three times over, then a resume to the end:
+    metrics.csv holds exactly the uninterrupted run's rows (the kept rows are rewritten atomically at once)."""
+    out = _copy_of_run_at_200(short_runs, tmp_path)
+    rng = random.Random(int(os.environ.get("DISTCLIP_TEST_SEED", time.time_ns() % 10**6)))
+    cmd = [BIN, *SHORT, "--steps", "400", "--out", str(out), "--resume"]
+    for _ in range(3):
+        with open(tmp_path / "killed.log", "w") as log:
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
+                                 start_new_session=True)
+            try:
+                for line in p.stderr:  # bounded: the process ends, or is killed below
+                    if "resuming at step" in line:
+                        break
+                time.sleep(rng.uniform(0.0, 2.0))
+            finally:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=60)
+        rows = (out / "metrics.csv").read_text().splitlines()
+        assert len(rows) >= 201 and rows[0].startswith("step,"), len(rows)
+    _run(cmd, _env(tmp_path))
+    _assert_same_run(short_runs / "reference", out)

@@ -40,10 +40,18 @@ def slurm(tmp_path_factory):
     assert _munge_default_files() == before
 
 
+def _watchdog_parent(tmp_path):
+    """The parent folder given to the templates' watchdogs, holding a file of the user's that must survive."""
+    parent = tmp_path / "watchdog"
+    parent.mkdir(exist_ok=True)
+    (parent / "users-file").write_text("keep")
+    return parent
+
+
 def _submit(slurm, template, tmp_path, command, script_args=()):
     out = tmp_path / "job.out"
     env = {"DISTCLIP_CMD": command, "DISTCLIP_VENV": VENV, "PYTHONPATH": ROOT,
-           "DISTCLIP_WATCHDOG_DIR": str(tmp_path / "watchdog")}
+           "DISTCLIP_WATCHDOG_DIR": str(_watchdog_parent(tmp_path))}
     r = slurm.sbatch_wait(os.path.join(ROOT, "slurm", template),
                           ["--nodes=1", "--ntasks-per-node=2", f"--output={out}", f"--chdir={ROOT}"], env,
                           script_args=script_args)
@@ -126,7 +134,7 @@ def test_sigterm_checkpoints_requeues_and_resumes(slurm, tmp_path, template, str
     out, log = tmp_path / "run", tmp_path / "job.out"
     command = shlex.join(["distclip", *JOB, "--strategy", strategy, "--out", str(out), "--resume"])
     env = {"DISTCLIP_CMD": command, "DISTCLIP_VENV": VENV, "PYTHONPATH": ROOT, "TMPDIR": str(tmp_path),
-           "DISTCLIP_WATCHDOG_DIR": str(tmp_path / "watchdog")}
+           "DISTCLIP_WATCHDOG_DIR": str(_watchdog_parent(tmp_path))}
     job = slurm.submit(os.path.join(ROOT, "slurm", template),
                        ["--nodes=1", "--ntasks-per-node=2", f"--output={log}", f"--chdir={ROOT}"], env)
     deadline = time.monotonic() + 120
@@ -162,7 +170,7 @@ def test_a_rank_the_others_would_wait_for_forever_ends_the_job(slurm, tmp_path, 
     mode, message = CASES[case]
     out = tmp_path / "job.out"
     env = {"DISTCLIP_VENV": VENV, "PYTHONPATH": ROOT, "DISTCLIP_WATCHDOG_TIMEOUT": str(TIMEOUT_S),
-           "DISTCLIP_WATCHDOG_DIR": str(tmp_path / "watchdog")}
+           "DISTCLIP_WATCHDOG_DIR": str(_watchdog_parent(tmp_path))}
     start = time.monotonic()
     r = slurm.sbatch_wait(os.path.join(ROOT, "slurm", "horovod-srun.sbatch"),
                           ["--nodes=1", "--ntasks-per-node=2", f"--output={out}", f"--chdir={ROOT}"], env,
@@ -171,4 +179,26 @@ def test_a_rank_the_others_would_wait_for_forever_ends_the_job(slurm, tmp_path, 
     log = out.read_text(errors="replace")
     assert r.returncode != 0 and took < 60, (r.returncode, took, log[-3000:])
     assert re.search(r"distclip\.watchdog \(rank 0\): " + message + "; stopping this rank", log), log[-3000:]
-    assert not (tmp_path / "watchdog").exists()
+    assert os.listdir(tmp_path / "watchdog") == ["users-file"]  # the watchdog's own folder is gone, nothing else
+
+
+def test_stopping_a_cluster_leaves_another_clusters_job_steps_alone(slurm, tmp_path):
+    """Two test runs at once on one machine: stopping one's cluster kills its own job steps and no one else's."""
+    script = tmp_path / "sleep.sbatch"
+    script.write_text("#!/bin/bash\nsrun -n 1 sleep 120\n")
+    other = SlurmCluster(tmp_path / "other").start()
+    try:
+        jobs = {c: c.submit(str(script), [f"--output={tmp_path / 'sleep.out'}"], {}) for c in (slurm, other)}
+        deadline = time.monotonic() + 60
+        while not (slurm._new_steps() and other._new_steps()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        theirs, ours = slurm._new_steps(), other._new_steps()
+        assert theirs and ours and not {p.pid for p in theirs} & {p.pid for p in ours}
+    finally:
+        other.stop()
+    assert all(p.is_running() for p in theirs)  # the module's cluster's steps live on
+    assert not any(p.is_running() for p in ours)
+    subprocess.run(["scancel", jobs[slurm]], env=slurm.env, check=True, timeout=30)
+    deadline = time.monotonic() + 30
+    while slurm._new_steps() and time.monotonic() < deadline:
+        time.sleep(0.2)

@@ -49,14 +49,14 @@ def test_a_rank_the_others_would_wait_for_forever_ends_the_run(tmp_path, script,
 @pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
 def test_a_rank_that_never_starts_ends_the_run(tmp_path, launcher):
     env = watchdog_env(tmp_path)
-    env["DISTCLIP_WATCHDOG_DIR"] = str(tmp_path / "watchdog")
+    env.update(DISTCLIP_WATCHDOG_DIR=str(tmp_path), DISTCLIP_WATCHDOG_RUN="never-starts")
     # Rank 1 hangs before its watchdog starts (a wrapper stuck on a slow file system, say).
     rank = "${HOROVOD_RANK:-$OMPI_COMM_WORLD_RANK}"
     wrapped = ["sh", "-c", f'[ "{rank}" = 1 ] && exec sleep 300; exec "$0" -m distclip.cluster.watchdog -- "$0" {STUBBORN} none',
                sys.executable]
     bin_dir = os.path.dirname(sys.executable)
     cmd = {"horovodrun": [os.path.join(bin_dir, "horovodrun"), "--gloo", "-np", "2", "-H", "localhost:2"],
-           "mpirun": ["mpirun", "-np", "2", "--oversubscribe", "-x", "DISTCLIP_WATCHDOG_DIR", "-x",
+           "mpirun": ["mpirun", "-np", "2", "--oversubscribe", "-x", "DISTCLIP_WATCHDOG_DIR", "-x", "DISTCLIP_WATCHDOG_RUN", "-x",
                       "DISTCLIP_WATCHDOG_TIMEOUT", "-x", "PYTHONPATH"]}[launcher]
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     code, took, output = run_bounded([sys.executable, "-m", "distclip.cluster.netns"] + cmd + wrapped, env)

@@ -15,7 +15,27 @@ def _poisoned(seed=0):
     return x, y
 
 
-def test_skip_on_every_replica_then_train_normally(mirrored):
+@pytest.fixture
+def no_merge_call(mirrored, monkeypatch):
+    """MirroredStrategy over the 2 logical CPUs in the regime GPUs run when the step is compiled with XLA: the
+    strategy needs no merge_call (`_use_merge_call()` is False; TensorFlow decides it from XLA and all-GPU
+    devices). XLA cannot compile a MirroredStrategy step over logical CPU devices ("Trying to access resource
+    ... located in device CPU:1 from device CPU:0"), so the regime is forced without it. (The session's strategy,
+    for the time of the test: a second strategy over the same devices would reuse its collective keys.)"""
+    monkeypatch.setattr(mirrored.extended, "_use_merge_call", lambda: False)
+    return mirrored
+
+
+def _regime(strategy):
+    seen = []
+    tf.function(lambda: strategy.run(lambda: seen.append(tf.__internal__.distribute.strategy_supports_no_merge_call())))()
+    return seen
+
+
+@pytest.mark.parametrize("regime", ["mirrored", "no_merge_call"])
+def test_skip_on_every_replica_then_train_normally(request, regime):
+    mirrored = request.getfixturevalue(regime)
+    assert _regime(mirrored) == [regime == "no_merge_call"] * 2
     weights, norms, per_replica, objs = distributed_train(mirrored, 0.2, 1, batches=[global_batch(0)])
     model, optimizer, clip, step = objs["model"], objs["optimizer"], objs["clip"], objs["step"]
 
@@ -74,4 +94,10 @@ def _engine(name, mirrored):
 @pytest.mark.parametrize("api", contract.APIS)
 def test_nonfinite_step_is_skipped_on_every_replica(mirrored, engine, name, api):
     found, _ = contract.check_skip(name, api, True, **_engine(engine, mirrored))
+    assert not found, found
+
+
+@pytest.mark.parametrize("name, api", [("Adam", "ClipStep"), ("LossScaleOptimizer", "ClipOptimizer")])
+def test_nonfinite_step_is_skipped_where_the_strategy_needs_no_merge_call(no_merge_call, name, api):
+    found, _ = contract.check_skip(name, api, True, strategy=no_merge_call, replicas=2)
     assert not found, found

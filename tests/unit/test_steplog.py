@@ -24,6 +24,9 @@ def test_rows_go_to_the_csv_and_tensorboard_and_a_resume_keeps_only_the_earlier_
         f.write("5,0.1,2")  # a line cut short by a kill
     resumed = StepLog(str(tmp_path), first_step=3)  # the checkpoint was taken after 3 steps
     assert [r["step"] for r in resumed.rows] == [0, 1, 2]
+    # Already on disk, before anything is flushed or closed: a SIGKILL now loses none of the kept rows.
+    assert [r["step"] for r in read_csv(os.path.join(tmp_path, "metrics.csv"))] == [0, 1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.csv", "tensorboard"]
     resumed.write(_row(3))
     resumed.close()
     assert [r["step"] for r in read_csv(os.path.join(tmp_path, "metrics.csv"))] == [0, 1, 2, 3]

@@ -62,18 +62,25 @@ def _returning(value: bool, fn: Branch) -> Callable[..., tf.Tensor]:
 
 
 def create_variables(create: Callable[[], None]) -> None:
-    """Runs `create()`, which makes variables, eagerly and once, even when called inside `strategy.run`.
+    """Runs `create()`, which makes variables, once, even when called inside `strategy.run`.
 
     Variables created inside a traced replica function fail under
-    MirroredStrategy, so they are created in `tf.init_scope` (eagerly), and in a
-    replica context of several replicas from the cross-replica context.
+    MirroredStrategy, so under a strategy they are created in `tf.init_scope`
+    (eagerly), and in a replica context of several replicas from the
+    cross-replica context. Without a strategy they are created where the call
+    is, as Keras's own optimizers build: a model built lazily in the same
+    traced step has variables whose values exist only inside that step, and
+    an optimizer whose build reads them (ScheduleFreeAdamW copies the weights)
+    would read nothing eagerly.
     """
     def eagerly(*_):
         with tf.init_scope():
             create()
 
     ctx = tf.distribute.get_replica_context()
-    if tf.distribute.has_strategy() and ctx is not None and ctx.num_replicas_in_sync > 1:
+    if not tf.distribute.has_strategy():
+        create()
+    elif ctx is not None and ctx.num_replicas_in_sync > 1:
         ctx.merge_call(eagerly)
     else:
         eagerly()

@@ -6,12 +6,19 @@ from typing import Any, Dict, List, Optional
 
 import keras
 
+from distclip.apply import optimizers_in
 from distclip.engine import ClipEngine
 from distclip.errors import ArgumentError
 from distclip.lockstep import create_variables
 from distclip.options import StepOptions, WithStepOptions, takes_step_options
 from distclip.policies import Policy
 from distclip.threshold import ClipNorm
+
+
+#: The configuration of the optimizer that updates: read from `inner_optimizer` and set on it, never the
+#: wrapper's own (which Keras's base class keeps at its defaults for its own use while building).
+INNER_CONFIG = frozenset({"weight_decay", "clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
+                          "ema_overwrite_frequency", "gradient_accumulation_steps"})
 
 
 @keras.saving.register_keras_serializable(package="distclip")
@@ -61,6 +68,16 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
         takes one synchronized, clipped step on their mean every k-th batch
         (`iterations` counts those steps), as for `distclip.ClipStep`.
 
+    The wrapper answers for the optimizer it wraps: `iterations`, `learning_rate`,
+    the configuration (`weight_decay`, `clipnorm`, `clipvalue`,
+    `global_clipnorm`, `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
+    `gradient_accumulation_steps`: read from it, set on it), `scale_loss`,
+    `finalize_variable_values` and any public name the wrapper does not have
+    (`beta_1`, Muon's `lr_adjust`, ...) are the inner optimizer's;
+    `exclude_from_weight_decay` goes to every optimizer that updates (through a
+    `LossScaleOptimizer` or `MultiOptimizer`). `update_step` and
+    `stateless_apply` raise an error saying what to call instead.
+
     Each step leaves what it saw in variables, identical on every replica:
     `global_norm` (before clipping), `clip_norm_used` (the threshold used),
     `clip_scale` and `skipped_steps` (skipped since the start).
@@ -84,6 +101,41 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
         self.accumulation = engine.accumulation
         self.__dict__["_complete"] = True
 
+    def __getattribute__(self, name: str) -> Any:
+        if name in INNER_CONFIG:
+            state = object.__getattribute__(self, "__dict__")
+            if state.get("_complete") and not state.get("_building"):
+                return getattr(state["inner_optimizer"], name)
+        return super().__getattribute__(name)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for names the wrapper lacks: the inner optimizer's own public ones (beta_1, Muon's lr_adjust, ...).
+        inner = self.__dict__.get("inner_optimizer")
+        if name.startswith("_") or inner is None:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r}")
+        return getattr(inner, name)
+
+    def exclude_from_weight_decay(self, var_list: Optional[List[Any]] = None,
+                                  var_names: Optional[List[str]] = None) -> None:
+        """Excludes variables from weight decay in every optimizer that updates (Keras's own method on each).
+
+        Args:
+          var_list: variables to exclude.
+          var_names: substrings; a variable whose name contains one is excluded.
+
+        Raises:
+          ValueError: from Keras, if an optimizer that updates is already built.
+        """
+        for opt in optimizers_in(self.inner_optimizer):
+            if not isinstance(opt, (keras.optimizers.LossScaleOptimizer, keras.optimizers.MultiOptimizer)):
+                opt.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+
+    def update_step(self, gradient, variable, learning_rate):
+        raise NotImplementedError(
+            "ClipOptimizer.update_step: the wrapper has no update of its own; the inner optimizer's update_step "
+            "runs inside ClipOptimizer.apply (call apply or apply_gradients), or call "
+            "inner_optimizer.update_step to bypass the synchronized clip")
+
     def build(self, var_list: List[Any]) -> None:
         if self.built:
             return
@@ -92,7 +144,11 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
             with self._distribution_strategy.scope():
                 self._engine.build(var_list)  # checks the variables before anything is created
                 self._engine.create_state(self._state_variable)
-                super(ClipOptimizer, self).build(var_list)
+                self.__dict__["_building"] = True  # Keras's build reads the wrapper's own use_ema, ...
+                try:
+                    super(ClipOptimizer, self).build(var_list)
+                finally:
+                    self.__dict__["_building"] = False
 
         create_variables(create)
 
@@ -129,6 +185,9 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
         return self.inner_optimizer.scale_loss(loss)
 
     def __setattr__(self, name, value):
+        if name in INNER_CONFIG and self.__dict__.get("_complete", False):
+            setattr(self.inner_optimizer, name, value)
+            return
         # A LossScaleOptimizer wrapping this one sets our loss_scale_factor once we exist.
         if name == "loss_scale_factor" and self.__dict__.get("_complete", False):
             raise ArgumentError(
@@ -153,7 +212,8 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
         return self._engine.apply(grads, trainable_variables)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
-        raise NotImplementedError("ClipOptimizer runs on the TensorFlow backend, which has no stateless_apply")
+        raise NotImplementedError("ClipOptimizer.stateless_apply: ClipOptimizer runs on the TensorFlow backend, "
+                                  "which has no stateless_apply; call apply")
 
     def get_config(self) -> Dict[str, Any]:
         clip_norm = self.clip_norm

@@ -1,13 +1,18 @@
 """distclip.keras.optimizer: model.fit with ClipOptimizer in this process (default strategy and MirroredStrategy)
 against Keras's own single-device global_clipnorm fit."""
 import os
+import re
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import contract
 import distclip
+import distclip.keras
 from common import GLOBAL_BATCH, make_model, max_abs_diff
 from distclip.train.plots import read_csv
 from fitting import CLIP, STEPS, clip_adam, data, fit, keras_adam
@@ -153,3 +158,133 @@ def test_fit_under_mirrored_keeps_xla_off_and_explicit_xla_fails_in_keras_itself
     for optimizer in (keras_adam(global_clipnorm=CLIP), clip_adam()):
         with pytest.raises(tf.errors.InvalidArgumentError, match="Trying to access resource .* located in device"):
             fit(optimizer, mirrored, steps=1, jit_compile=True)
+
+
+# --- The wrapper answers for the optimizer it wraps (see ClipOptimizer's docstring and README's table) ---
+
+#: Public names of keras.optimizers.Optimizer the wrapper keeps as its own, each with the same meaning as on any
+#: optimizer: its own variables (distclip's state, saved with it) and how the whole is built, saved and applied.
+OWN = {"add_optimizer_variables", "add_variable", "add_variable_from_reference", "assign", "assign_add", "assign_sub",
+       "apply", "apply_gradients", "build", "built", "from_config", "get_config", "load_own_variables", "name",
+       "save_own_variables", "set_weights", "variables", "loss_scale_factor",
+       "inner_optimizer"}  # the optimizer it wraps, as on a LossScaleOptimizer
+#: The wrapper's own methods that call the inner optimizer's (through a LossScaleOptimizer or MultiOptimizer to the
+#: optimizers that update, for exclude_from_weight_decay: tested against Keras below).
+CALLS_INNER = {"exclude_from_weight_decay", "scale_loss", "finalize_variable_values"}
+#: Raise an error naming the method and what to call instead.
+REFUSED = {"update_step": "ClipOptimizer.update_step: the wrapper has no update of its own",
+           "stateless_apply": "ClipOptimizer.stateless_apply: ClipOptimizer runs on the TensorFlow backend"}
+
+
+def _public_names(opt):
+    return {n for n in dir(type(opt)) if not n.startswith("_")} | {n for n in vars(opt) if not n.startswith("_")}
+
+
+@pytest.mark.parametrize("name", contract.exported())
+def test_every_public_name_of_the_inner_optimizer_is_forwarded_kept_or_refused(name):
+    inner = contract.FACTORIES.get(name, lambda: getattr(keras.optimizers, name)(learning_rate=0.05))()
+    wrapper = distclip.keras.ClipOptimizer(inner, clip_norm=1.0)
+    names = _public_names(inner) | {n for n in dir(keras.optimizers.Optimizer) if not n.startswith("_")}
+    for n in sorted(names - OWN - set(REFUSED) - CALLS_INNER):
+        try:
+            want = getattr(inner, n)
+        except AttributeError as e:  # MultiOptimizer's learning_rate: the wrapper raises the same
+            with pytest.raises(AttributeError, match=re.escape(str(e))):
+                getattr(wrapper, n)
+            continue
+        got = getattr(wrapper, n)
+        if callable(want) and hasattr(want, "__self__"):
+            assert got.__self__ is inner and got.__func__ is want.__func__, n  # the inner's own bound method
+        else:
+            assert got is want or got == want, (n, got, want)
+    assert float(wrapper.scale_loss(tf.constant(2.0))) == float(inner.scale_loss(tf.constant(2.0)))
+    for n, message in REFUSED.items():
+        with pytest.raises(NotImplementedError, match=message):
+            getattr(wrapper, n)(None, None, None)
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        wrapper.not_a_name
+
+
+def test_configuration_set_on_the_wrapper_is_set_on_the_inner_optimizer():
+    inner = keras.optimizers.AdamW(0.1, weight_decay=0.004)
+    wrapper = distclip.keras.ClipOptimizer(inner, clip_norm=1.0)
+    wrapper.weight_decay = 0.5
+    wrapper.use_ema = True
+    assert (inner.weight_decay, inner.use_ema) == (0.5, True) and wrapper.weight_decay == 0.5
+
+
+def _decaying(name):
+    """`name` with weight decay and no exclusions yet; returns (optimizer, the optimizers that update)."""
+    if name == "LossScaleOptimizer":
+        leaf = keras.optimizers.Adam(1.0, weight_decay=0.004)
+        return keras.optimizers.LossScaleOptimizer(leaf), [leaf]
+    if name == "MultiOptimizer":
+        leaves = [keras.optimizers.SGD(1.0, weight_decay=0.004), keras.optimizers.Adam(1.0, weight_decay=0.004)]
+        return keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(leaves[0], {"keep.*": leaves[1]})), leaves
+    opt = getattr(keras.optimizers, name)(1.0, weight_decay=0.004)
+    return opt, [opt]
+
+
+@pytest.mark.parametrize("how", ["var_names", "var_list"])
+@pytest.mark.parametrize("name", sorted(set(contract.exported()) - {"Ftrl"}))  # Ftrl has no weight decay
+def test_weight_decay_exclusions_on_the_wrapper_equal_kerass_own(name, how):
+    """Oracle: Keras's own optimizer, the exclusions made on the optimizers that update (a LossScaleOptimizer's
+    or MultiOptimizer's own exclude_from_weight_decay would change nothing), one step with zero gradients."""
+    results = []
+    for wrapped in (False, True):
+        variables = [keras.Variable(np.full((2, 2), 2.0, "float32"), name=n) for n in ("keep", "exclude")]
+        opt, leaves = _decaying(name)
+        exclusion = {"var_names": ["exclude"]} if how == "var_names" else {"var_list": [variables[1]]}
+        if wrapped:
+            opt = distclip.keras.ClipOptimizer(opt, clip_norm=None)
+            opt.exclude_from_weight_decay(**exclusion)
+        else:
+            for leaf in leaves:
+                leaf.exclude_from_weight_decay(**exclusion)
+        for _ in range(2):  # ScheduleFreeAdamW moves the weights from its second step on
+            opt.apply([tf.zeros((2, 2))] * 2, variables)
+        results.append([v.numpy() for v in variables])
+    (keep, excluded), (wrapper_keep, wrapper_excluded) = results
+    np.testing.assert_array_equal(wrapper_keep, keep)
+    np.testing.assert_array_equal(wrapper_excluded, excluded)
+    if name != "Muon":  # Muon decays 2-D variables through its own rule, not exclude_from_weight_decay
+        assert not np.array_equal(keep, excluded), "weight decay acted on neither or both: the test proves nothing"
+
+
+def _lazy_fit_and_evaluate(optimizer):
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])  # built by fit
+    model.compile(optimizer=optimizer, loss="mse")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 5)).astype("float32"), rng.normal(size=(32, 2)).astype("float32")
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0).history["loss"]
+    return model.get_weights(), history + [model.evaluate(x, y, verbose=0)]
+
+
+# Each exported optimizer once; the ones with extra machinery in the unit tier, the rest slow.
+FAST_LAZY = {"ScheduleFreeAdamW", "Adam", "LossScaleOptimizer", "MultiOptimizer", "Muon"}
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_LAZY else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in contract.exported()])
+def test_fit_and_evaluate_with_a_lazily_built_model_equal_keras_alone(name):
+    factory = contract.FACTORIES.get(name, lambda: getattr(keras.optimizers, name)(learning_rate=0.05))
+    ref_weights, ref_losses = _lazy_fit_and_evaluate(factory())
+    weights, losses = _lazy_fit_and_evaluate(distclip.keras.ClipOptimizer(factory(), clip_norm=1e6))  # never binds
+    assert max_abs_diff(weights, ref_weights) <= 1e-5
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+def test_a_saved_model_loads_in_a_fresh_process_after_import_distclip_keras(tmp_path):
+    """What the README says: `import distclip.keras` registers ClipOptimizer (and the policies) with Keras."""
+    model = make_model()
+    model.compile(optimizer=distclip.keras.ClipOptimizer(keras.optimizers.Adam(0.01), distclip.AutoClip(90.0, 2)),
+                  loss="mse")
+    model.fit(np.ones((8, 4), "float32"), np.ones((8, 1), "float32"), verbose=0)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    code = ("import keras, distclip.keras; m = keras.saving.load_model(%r); "
+            "print(type(m.optimizer).__name__, type(m.optimizer.clip_norm).__name__, int(m.optimizer.iterations))") % path
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert r.returncode == 0 and r.stdout.split() == ["ClipOptimizer", "AutoClip", "1"], r.stderr[-3000:]

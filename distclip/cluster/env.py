@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from distclip.errors import ArgumentError, ContextError
+from distclip.errors import ContextError
 
 
 @dataclass(frozen=True)
@@ -30,55 +30,99 @@ class ClusterInfo:
     launcher: str  # "horovod", "horovodrun", "mpirun", "slurm", "tf_config" or "none"
 
 
-def _int(env: Dict[str, str], *names: str) -> Optional[int]:
+def _int(env: Dict[str, str], *names: str, least: int = 0) -> Optional[int]:
+    """The first of `names` that is set (non-empty), as an integer >= `least`; None if none is set.
+
+    Raises:
+      ContextError: the variable is set to anything else, naming it and its value.
+    """
     for name in names:
-        if env.get(name, "").strip().lstrip("-").isdigit():
-            return int(env[name])
+        text = env.get(name, "").strip()
+        if text:
+            if not (text.isascii() and text.isdigit()) or int(text) < least:
+                raise ContextError(f"{name} must be a whole number >= {least}; got {name}={env[name]!r}")
+            return int(text)
     return None
 
 
-def _slurm_tasks_per_node(spec: str) -> List[int]:
+def _slurm_tasks_per_node(name: str, spec: str) -> List[int]:
     """Expands Slurm's "2(x3),1" into [2, 2, 2, 1]."""
     out: List[int] = []
     for part in spec.split(","):
-        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        m = re.fullmatch(r"([1-9]\d*)(?:\(x([1-9]\d*)\))?", part.strip())
         if not m:
-            raise ContextError(f"cannot parse SLURM_STEP_TASKS_PER_NODE={spec!r}")
+            raise ContextError(f"cannot parse {name}={spec!r}: expected counts >= 1 such as '2(x3),1'")
         out += [int(m.group(1))] * int(m.group(2) or 1)
     return out
 
 
+def _checked(cluster: ClusterInfo, names: str) -> ClusterInfo:
+    """`cluster` if its rank lies in its size and its local rank in its local size; else an error naming `names`."""
+    if not (cluster.rank < cluster.size and cluster.local_rank < cluster.local_size <= cluster.size):
+        raise ContextError(f"inconsistent {cluster.launcher} variables {names}: rank {cluster.rank} of "
+                           f"{cluster.size}, local rank {cluster.local_rank} of {cluster.local_size}")
+    return cluster
+
+
+def _from_tf_config(text: str) -> ClusterInfo:
+    def bad(why: str) -> ContextError:
+        return ContextError(f"TF_CONFIG {why}; got TF_CONFIG={text!r}")
+
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise bad(f"is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("cluster"), dict) or not isinstance(cfg.get("task"), dict):
+        raise bad('must be a JSON object with a "cluster" object and a "task" object')
+    tasks = []
+    for kind in ("chief", "worker"):
+        addresses = cfg["cluster"].get(kind, [])
+        if not isinstance(addresses, list) or not all(isinstance(a, str) and ":" in a for a in addresses):
+            raise bad(f'cluster["{kind}"] must be a list of "host:port" strings')
+        tasks += [(kind, a) for a in addresses]
+    task = cfg["task"]
+    kind, index = task.get("type"), task.get("index", 0)
+    mine = [i for i, (t, _) in enumerate(tasks) if t == kind]
+    if kind not in ("chief", "worker") or not mine:
+        raise bad(f'task["type"] must be "chief" or "worker", with addresses in cluster; got {kind!r}')
+    if type(index) is not int or not 0 <= index < len(mine):
+        raise bad(f'task["index"] must be a whole number from 0 to {len(mine) - 1}; got {index!r}')
+    me = mine[index]
+    host = tasks[me][1].rsplit(":", 1)[0]
+    same_host = [i for i, (_, a) in enumerate(tasks) if a.rsplit(":", 1)[0] == host]
+    return ClusterInfo(me, len(tasks), same_host.index(me), len(same_host), "tf_config")
+
+
 def info(env: Optional[Dict[str, str]] = None) -> ClusterInfo:
-    """This process's rank, world size, local rank and local size, and which launcher said so."""
+    """This process's rank, world size, local rank and local size, and which launcher said so.
+
+    Raises:
+      ContextError: a launcher variable is malformed (not a whole number, a rank beyond the size, a TF_CONFIG
+        that does not name this task), naming the variable and its value.
+    """
     from_process = env is None
     env = dict(os.environ if env is None else env)
     hvd = sys.modules.get("horovod.tensorflow")
     if from_process and hvd is not None and hvd.is_initialized():
         return ClusterInfo(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), "horovod")
-    if _int(env, "HOROVOD_RANK") is not None:
-        return ClusterInfo(_int(env, "HOROVOD_RANK"), _int(env, "HOROVOD_SIZE") or 1,
-                           _int(env, "HOROVOD_LOCAL_RANK") or 0, _int(env, "HOROVOD_LOCAL_SIZE") or 1, "horovodrun")
-    if _int(env, "OMPI_COMM_WORLD_RANK") is not None:
-        return ClusterInfo(_int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE") or 1,
-                           _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0, _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE") or 1,
-                           "mpirun")
-    if _int(env, "SLURM_PROCID") is not None and _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") is not None:
-        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
-        counts = _slurm_tasks_per_node(per_node)
+    for launcher, prefix in (("horovodrun", "HOROVOD_"), ("mpirun", "OMPI_COMM_WORLD_")):
+        rank = _int(env, f"{prefix}RANK")
+        if rank is not None:
+            names = f"{prefix}RANK, {prefix}SIZE, {prefix}LOCAL_RANK, {prefix}LOCAL_SIZE"
+            return _checked(ClusterInfo(rank, _int(env, f"{prefix}SIZE", least=1) or 1,
+                                        _int(env, f"{prefix}LOCAL_RANK") or 0,
+                                        _int(env, f"{prefix}LOCAL_SIZE", least=1) or 1, launcher), names)
+    rank = _int(env, "SLURM_PROCID")
+    size = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", least=1)
+    if rank is not None and size is not None:
+        per_node = "SLURM_STEP_TASKS_PER_NODE" if env.get("SLURM_STEP_TASKS_PER_NODE") else "SLURM_TASKS_PER_NODE"
+        counts = _slurm_tasks_per_node(per_node, env.get(per_node) or "1")
         node = _int(env, "SLURM_NODEID") or 0
-        return ClusterInfo(_int(env, "SLURM_PROCID"), _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"),
-                           _int(env, "SLURM_LOCALID") or 0, counts[min(node, len(counts) - 1)], "slurm")
+        return _checked(ClusterInfo(rank, size, _int(env, "SLURM_LOCALID") or 0, counts[min(node, len(counts) - 1)],
+                                    "slurm"),
+                        "SLURM_PROCID, SLURM_STEP_NUM_TASKS (SLURM_NTASKS), SLURM_LOCALID, " + per_node)
     if env.get("TF_CONFIG"):
-        try:
-            cfg = json.loads(env["TF_CONFIG"])
-        except json.JSONDecodeError as e:
-            raise ArgumentError(f"TF_CONFIG is not valid JSON: {e}") from None
-        tasks = [(t, a) for t in ("chief", "worker") for a in cfg.get("cluster", {}).get(t, [])]
-        task = cfg.get("task", {})
-        me = [i for i, (t, _) in enumerate(tasks) if t == task.get("type")][task.get("index", 0)]
-        host = tasks[me][1].rsplit(":", 1)[0]
-        same_host = [i for i, (_, a) in enumerate(tasks) if a.rsplit(":", 1)[0] == host]
-        return ClusterInfo(me, len(tasks), same_host.index(me), len(same_host), "tf_config")
+        return _from_tf_config(env["TF_CONFIG"])
     return ClusterInfo(0, 1, 0, 1, "none")
 
 

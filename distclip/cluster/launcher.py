@@ -20,8 +20,10 @@ The workers run in a private network namespace with only a loopback interface
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -54,6 +56,15 @@ def is_stopped(pid: int) -> bool:
         return False
 
 
+def _why(e: OSError) -> str:
+    """An OS error in words, with what to do where the cause is a limit of this process."""
+    if e.errno == errno.EMFILE:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return (f"too many open files (this process may open {soft}, `ulimit -n`; each worker needs a few): "
+                "raise the limit or start fewer workers")
+    return str(e)
+
+
 def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, grace: float = 30.0,
            exit_wait: float = 50.0, log=sys.stderr) -> int:
     """Runs `command` as `nproc` workers; returns 0 if all succeed, else a non-zero status. Never hangs:
@@ -81,13 +92,17 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
     def say(message: str) -> None:
         print(f"distclip.launcher: {message}", file=log, flush=True)
 
-    workers = [f"localhost:{p}" for p in free_ports(nproc, "127.0.0.1")]
+    try:
+        workers = [f"localhost:{p}" for p in free_ports(nproc, "127.0.0.1")]
+    except OSError as e:
+        say(f"cannot reserve {nproc} ports for the workers: {_why(e)}")
+        return 2
     for i in range(nproc):
         env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
         try:
             procs.append(subprocess.Popen(list(command), env=env, start_new_session=True))
         except OSError as e:
-            say(f"worker {i} could not start: {e}; stopping the other {len(procs)} worker(s)")
+            say(f"worker {i} could not start: {_why(e)}; stopping the other {len(procs)} worker(s)")
             signal_all(signal.SIGKILL)
             for p in procs:
                 p.wait()

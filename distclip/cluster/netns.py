@@ -14,6 +14,7 @@ no other host is named). Inside, nothing can reach other machines either.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import socket
@@ -37,7 +38,14 @@ def private_network() -> Optional[str]:
     uid, gid = os.getuid(), os.getgid()
     if libc.unshare(_CLONE_NEWNET) != 0:
         if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
-            return os.strerror(ctypes.get_errno())
+            code = ctypes.get_errno()
+            if code == errno.ENOSPC:  # the kernel's answer when user.max_user_namespaces is 0 or used up
+                return ("the kernel allows this user no more user namespaces: sysctl user.max_user_namespaces "
+                        "is 0 or used up")
+            if code == errno.EPERM:
+                return ("the kernel does not let unprivileged users create user namespaces "
+                        "(kernel.unprivileged_userns_clone, or a security policy such as AppArmor's)")
+            return os.strerror(code)
         for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
                            ("/proc/self/gid_map", f"{gid} {gid} 1")):
             with open(path, "w") as f:

@@ -4,6 +4,7 @@ Real launches are in tests/scenarios/."""
 import pytest
 
 from distclip.cluster import ClusterInfo, info
+from distclip.errors import ContextError
 
 
 @pytest.mark.parametrize(
@@ -24,3 +25,33 @@ from distclip.cluster import ClusterInfo, info
 )
 def test_info_from_launcher_environment(env, want):
     assert info(env) == want
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"TF_CONFIG": "[]"}, 'TF_CONFIG must be a JSON object with a "cluster" object and a "task" object; got TF_CONFIG=\'[]\''),
+    ({"TF_CONFIG": '{"cluster": {"worker": ["a:1"]}}'}, 'a "task" object'),
+    ({"TF_CONFIG": '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 1}}'},
+     'task["index"] must be a whole number from 0 to 0; got 1'),
+    ({"TF_CONFIG": '{"cluster": {"worker": ["a:1", "a:2"]}, "task": {"type": "worker", "index": -1}}'},
+     'task["index"] must be a whole number from 0 to 1; got -1'),
+    ({"TF_CONFIG": '{"cluster": {"worker": ["a:1", "a:2"]}, "task": {"type": "worker", "index": "1"}}'},
+     "got '1'"),
+    ({"TF_CONFIG": '{"cluster": {"worker": "localhost:1234"}, "task": {"type": "worker", "index": 0}}'},
+     'cluster["worker"] must be a list of "host:port" strings'),
+    ({"TF_CONFIG": '{"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", "index": 0}}'}, "got 'ps'"),
+    ({"TF_CONFIG": "{"}, "TF_CONFIG is not valid JSON"),
+    ({"HOROVOD_RANK": "--2"}, "HOROVOD_RANK must be a whole number >= 0; got HOROVOD_RANK='--2'"),
+    ({"HOROVOD_RANK": "-1", "HOROVOD_SIZE": "2"}, "HOROVOD_RANK must be a whole number >= 0; got HOROVOD_RANK='-1'"),
+    ({"HOROVOD_RANK": "2", "HOROVOD_SIZE": "2"}, "inconsistent horovodrun variables HOROVOD_RANK, HOROVOD_SIZE"),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "abc"},
+     "OMPI_COMM_WORLD_SIZE must be a whole number >= 1; got OMPI_COMM_WORLD_SIZE='abc'"),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "2"}, "inconsistent slurm variables SLURM_PROCID"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "0"}, "SLURM_NTASKS must be a whole number >= 1; got SLURM_NTASKS='0'"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "-4"}, "SLURM_NTASKS must be a whole number >= 1; got SLURM_NTASKS='-4'"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "0(x0)"},
+     "cannot parse SLURM_STEP_TASKS_PER_NODE='0(x0)'"),
+])
+def test_malformed_launcher_variables_are_refused_naming_them(env, message):
+    with pytest.raises(ContextError) as e:
+        info(env)
+    assert message in str(e.value)

@@ -142,7 +142,7 @@ def check_strategy(optimizer: Any, owner_strategy: tf.distribute.Strategy, owner
 def build(optimizer: Any, variables: Sequence[Any]) -> None:
     """Builds the optimizer for `variables` now, if it is not built, from wherever the step runs."""
     if not optimizer.built:
-        create_variables(lambda: optimizer.build(list(variables)))
+        create_variables(lambda: optimizer.build(list(variables)), reads=variables)
 
 
 _lock = threading.Lock()

@@ -1,7 +1,7 @@
 """Code that must run once for all replicas, from inside the replica function.
 
-`create_variables(create)` makes variables eagerly and once, wherever it is
-called from (`strategy.run`, a traced step, or outside both).
+`create_variables(create, reads)` makes variables once, wherever it is called
+from (`strategy.run`, a traced step, or outside both), eagerly where it can.
 
 `run_if(pred, true_fn, false_fn, args)` runs `true_fn(*args)` where `pred`
 holds and `false_fn(*args)` where it does not. `pred` must be identical on
@@ -61,26 +61,32 @@ def _returning(value: bool, fn: Branch) -> Callable[..., tf.Tensor]:
     return branch
 
 
-def create_variables(create: Callable[[], None]) -> None:
-    """Runs `create()`, which makes variables, once, even when called inside `strategy.run`.
+def create_variables(create: Callable[[], None], reads: Sequence[Any] = ()) -> None:
+    """Runs `create()`, which makes variables (and may read `reads`), once, even when called inside `strategy.run`.
 
     Variables created inside a traced replica function fail under
-    MirroredStrategy, so under a strategy they are created in `tf.init_scope`
-    (eagerly), and in a replica context of several replicas from the
-    cross-replica context. Without a strategy they are created where the call
-    is, as Keras's own optimizers build: a model built lazily in the same
-    traced step has variables whose values exist only inside that step, and
-    an optimizer whose build reads them (ScheduleFreeAdamW copies the weights)
-    would read nothing eagerly.
+    MirroredStrategy, so they are created in `tf.init_scope` (eagerly), and in a
+    replica context of several replicas from the cross-replica context. The one
+    exception: without a strategy, where a variable of `reads` was itself
+    created in the step being traced (a model built lazily by its first call),
+    its value exists only inside that step, so `create()` runs there, as Keras's
+    own optimizers build (ScheduleFreeAdamW copies the weights when it builds).
     """
     def eagerly(*_):
         with tf.init_scope():
             create()
 
     ctx = tf.distribute.get_replica_context()
-    if not tf.distribute.has_strategy():
+    if not tf.distribute.has_strategy() and not _readable_eagerly(reads):
         create()
-    elif ctx is not None and ctx.num_replicas_in_sync > 1:
+    elif tf.distribute.has_strategy() and ctx is not None and ctx.num_replicas_in_sync > 1:
         ctx.merge_call(eagerly)
     else:
         eagerly()
+
+
+def _readable_eagerly(variables: Sequence[Any]) -> bool:
+    """Whether every variable has a value outside the step being traced (none was created inside it)."""
+    with tf.init_scope():
+        return all(bool(tf.raw_ops.VarIsInitializedOp(resource=v.handle)) for v in variables
+                   if getattr(v, "handle", None) is not None)

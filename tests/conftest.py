@@ -47,6 +47,17 @@ def mirrored():
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
+@pytest.fixture
+def no_merge_call(mirrored, monkeypatch):
+    """MirroredStrategy over the 2 logical CPUs in the regime GPUs run when the step is compiled with XLA: the
+    strategy needs no merge_call (`_use_merge_call()` is False; TensorFlow decides it from XLA and all-GPU
+    devices). XLA cannot compile a MirroredStrategy step over logical CPU devices ("Trying to access resource
+    ... located in device CPU:1 from device CPU:0"), so the regime is forced without it. (The session's strategy,
+    for the time of the test: a second strategy over the same devices would reuse its collective keys.)"""
+    monkeypatch.setattr(mirrored.extended, "_use_merge_call", lambda: False)
+    return mirrored
+
+
 @pytest.fixture(scope="session")
 def reference():
     """Single-device fit with Keras's global_clipnorm on the tiny model: (weights, norms) (see fitting.py)."""

@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import errno
+import os
 import re
 import signal
 import stat
@@ -122,15 +122,18 @@ def make_folder(parent: str, run: str) -> str:
     return folder
 
 
+def _refusal(action: str, path: str, e: OSError) -> WatchdogError:
+    why = "it is a symbolic link, which the watchdog never follows" if e.errno == errno.ELOOP else e.strerror
+    return WatchdogError(f"cannot {action} {path}: {why}")
+
+
 def _write(path: str, beat: int, state: str) -> None:
     # Rewritten in place, fixed width: a reader on another machine reopens the same file and, with NFS's
     # close-to-open consistency, sees the newest contents (a renamed new file could hide behind a cached name).
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as e:
-        raise WatchdogError(f"cannot write {path}: "
-                            + ("it is a symbolic link, which the watchdog never follows" if e.errno == errno.ELOOP
-                               else e.strerror)) from None
+        raise _refusal("write", path, e) from None
     try:
         os.pwrite(fd, f"{beat:012d} {state:<16}\n".encode(), 0)
     finally:
@@ -144,9 +147,7 @@ def _read(path: str) -> Optional[Tuple[str, str]]:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise WatchdogError(f"cannot read {path}: "
-                            + ("it is a symbolic link, which the watchdog never follows" if e.errno == errno.ELOOP
-                               else e.strerror)) from None
+        raise _refusal("read", path, e) from None
     try:
         beat, _, state = os.read(fd, 64).decode(errors="replace").partition(" ")
     finally:

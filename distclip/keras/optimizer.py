@@ -150,7 +150,7 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
                 finally:
                     self.__dict__["_building"] = False
 
-        create_variables(create)
+        create_variables(create, reads=var_list)
 
     def _state_variable(self, name, shape, dtype, initial):
         return self.add_variable(

@@ -20,7 +20,9 @@ def _pairs(updates):
     return micro, [tuple(np.concatenate(a) for a in zip(*micro[u * K:(u + 1) * K])) for u in range(updates)]
 
 
-def test_clipstep_accumulation_equals_one_step_on_a_k_times_larger_batch(mirrored):
+@pytest.mark.parametrize("regime", ["mirrored", "no_merge_call"])
+def test_clipstep_accumulation_equals_one_step_on_a_k_times_larger_batch(request, regime):
+    mirrored = request.getfixturevalue(regime)  # no_merge_call: the regime of GPUs under XLA (tests/conftest.py)
     micro, joined = _pairs(3)
     weights, norms, per_replica, objs = distributed_train(mirrored, CLIP, 0, "adam", batches=micro, accumulation_steps=K)
     ref_weights, ref_norms = reference_train(CLIP, 3, "adam", batches=joined)

@@ -9,6 +9,7 @@ The same scalars go to TensorBoard event files under `tensorboard/`.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from typing import Dict, List, Optional
@@ -16,6 +17,17 @@ from typing import Dict, List, Optional
 import tensorflow as tf
 
 COLUMNS = ("step", "loss", "global_norm", "scale", "clip_norm", "clipped", "skipped")
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Replaces `path` with `text` so that a kill at any moment leaves either the old file or the whole new one:
+    a temporary file beside it, flushed and fsynced, then renamed over it."""
+    partial = path + ".partial"
+    with open(partial, "w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
 
 
 class StepLog:
@@ -36,14 +48,9 @@ class StepLog:
             # Rows after the checkpoint (and a line cut short by a kill) go; those before it were flushed whole.
             kept = [r for i, r in enumerate(rows) if len(r) == len(COLUMNS) and r[0] == str(i)]
         self.rows: List[Dict[str, float]] = [{c: float(v) for c, v in zip(COLUMNS, r)} for r in kept]
-        partial = self.csv_path + ".partial"
-        with open(partial, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(COLUMNS)
-            writer.writerows(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, self.csv_path)
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows([COLUMNS, *kept])
+        write_atomically(self.csv_path, text.getvalue())
         self._file = open(self.csv_path, "a", newline="")
         self._csv = csv.writer(self._file)
         self._tb = tf.summary.create_file_writer(os.path.join(out, "tensorboard"))

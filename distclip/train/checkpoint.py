@@ -44,6 +44,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
+from distclip.steplog import write_atomically
 from distclip.train.config import Config
 
 #: Exit status of a run stopped by SIGTERM after its checkpoint was written.
@@ -85,15 +86,6 @@ def _on_disk(directory: str) -> Dict[int, List[str]]:
         if m:
             found.setdefault(int(m.group(1)), []).append(name)
     return found
-
-
-def _write_atomically(path: str, text: str) -> None:
-    partial = path + ".partial"
-    with open(partial, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
 
 
 class Checkpoints:
@@ -168,7 +160,7 @@ class Checkpoints:
         if self.engine.chief:
             if not self._config_written:  # before the first checkpoint: a resumed run checks against it
                 os.makedirs(self.directory, exist_ok=True)
-                _write_atomically(os.path.join(self.directory, "config.json"), json.dumps(asdict(self.cfg), indent=2))
+                write_atomically(os.path.join(self.directory, "config.json"), json.dumps(asdict(self.cfg), indent=2))
                 self._config_written = True
             if self.manager is None:
                 self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=2)

@@ -182,22 +182,34 @@ def test_a_rank_the_others_would_wait_for_forever_ends_the_job(slurm, tmp_path, 
     assert os.listdir(tmp_path / "watchdog") == ["users-file"]  # the watchdog's own folder is gone, nothing else
 
 
+def _settled_steps(cluster, deadline):
+    """The cluster's job step processes once the same for a second (slurmstepd forks briefly while launching)."""
+    import psutil
+
+    while time.monotonic() < deadline:
+        before = {p.pid for p in cluster._new_steps()}
+        time.sleep(1.0)
+        now = cluster._new_steps()
+        if before and before == {p.pid for p in now} and len(now) >= 2:  # the batch step and step 0
+            return now
+    raise AssertionError(f"the job steps never settled:\n{cluster.logs()}")
+
+
 def test_stopping_a_cluster_leaves_another_clusters_job_steps_alone(slurm, tmp_path):
     """Two test runs at once on one machine: stopping one's cluster kills its own job steps and no one else's."""
     script = tmp_path / "sleep.sbatch"
     script.write_text("#!/bin/bash\nsrun -n 1 sleep 120\n")
     other = SlurmCluster(tmp_path / "other").start()
     try:
-        jobs = {c: c.submit(str(script), [f"--output={tmp_path / 'sleep.out'}"], {}) for c in (slurm, other)}
+        jobs = {c: c.submit(str(script), [f"--output={tmp_path / f'sleep-{i}.out'}"], {})
+                for i, c in enumerate((slurm, other))}
         deadline = time.monotonic() + 60
-        while not (slurm._new_steps() and other._new_steps()) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        theirs, ours = slurm._new_steps(), other._new_steps()
-        assert theirs and ours and not {p.pid for p in theirs} & {p.pid for p in ours}
+        theirs, ours = _settled_steps(slurm, deadline), _settled_steps(other, deadline)
+        assert not {p.pid for p in theirs} & {p.pid for p in ours}
     finally:
         other.stop()
-    assert all(p.is_running() for p in theirs)  # the module's cluster's steps live on
-    assert not any(p.is_running() for p in ours)
+    assert {p.pid for p in slurm._new_steps()} == {p.pid for p in theirs}  # the module's cluster's steps live on
+    assert all(p.is_running() for p in theirs) and not any(p.is_running() for p in ours)
     subprocess.run(["scancel", jobs[slurm]], env=slurm.env, check=True, timeout=30)
     deadline = time.monotonic() + 30
     while slurm._new_steps() and time.monotonic() < deadline:

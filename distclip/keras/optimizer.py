@@ -127,7 +127,7 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
           ValueError: from Keras, if an optimizer that updates is already built.
         """
         for opt in optimizers_in(self.inner_optimizer):
-            if not isinstance(opt, (keras.optimizers.LossScaleOptimizer, keras.optimizers.MultiOptimizer)):
+            if len(optimizers_in(opt)) == 1:  # it holds no other optimizer: it updates (not a LossScale/MultiOptimizer)
                 opt.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
 
     def update_step(self, gradient, variable, learning_rate):

@@ -182,14 +182,27 @@ def test_a_rank_the_others_would_wait_for_forever_ends_the_job(slurm, tmp_path, 
     assert os.listdir(tmp_path / "watchdog") == ["users-file"]  # the watchdog's own folder is gone, nothing else
 
 
-def _settled_steps(cluster, deadline):
-    """The cluster's job step processes once the same for a second (slurmstepd forks briefly while launching)."""
+def _steps_of(cluster, job):
+    """The cluster's slurmstepd processes of `job` ("slurmstepd: [JOB.batch]", "[JOB.0]"): an earlier test's
+    steps may still be ending."""
     import psutil
 
+    found = []
+    for p in cluster._new_steps():
+        try:
+            if any(a.startswith(f"[{job}.") for a in p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def _settled_steps(cluster, job, deadline):
+    """The job's step processes once the same for a second (slurmstepd forks briefly while launching)."""
     while time.monotonic() < deadline:
-        before = {p.pid for p in cluster._new_steps()}
+        before = {p.pid for p in _steps_of(cluster, job)}
         time.sleep(1.0)
-        now = cluster._new_steps()
+        now = _steps_of(cluster, job)
         if before and before == {p.pid for p in now} and len(now) >= 2:  # the batch step and step 0
             return now
     raise AssertionError(f"the job steps never settled:\n{cluster.logs()}")
@@ -204,13 +217,13 @@ def test_stopping_a_cluster_leaves_another_clusters_job_steps_alone(slurm, tmp_p
         jobs = {c: c.submit(str(script), [f"--output={tmp_path / f'sleep-{i}.out'}"], {})
                 for i, c in enumerate((slurm, other))}
         deadline = time.monotonic() + 60
-        theirs, ours = _settled_steps(slurm, deadline), _settled_steps(other, deadline)
+        theirs, ours = _settled_steps(slurm, jobs[slurm], deadline), _settled_steps(other, jobs[other], deadline)
         assert not {p.pid for p in theirs} & {p.pid for p in ours}
     finally:
         other.stop()
-    assert {p.pid for p in slurm._new_steps()} == {p.pid for p in theirs}  # the module's cluster's steps live on
+    assert {p.pid for p in _steps_of(slurm, jobs[slurm])} == {p.pid for p in theirs}  # the other cluster's live on
     assert all(p.is_running() for p in theirs) and not any(p.is_running() for p in ours)
     subprocess.run(["scancel", jobs[slurm]], env=slurm.env, check=True, timeout=30)
     deadline = time.monotonic() + 30
-    while slurm._new_steps() and time.monotonic() < deadline:
+    while _steps_of(slurm, jobs[slurm]) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -41,6 +41,7 @@ on a file system all of them share.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import os
@@ -226,7 +227,7 @@ def watch(command: List[str], parent: str, run: str, timeout: float = 50.0, grac
     folder = make_folder(parent, run)
     mine = os.path.join(folder, f"rank-{me.rank}")
     beat = 0
-    _write(mine, beat, "running")  # before the command starts: a symbolic link here stops nothing but this
+    _write(mine, beat, "running")  # before the command starts: a refused state file stops the rank, not a run
     try:
         child = subprocess.Popen(command, preexec_fn=_die_with_parent)
     except OSError as e:
@@ -263,17 +264,20 @@ def watch(command: List[str], parent: str, run: str, timeout: float = 50.0, grac
                 break
             if why:
                 print(f"{who}: {why}; stopping this rank", file=log, flush=True)
-                _finish(mine, beat + 1, "exited 1")  # first: the others must not wait on this rank either
+                with contextlib.suppress(WatchdogError):  # already reported: how this rank ends is decided
+                    _write(mine, beat + 1, "exited 1")  # first: the others must not wait on this rank either
                 _stop(child, min(grace, FAILURE_GRACE_S))
-                _clean_quietly(folder, me.size)
+                with contextlib.suppress(WatchdogError):
+                    _clean(folder, me.size)
                 return 1
             try:
                 child.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 pass
         code = child.wait()
-        _finish(mine, beat + 1, f"exited {code}")
-        _clean_quietly(folder, me.size)
+        with contextlib.suppress(WatchdogError):  # the command's status decides how this rank ends
+            _write(mine, beat + 1, f"exited {code}")
+            _clean(folder, me.size)
         return code
     finally:
         for s, handler in old.items():
@@ -281,20 +285,6 @@ def watch(command: List[str], parent: str, run: str, timeout: float = 50.0, grac
         if child.poll() is None:
             child.kill()
             child.wait()
-
-
-def _finish(path: str, beat: int, state: str) -> None:
-    try:
-        _write(path, beat, state)
-    except WatchdogError:
-        pass  # already reported; the command's status still decides how this rank ends
-
-
-def _clean_quietly(folder: str, size: int) -> None:
-    try:
-        _clean(folder, size)
-    except WatchdogError:
-        pass
 
 
 def _stop(child: subprocess.Popen, grace: float) -> None:

@@ -132,20 +132,20 @@ class Checkpoints:
                              f"beyond --steps={self.cfg.steps}")
         self.engine.barrier()  # every rank has read the files before the chief moves any
         if self.engine.chief:
-            self._set_aside([n for n in found if n > number], damaged)
+            self._set_aside({n: names for n, names in found.items() if n > number}, damaged)
             good = [os.path.join(self.directory, f"ckpt-{n}") for n in sorted(found) if n <= number]
             tf.compat.v1.train.update_checkpoint_state(self.directory, good[-1], all_model_checkpoint_paths=good)
         self.saved_step = step
         return step
 
-    def _set_aside(self, numbers: List[int], why: List[str]) -> None:
-        """Moves the damaged newer checkpoints' files to `damaged/` (never deletes them), and says so."""
-        if not numbers:
+    def _set_aside(self, files: Dict[int, List[str]], why: List[str]) -> None:
+        """Moves the damaged newer checkpoints' `files` to `damaged/` (never deletes them), and says so."""
+        if not files:
             return
         aside = os.path.join(self.directory, "damaged")
         os.makedirs(aside, exist_ok=True)
-        for n in numbers:
-            for name in _on_disk(self.directory).get(n, []):
+        for names in files.values():
+            for name in names:
                 target = os.path.join(aside, name)
                 while os.path.exists(target):
                     target += ".again"

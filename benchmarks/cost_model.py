@@ -52,7 +52,7 @@ def fit_this_machine(results: List[dict]) -> Dict[str, float]:
                                                       on each of n replicas)
     clip overhead   d   = a n + k (CLIP_BYTES - SPLIT_BYTES (n - 1)) P
                                                       per-replica fixed cost; the local replicas share one norm
-                                                      pass and one multiply (`distclip.sync.tf_distribute`), and
+                                                      pass and one multiply (`distclip._src.sync.tf_distribute`), and
                                                       the other n - 1 replicas skip splitting their copy of the
                                                       packed all-reduce's result; k: seconds per byte
 

@@ -1,7 +1,7 @@
 """Under Horovod: ClipStep's one grouped all-reduce after the backward pass, against buckets sent as they are ready.
 
 `bucket_mb=B` sends the gradients last layers first in buckets of at most B MB, so Horovod can reduce the last
-layers while the first are still being differentiated (distclip.sync.buckets); the default is one grouped
+layers while the first are still being differentiated (distclip._src.sync.buckets); the default is one grouped
 all-reduce. For an MLP of 5.27M parameters and one of 50.4M, both ways are traced and warmed up, then timed in
 alternating blocks on every rank in lockstep. Rank 0 prints the median per-round ratio buckets / one group.
 

@@ -5,7 +5,7 @@ devices are fixed when TensorFlow starts) and MLPs of about 1M, 10M and 50M para
 in blocks in the same process (A B, B A, ...), one training step with `ClipStep` and the same step with plain
 `optimizer.apply` (both with one packed all-reduce of the gradients, Adam by default, a threshold that binds
 on every step, so the multiply runs every step). Separately, on one device, it times the norm pass alone
-(`distclip.norm.global_norm`) against a plain read of the same gradients (`tf.reduce_sum` of each), to show
+(`distclip._src.norm.global_norm`) against a plain read of the same gradients (`tf.reduce_sum` of each), to show
 where clipping's cost goes. Then, under `horovodrun --gloo -np 2` and `-np 4` (one replica per process; 1M
 and 10M parameters, where it fits in time), ClipStep against the step Horovod users write without clipping
 (`hvd.grouped_allreduce` of the gradients, averaged, then `optimizer.apply`), with the same global batch.
@@ -57,7 +57,7 @@ def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) ->
 
     import distclip
     from bench_common import alternate, data, mlp, strategy_step
-    from distclip.norm import global_norm
+    from distclip._src.norm import global_norm
 
     rng = np.random.default_rng(0)
     xs, ys = data(BATCH)

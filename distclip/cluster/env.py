@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from distclip.errors import ContextError
+from distclip._src.errors import ContextError
 
 
 @dataclass(frozen=True)

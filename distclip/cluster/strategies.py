@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from distclip.errors import ArgumentError
+from distclip._src.errors import ArgumentError
 
 STRATEGIES = ("auto", "default", "mirrored", "multiworker", "tpu")
 

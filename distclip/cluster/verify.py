@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Any, List, Sequence
 
-import keras
 import tensorflow as tf
 
-from distclip import sync
+from distclip._src import sync
+from distclip._src.variables import tf_variable, variable_name
 
 _INT = {1: tf.int8, 2: tf.int16, 4: tf.int32, 8: tf.int64}
 
@@ -30,18 +30,10 @@ def checksum(value: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(tf.cast(bits, tf.int64) * weights)
 
 
-def _value(v: Any):
-    return v.value if isinstance(v, keras.Variable) else v
-
-
-def _name(v: Any) -> str:
-    return getattr(v, "path", None) or getattr(v, "name", None) or repr(v)
-
-
 def verify_replicas(variables: Sequence[Any]) -> List[int]:
     """Compares a checksum of every variable across all replicas; raises on the first that differs.
 
-    Through the engine that holds them (`distclip.sync.current`):
+    Through the backend that holds them (`distclip._src.sync.current`):
     tf.distribute (every replica's copy, gathered across workers with
     `strategy.gather`), Horovod (allgather), or mpi4py for processes launched
     by mpirun or srun under neither. Call it outside `strategy.run`. Returns
@@ -51,11 +43,11 @@ def verify_replicas(variables: Sequence[Any]) -> List[int]:
     variables = list(variables)
     if not variables:
         return []
-    values = [_value(v) for v in variables]
+    values = [tf_variable(v) for v in variables]
     per_replica = sync.current(values).all_gather(lambda: tf.stack([checksum(v) for v in values]),
                                                   "distclip_verify_replicas")
     for i, v in enumerate(variables):
         column = [int(row[i]) for row in per_replica]
         if len(set(column)) > 1:
-            raise ReplicaMismatchError(f"variable {_name(v)!r} differs across replicas: checksums by replica {column}")
+            raise ReplicaMismatchError(f"variable {variable_name(v)!r} differs across replicas: checksums by replica {column}")
     return [int(c) for c in per_replica[0]]

@@ -44,7 +44,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from distclip.steplog import write_atomically
+from distclip._src.steplog import write_atomically
 from distclip.train.config import Config
 
 #: Exit status of a run stopped by SIGTERM after its checkpoint was written.
@@ -91,9 +91,9 @@ def _on_disk(directory: str) -> Dict[int, List[str]]:
 class Checkpoints:
     """`OUT/checkpoints`, written by the chief (see the module docstring), read by every rank."""
 
-    def __init__(self, cfg: Config, engine, **objects):
+    def __init__(self, cfg: Config, runner, **objects):
         self.directory = os.path.join(cfg.out, "checkpoints")
-        self.engine = engine
+        self.runner = runner
         self.cfg = cfg
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.manager: Optional[tf.train.CheckpointManager] = None  # made at the first save, after restore
@@ -130,8 +130,8 @@ class Checkpoints:
         if step > self.cfg.steps:
             raise SystemExit(f"distclip train --resume: the checkpoint in {self.directory} is at step {step}, "
                              f"beyond --steps={self.cfg.steps}")
-        self.engine.barrier()  # every rank has read the files before the chief moves any
-        if self.engine.chief:
+        self.runner.barrier()  # every rank has read the files before the chief moves any
+        if self.runner.chief:
             self._set_aside({n: names for n, names in found.items() if n > number}, damaged)
             good = [os.path.join(self.directory, f"ckpt-{n}") for n in sorted(found) if n <= number]
             tf.compat.v1.train.update_checkpoint_state(self.directory, good[-1], all_model_checkpoint_paths=good)
@@ -157,7 +157,7 @@ class Checkpoints:
         """Writes the state after `step` steps (once per step), then waits until every rank has."""
         if self.saved_step == step:
             return
-        if self.engine.chief:
+        if self.runner.chief:
             if not self._config_written:  # before the first checkpoint: a resumed run checks against it
                 os.makedirs(self.directory, exist_ok=True)
                 write_atomically(os.path.join(self.directory, "config.json"), json.dumps(asdict(self.cfg), indent=2))
@@ -165,14 +165,14 @@ class Checkpoints:
             if self.manager is None:
                 self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=2)
             self.manager.save(checkpoint_number=step)
-        elif self.engine.saves_on_every_worker:
+        elif self.runner.saves_on_every_worker:
             scratch = tempfile.mkdtemp(prefix="distclip-checkpoint-")
             try:
                 self.checkpoint.write(os.path.join(scratch, "ckpt"))
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         self.saved_step = step
-        self.engine.barrier()
+        self.runner.barrier()
 
     def after(self, done: int, stop: bool, flush: Callable[[], None]) -> bool:
         """After `done` steps: on an agreed SIGTERM before the last step, saves and returns True (stop);
@@ -211,16 +211,16 @@ class Checkpoints:
             )
 
 
-def announce(cfg: Config, engine, checkpoints: Checkpoints, first: int) -> None:
+def announce(cfg: Config, runner, checkpoints: Checkpoints, first: int) -> None:
     """Says (chief only) where a `--resume` run starts."""
-    if cfg.resume and engine.chief:
+    if cfg.resume and runner.chief:
         print(f"distclip train: resuming at step {first} from {checkpoints.directory}" if first else
               f"distclip train: no checkpoint in {checkpoints.directory}; starting at step 0", file=sys.stderr, flush=True)
 
 
-def stopped(cfg: Config, engine, checkpoints: Checkpoints, step: int) -> None:
+def stopped(cfg: Config, runner, checkpoints: Checkpoints, step: int) -> None:
     """Ends a run stopped by SIGTERM after `step` steps (checkpoint written): says so, and exits 143."""
-    if engine.chief:
+    if runner.chief:
         print(f"\ndistclip train: stopped by SIGTERM after step {step} of {cfg.steps}; checkpoint in "
               f"{checkpoints.directory}; continue with --resume", file=sys.stderr, flush=True)
     raise SystemExit(STOPPED)

@@ -107,17 +107,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _plot(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # The strategy must be created before anything else touches TensorFlow.
-    from distclip.train.engines import make_engine
+    from distclip.train.runners import make_runner
 
-    engine = make_engine(args.strategy, args.replicas)
+    runner = make_runner(args.strategy, args.replicas)
     cfg = Config(**{k: v for k, v in vars(args).items() if k != "command"})
-    if cfg.batch_size % engine.replicas:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {engine.replicas} replicas")
+    if cfg.batch_size % runner.replicas:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {runner.replicas} replicas")
     if cfg.fit:
         from distclip.train.fit import run
     else:
         from distclip.train.loop import run
-    summary = run(cfg, engine)
+    summary = run(cfg, runner)
     print(
         f"\ndistclip train: {summary['strategy']} x{summary['replicas']}, clip_norm={cfg.clip_norm}, {cfg.steps} steps\n"
         f"  final loss (mean training MSE, last 100 steps): {summary['final_loss']:.4g}\n"

@@ -27,7 +27,7 @@ class AddingBatches(keras.utils.PyDataset):
         return x[self.rows], y[self.rows]
 
 
-def run(cfg: Config, engine) -> dict:
+def run(cfg: Config, runner) -> dict:
     """Trains per `cfg` with `model.fit` and `ClipOptimizer`; returns the summary, the same on every rank.
 
     One epoch of the remaining steps, so the batches are those of the custom
@@ -37,40 +37,40 @@ def run(cfg: Config, engine) -> dict:
     (`distclip.train.checkpoint`); metrics.csv's `loss` is `fit`'s running mean
     since the (resumed) `fit` began.
     """
-    with engine.scope():
+    with runner.scope():
         model = adding.model(cfg.length, cfg.units, cfg.seed, cfg.recurrent_gain)
         optimizer = ClipOptimizer(keras.optimizers.SGD(cfg.learning_rate, momentum=0.9), cfg.clip_norm,
                                   nonfinite=cfg.nonfinite)
         model.compile(optimizer=optimizer, loss="mse")
         optimizer.build(model.trainable_variables)
     progress = Progress()
-    checkpoints = Checkpoints(cfg, engine, model=model, optimizer=optimizer, progress=progress)
+    checkpoints = Checkpoints(cfg, runner, model=model, optimizer=optimizer, progress=progress)
     first = checkpoints.restore() if cfg.resume else 0
-    announce(cfg, engine, checkpoints, first)
-    logger = ClipLogger(cfg.out if engine.chief else None, initial_step=first)
-    data = AddingBatches(cfg, engine.local_rows(cfg.batch_size), first)
+    announce(cfg, runner, checkpoints, first)
+    logger = ClipLogger(cfg.out if runner.chief else None, initial_step=first)
+    data = AddingBatches(cfg, runner.local_rows(cfg.batch_size), first)
     start = time.monotonic()
     with StopOnSigterm("distclip train") as sigterm:
-        keeper = _Checkpointing(engine, checkpoints, progress, logger, sigterm, first)
-        model.fit(data, epochs=1, shuffle=False, verbose=1 if engine.chief else 0,
+        keeper = _Checkpointing(runner, checkpoints, progress, logger, sigterm, first)
+        model.fit(data, epochs=1, shuffle=False, verbose=1 if runner.chief else 0,
                   callbacks=[BroadcastCallback(), logger, keeper])
         if keeper.stopped_after is not None:
-            stopped(cfg, engine, checkpoints, keeper.stopped_after)
+            stopped(cfg, runner, checkpoints, keeper.stopped_after)
         checkpoints.save(cfg.steps)
     elapsed = time.monotonic() - start
-    return finish(cfg, engine, model, optimizer, final_loss=progress.final_loss(), clipped=int(progress.clipped.numpy()),
-                  skipped=engine.read(optimizer.skipped_steps), seconds=elapsed,
-                  rows=logger.rows if engine.chief else None)
+    return finish(cfg, runner, model, optimizer, final_loss=progress.final_loss(), clipped=int(progress.clipped.numpy()),
+                  skipped=runner.read(optimizer.skipped_steps), seconds=elapsed,
+                  rows=logger.rows if runner.chief else None)
 
 
 class _Checkpointing(keras.callbacks.Callback):
     """Per step: the loop's progress (each step's loss from `fit`'s running means), a checkpoint every
     `--checkpoint-every` steps, and on SIGTERM (agreed by every rank) a checkpoint and the end of `fit`."""
 
-    def __init__(self, engine, checkpoints: Checkpoints, progress: Progress, logger: ClipLogger,
+    def __init__(self, runner, checkpoints: Checkpoints, progress: Progress, logger: ClipLogger,
                  sigterm: StopOnSigterm, first: int):
         super().__init__()
-        self.engine, self.checkpoints, self.progress = engine, checkpoints, progress
+        self.runner, self.checkpoints, self.progress = runner, checkpoints, progress
         self.logger, self.sigterm, self.first = logger, sigterm, first
         self.previous_mean, self.clipped = 0.0, 0
         self.stopped_after = None
@@ -81,7 +81,7 @@ class _Checkpointing(keras.callbacks.Callback):
         loss = (batch + 1) * mean - batch * self.previous_mean  # the running mean's newest term
         self.previous_mean = mean
         # This rank's loss (under Horovod) averaged over ranks; whether any rank was sent SIGTERM.
-        loss, stop = self.engine.agree(loss, self.sigterm.requested)
+        loss, stop = self.runner.agree(loss, self.sigterm.requested)
         clipped, self.clipped = self.logger.clipped_steps - self.clipped, self.logger.clipped_steps
         self.progress.record(step, loss, bool(clipped))
         if self.checkpoints.after(step + 1, stop, self.logger.flush):

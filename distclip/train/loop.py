@@ -7,36 +7,36 @@ import time
 import keras
 import tensorflow as tf
 
-from distclip.step import ClipStep
-from distclip.steplog import StepLog
-from distclip.threshold import resolve_clip_norm
+from distclip._src.step import ClipStep
+from distclip._src.steplog import StepLog
+from distclip._src.threshold import resolve_clip_norm
 from distclip.train import adding
 from distclip.train.checkpoint import Checkpoints, Progress, StopOnSigterm, announce, stopped
 from distclip.train.config import Config
 from distclip.train.summary import finish
 
 
-def run(cfg: Config, engine) -> dict:
-    """Trains per `cfg` on `engine` (see `distclip.train.engines`); returns the summary, the same on every rank."""
-    chief = engine.chief
+def run(cfg: Config, runner) -> dict:
+    """Trains per `cfg` on `runner` (see `distclip.train.runners`); returns the summary, the same on every rank."""
+    chief = runner.chief
 
-    with engine.scope():
+    with runner.scope():
         model = adding.model(cfg.length, cfg.units, cfg.seed, cfg.recurrent_gain)
         optimizer = keras.optimizers.SGD(cfg.learning_rate, momentum=0.9)
         clip = ClipStep(optimizer, cfg.clip_norm, nonfinite=cfg.nonfinite)
         clip.build(model.trainable_variables)
-    engine.broadcast(model.variables + optimizer.variables)
+    runner.broadcast(model.variables + optimizer.variables)
     progress = Progress()
-    checkpoints = Checkpoints(cfg, engine, model=model, optimizer=optimizer, clip=clip, progress=progress)
+    checkpoints = Checkpoints(cfg, runner, model=model, optimizer=optimizer, clip=clip, progress=progress)
     first = checkpoints.restore() if cfg.resume else 0
-    announce(cfg, engine, checkpoints, first)
+    announce(cfg, runner, checkpoints, first)
 
     def replica_fn(x, y, loss_denominator):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(tf.square(model(x, training=True) - y)) / loss_denominator
         return loss, clip.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
 
-    train_step = engine.compile(replica_fn, cfg.batch_size)
+    train_step = runner.compile(replica_fn, cfg.batch_size)
 
     log = StepLog(cfg.out, first_step=first if cfg.resume else None) if chief else None
     bar = keras.utils.Progbar(cfg.steps, stateful_metrics=["norm", "clip"], interval=0.1 if sys.stdout.isatty() else 10.0, verbose=1 if chief else 0)
@@ -55,10 +55,10 @@ def run(cfg: Config, engine) -> dict:
             if checkpoints.after(step + 1, bool(stop), log.flush if log else lambda: None):
                 if log:
                     log.close()
-                stopped(cfg, engine, checkpoints, step + 1)
+                stopped(cfg, runner, checkpoints, step + 1)
         checkpoints.save(cfg.steps)
     if log:
         log.close()
     elapsed = time.monotonic() - start
-    return finish(cfg, engine, model, optimizer, final_loss=progress.final_loss(), clipped=int(progress.clipped.numpy()),
-                  skipped=engine.read(clip.skipped_steps), seconds=elapsed, rows=log.rows if log else None)
+    return finish(cfg, runner, model, optimizer, final_loss=progress.final_loss(), clipped=int(progress.clipped.numpy()),
+                  skipped=runner.read(clip.skipped_steps), seconds=elapsed, rows=log.rows if log else None)

@@ -13,15 +13,15 @@ from distclip.train.config import Config
 from distclip.train.plots import plot
 
 
-def finish(cfg: Config, engine, model, optimizer, *, final_loss: float, clipped: int, skipped: int, seconds: float,
+def finish(cfg: Config, runner, model, optimizer, *, final_loss: float, clipped: int, skipped: int, seconds: float,
            rows) -> dict:
     """Checks the replicas, evaluates, and (chief only, `rows` given) writes plot.png and summary.json."""
     # Raises ReplicaMismatchError naming the first variable that differs.
     checked = len(verify_replicas(model.variables + optimizer.variables))
     x, y = adding.batch(cfg.seed + 10_000, 0, 1024, cfg.length)
     summary = {
-        "strategy": engine.name,
-        "replicas": engine.replicas,
+        "strategy": runner.name,
+        "replicas": runner.replicas,
         "clip_norm": cfg.clip_norm,
         "steps": cfg.steps,
         "final_loss": final_loss,
@@ -33,7 +33,7 @@ def finish(cfg: Config, engine, model, optimizer, *, final_loss: float, clipped:
         "config": asdict(cfg),
     }
     if rows is not None:
-        title = f"adding problem, T={cfg.length}, {engine.replicas} replicas, " + (
+        title = f"adding problem, T={cfg.length}, {runner.replicas} replicas, " + (
             "no clipping" if cfg.clip_norm is None else f"clip_norm={cfg.clip_norm}"
         ) + (", model.fit" if cfg.fit else "")
         plot(rows, os.path.join(cfg.out, "plot.png"), title, baseline=(1 / 6, "predict the mean (MSE 0.167)"))

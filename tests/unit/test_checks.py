@@ -1,4 +1,4 @@
-"""distclip.checks: gradients and variables of the wrong shape, type or number are refused, named, with nothing
+"""distclip._src.checks: gradients and variables of the wrong shape, type or number are refused, named, with nothing
 written."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""distclip.clip: one packed reduction per step, and a ClipResult usable in tf.function."""
+"""distclip._src.clip: one packed reduction per step, and a ClipResult usable in tf.function."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -29,14 +29,15 @@ def test_one_packed_reduction(mirrored):
     assert our_nested == 0 and plain_nested == 0
 
 
-def test_replicas_on_one_cpu_measure_and_scale_once(mirrored):
-    """Logical CPU replicas share the cores: the norm pass and the multiply run once, not once per replica."""
+def test_each_replica_measures_and_scales_its_own_copy_once(mirrored):
+    """Every replica does its own norm pass and multiply on the reduced gradients, as on its own GPU, once."""
     ours, _ = _trace(mirrored, "clipstep")
     gradients = 4  # the tiny model's two kernels and two biases
+    replicas = mirrored.num_replicas_in_sync
     ops = op_types(ours.graph)
-    # One squared norm per gradient in the main pass and one in the (rarely taken) rescaled pass.
-    assert ops.count("L2Loss") == 2 * gradients, ops.count("L2Loss")
-    assert ops.count("MulNoNan") == gradients, ops.count("MulNoNan")
+    # Per replica: one squared norm per gradient in the main pass and one in the (rarely taken) rescaled pass.
+    assert ops.count("L2Loss") == 2 * gradients * replicas, ops.count("L2Loss")
+    assert ops.count("MulNoNan") == gradients * replicas, ops.count("MulNoNan")
 
 
 def test_result_is_a_namedtuple_usable_in_tf_function():

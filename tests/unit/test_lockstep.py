@@ -1,4 +1,4 @@
-"""distclip.lockstep: a step whose synchronized norm is not finite is skipped on every replica together (or raises, or propagates)."""
+"""distclip._src.lockstep: a step whose synchronized norm is not finite is skipped on every replica together (or raises, or propagates)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""distclip.loss_scale: ClipOptimizer(LossScaleOptimizer(...)) decides overflows on the synchronized gradients."""
+"""mixed precision (distclip._src.update): ClipOptimizer(LossScaleOptimizer(...)) decides overflows on the synchronized gradients."""
 import keras
 import numpy as np
 import pytest
@@ -105,7 +105,7 @@ def test_loss_scale_grows_after_dynamic_growth_steps(policy):
 def _kernel_shaped_arithmetic(model):
     """Mul/Div ops producing a tensor shaped like the first kernel, in everything `fit` traced,
     except the norm's rare path (a branch taken only when the float32 sum of squares overflows)."""
-    from distclip.norm import RESCALED_NORM
+    from distclip._src.norm import RESCALED_NORM
 
     shape = tuple(model.trainable_variables[0].shape)
     traced = [c.cell_contents for c in model.train_function.__closure__

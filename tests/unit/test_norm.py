@@ -1,4 +1,4 @@
-"""distclip.norm: the global norm of dense and sparse, low-precision and huge gradients, and the scale."""
+"""distclip._src.norm: the global norm of dense and sparse, low-precision and huge gradients, and the scale."""
 import keras
 import numpy as np
 import pytest

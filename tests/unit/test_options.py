@@ -1,4 +1,4 @@
-"""distclip.options: every option of sync_and_clip, ClipStep and ClipOptimizer is checked when given, naming it."""
+"""distclip._src.options: every option of sync_and_clip, ClipStep and ClipOptimizer is checked when given, naming it."""
 
 import keras
 import pytest

@@ -1,4 +1,4 @@
-"""distclip.policies: their math against numpy, their state across replicas, checkpoints and XLA."""
+"""distclip._src.policies: their math against numpy, their state across replicas, checkpoints and XLA."""
 import os
 
 import keras

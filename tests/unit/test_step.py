@@ -1,4 +1,4 @@
-"""distclip.step: ClipStep under MirroredStrategy equals single-device training with tf.clip_by_global_norm."""
+"""distclip._src.step: ClipStep under MirroredStrategy equals single-device training with tf.clip_by_global_norm."""
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -1,8 +1,8 @@
-"""distclip.steplog: the per-step CSV and TensorBoard log that ClipLogger and `distclip train` share."""
+"""distclip._src.steplog: the per-step CSV and TensorBoard log that ClipLogger and `distclip train` share."""
 import math
 import os
 
-from distclip.steplog import COLUMNS, StepLog
+from distclip._src.steplog import COLUMNS, StepLog
 from distclip.train.plots import read_csv
 
 

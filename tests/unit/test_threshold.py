@@ -1,4 +1,4 @@
-"""distclip.threshold: what clip_norm may be (numbers, tensors, variables, schedules, None), checked before anything
+"""distclip._src.threshold: what clip_norm may be (numbers, tensors, variables, schedules, None), checked before anything
 is written."""
 import keras
 import numpy as np

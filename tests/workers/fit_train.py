@@ -9,8 +9,9 @@ horovod: under horovodrun, each rank runs `model.fit` on its own half of every
 global batch, with different initial weights that BroadcastCallback replaces
 by rank 0's. ClipLogger writes OUT_DIR/log/ on rank 0 only (both engines).
 multiworker: `model.fit` under MultiWorkerMirroredStrategy (TF_CONFIG from
-distclip.cluster.launcher, or from mpirun's or srun's ranks), which works with `distclip.keras` imported (it patches Keras's
-keras-team/keras#20585). Writes OUT_DIR/rank{R}.json.
+distclip.cluster.launcher, or from mpirun's or srun's ranks), which works once ClipOptimizer is created under
+the strategy (it installs distclip.keras.fix_multiworker_fit, for keras-team/keras#20585). Writes OUT_DIR/rank{R}.json,
+with whether the fix was installed after `import distclip.keras` and after fit.
 """
 import json
 import os
@@ -40,6 +41,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distclip  # noqa: E402
+import distclip.keras  # noqa: E402
+from distclip._src.keras import multiworker_fit  # noqa: E402
 from common import GLOBAL_BATCH, global_batch, make_model  # noqa: E402
 
 x, y = (np.concatenate(a) for a in zip(*(global_batch(s) for s in range(steps))))
@@ -54,6 +57,7 @@ if engine == "horovod":
         if rank == 1:
             y[0] = 6e4  # the scaled float16 gradients overflow on this rank only
 
+fixed_at_import = multiworker_fit.installed()
 with strategy.scope():
     model = make_model(seed=1 + (rank if engine == "horovod" else 0))
     inner = keras.optimizers.Adam(0.05)
@@ -76,4 +80,5 @@ with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"rank": rank, "history": history, "iterations": int(optimizer.iterations.numpy()),
                "evaluated": float(evaluated), "predicted": predicted.tolist(),
                "loss_scale": float(inner.dynamic_scale.numpy()) if fp16 else None,
+               "keras_fix": [fixed_at_import, multiworker_fit.installed()],
                "weights": [w.tolist() for w in model.get_weights()]}, f)

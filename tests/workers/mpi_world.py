@@ -1,6 +1,6 @@
 """One rank of `mpirun -np 2` with neither Horovod nor a tf.distribute strategy: distclip's MPI backend.
 
-Writes OUT_DIR/rank{R}.json: the engine distclip.sync.current found, the variables after
+Writes OUT_DIR/rank{R}.json: the engine distclip._src.sync.current found, the variables after
 broadcast_from_root, what verify_replicas said before and after rank 1 changed a value, and
 what sync_and_clip did with backend="auto" (refused) and backend="none".
 """
@@ -11,7 +11,7 @@ import sys
 import tensorflow as tf
 
 import distclip
-from distclip import sync
+from distclip._src import sync
 
 out = sys.argv[1]
 backend = sync.current()

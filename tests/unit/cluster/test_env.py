@@ -4,7 +4,7 @@ Real launches are in tests/scenarios/."""
 import pytest
 
 from distclip.cluster import ClusterInfo, info
-from distclip.errors import ContextError
+from distclip._src.errors import ContextError
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""distclip.keras.callbacks: ClipLogger and BroadcastCallback."""
+"""distclip._src.keras.callbacks: ClipLogger and BroadcastCallback."""
 
 import keras
 import pytest

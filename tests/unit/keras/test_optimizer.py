@@ -1,4 +1,4 @@
-"""distclip.keras.optimizer: model.fit with ClipOptimizer in this process (default strategy and MirroredStrategy)
+"""distclip._src.keras.optimizer: model.fit with ClipOptimizer in this process (default strategy and MirroredStrategy)
 against Keras's own single-device global_clipnorm fit."""
 import os
 import re

@@ -1,4 +1,4 @@
-"""distclip.sync.buckets: gradients sent in buckets, last layers first, equal one packed all-reduce."""
+"""distclip._src.sync.buckets: gradients sent in buckets, last layers first, equal one packed all-reduce."""
 import keras
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import tensorflow as tf
 
 import distclip
 from common import distributed_train, global_batch, max_abs_diff, shard
-from distclip.sync.buckets import MB, plan
+from distclip._src.sync.buckets import MB, plan
 from graphs import collectives
 
 

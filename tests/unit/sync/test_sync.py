@@ -1,4 +1,4 @@
-"""distclip.sync: which engine synchronizes, in every context one process can hold."""
+"""distclip._src.sync: which engine synchronizes, in every context one process can hold."""
 import sys
 
 import numpy as np
@@ -56,8 +56,8 @@ def test_cross_replica_context_is_an_error(mirrored):
 
 
 def _engine_in_context(strategy=None, inside_run=False, variables=()):
-    """(name, replicas, rank, size) of `distclip.sync.current` where the clip step, a callback or verify would ask."""
-    from distclip import sync
+    """(name, replicas, rank, size) of `distclip._src.sync.current` where the clip step, a callback or verify would ask."""
+    from distclip._src import sync
 
     def ask():
         b = sync.current(variables)
@@ -88,7 +88,7 @@ def test_one_function_decides_the_engine_in_every_context(mirrored):
 
 
 def test_all_gather_returns_every_replicas_value_in_order(mirrored):
-    from distclip import sync
+    from distclip._src import sync
 
     with mirrored.scope():
         backend = sync.current()
@@ -99,37 +99,6 @@ def test_all_gather_returns_every_replicas_value_in_order(mirrored):
     with mirrored.scope():
         with pytest.raises(distclip.ContextError, match="test was called inside strategy.run"):
             mirrored.run(lambda: backend.all_gather(lambda: tf.constant(1), "test"))
-
-
-def test_compute_once_runs_on_the_first_replica_where_replicas_share_the_cpu(mirrored):
-    from distclip.sync.local import LocalBackend
-    from distclip.sync.tf_distribute import TFDistributeBackend, _shares_host
-
-    backend = TFDistributeBackend(mirrored)
-    calls = []
-
-    def fn(values):
-        calls.append(len(values))
-        return [v * 10.0 for v in values]
-
-    @tf.function
-    def step():
-        def replica_fn():
-            mine = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.float32)
-            # (* 1.0: a tensor of each replica's own, read back per replica)
-            return backend.compute_once(fn, [mine + 1.0])[0] * 1.0, LocalBackend().compute_once(fn, [mine + 1.0])[0]
-        return mirrored.run(replica_fn)
-
-    shared, own = step()
-    # Deliberately different inputs show who computed: replica 0, once, for both replicas.
-    assert [float(v) for v in mirrored.experimental_local_results(shared)] == [10.0, 10.0]
-    assert [float(v) for v in mirrored.experimental_local_results(own)] == [10.0, 20.0]
-    assert calls == [1, 1, 1]  # traced: once shared, once per replica without sharing
-    gpus = [f"/job:localhost/replica:0/task:0/device:GPU:{i}" for i in range(2)]
-    with mirrored.scope():  # (it asks the running strategy whether it steps through merge_call)
-        assert _shares_host(mirrored, mirrored.extended.worker_devices)
-        assert not _shares_host(mirrored, gpus), "on GPUs each replica multiplies its own copy"
-        assert not _shares_host(mirrored, mirrored.extended.worker_devices[:1])
 
 
 def test_broadcast_from_root_checks_root_against_the_engine(mirrored):
@@ -144,7 +113,7 @@ def test_broadcast_from_root_checks_root_against_the_engine(mirrored):
 
 
 def test_an_mpi_world_is_used_only_where_one_was_launched(monkeypatch):
-    from distclip.sync import mpi
+    from distclip._src.sync import mpi
 
     monkeypatch.delenv("OMPI_COMM_WORLD_SIZE", raising=False)
     monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)

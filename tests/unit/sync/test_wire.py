@@ -1,4 +1,4 @@
-"""distclip.sync.wire: IndexedSlices sent dense, and fp16 compression, for any backend."""
+"""distclip._src.sync.wire: IndexedSlices sent dense, and fp16 compression, for any backend."""
 import numpy as np
 import pytest
 import tensorflow as tf

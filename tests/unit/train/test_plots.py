@@ -2,7 +2,7 @@
 import math
 import os
 
-from distclip.steplog import StepLog
+from distclip._src.steplog import StepLog
 from distclip.train import cli
 
 

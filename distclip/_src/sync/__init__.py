@@ -1,49 +1,51 @@
-"""How replicas are kept identical: one small backend per engine, and the one place that picks it.
+"""How replicas are kept identical: one small backend per way of running replicas, and the one place that picks it.
 
-`current(variables)` is the engine of this process and context, first match wins:
+`current(variables)` is the backend of this process and context, first match wins:
   1. "tf_distribute": a tf.distribute strategy with more than one replica in
      sync (that of `variables` if they are mirrored, else the one in scope or
      running: MirroredStrategy, MultiWorkerMirroredStrategy, TPUStrategy);
   2. "horovod": Horovod, imported and initialized by the program, with more than one process;
   3. "mpi": one of several processes of an MPI world (mpirun, srun), for
-     checks and broadcasts between steps only (see `distclip.sync.mpi`);
+     checks and broadcasts between steps only (see `distclip._src.sync.mpi`);
   4. "none": a single replica (no strategy, the default strategy, `OneDeviceStrategy`).
 The clip path (`backend="auto"`), `broadcast_from_root` and `verify_replicas`
 all ask it. `select(backend)` honours an explicit `backend=` option instead.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Optional, Sequence, Tuple, get_args
 
-import keras
 import tensorflow as tf
 
-from distclip.errors import ArgumentError, ContextError
-from distclip.sync import horovod, mpi
-from distclip.sync.base import MEAN, SUM, Backend
-from distclip.sync.horovod import HorovodBackend
-from distclip.sync.local import LocalBackend
-from distclip.sync.mpi import MPIBackend
-from distclip.sync.tf_distribute import TFDistributeBackend
+from distclip._src.errors import ArgumentError, ContextError
+from distclip._src.sync import horovod, mpi
+from distclip._src.sync.base import MEAN, SUM, Backend
+from distclip._src.sync.horovod import HorovodBackend
+from distclip._src.sync.local import LocalBackend
+from distclip._src.sync.mpi import MPIBackend
+from distclip._src.sync.tf_distribute import TFDistributeBackend
+from distclip._src.variables import tf_variable
 
-BACKENDS = ("auto", "tf_distribute", "horovod", "none")
-REDUCTIONS = ("auto", SUM, MEAN)
+BackendName = Literal["auto", "tf_distribute", "horovod", "none"]
+Reduction = Literal["auto", "sum", "mean"]
+BACKENDS: Tuple[str, ...] = get_args(BackendName)
+REDUCTIONS: Tuple[str, ...] = get_args(Reduction)
 
-__all__ = ["Backend", "BACKENDS", "REDUCTIONS", "SUM", "MEAN", "current", "select", "resolve_reduction",
+__all__ = ["Backend", "BackendName", "Reduction", "BACKENDS", "REDUCTIONS", "SUM", "MEAN", "current", "select", "resolve_reduction",
            "check_replica_context", "broadcast_from_root"]
 
 
-def _strategy(variables: Sequence[Any]):
+def _strategy(variables: Sequence[Any]) -> Optional[tf.distribute.Strategy]:
     """The strategy that holds `variables` (mirrored ones), else the one in scope, else None."""
     for v in variables:
-        value = v.value if isinstance(v, keras.Variable) else v
+        value = tf_variable(v)
         if isinstance(value, tf.distribute.DistributedValues):
             return value.distribute_strategy
     return tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
 
 
 def current(variables: Sequence[Any] = ()) -> Backend:
-    """The engine that keeps this process's replicas identical (see the module docstring)."""
+    """The backend that keeps this process's replicas identical (see the module docstring)."""
     strategy = _strategy(variables)
     if strategy is not None and strategy.num_replicas_in_sync > 1:
         return TFDistributeBackend(strategy)
@@ -78,7 +80,7 @@ def select(backend: str) -> Backend:
         if replicas > 1:
             raise ContextError(
                 f"backend='horovod' inside a {type(tf.distribute.get_strategy()).__name__} with "
-                f"{replicas} replicas: use one engine, Horovod (one replica per process) or tf.distribute"
+                f"{replicas} replicas: use one backend, Horovod (one replica per process) or tf.distribute"
             )
         return HorovodBackend()
     if not tf.distribute.has_strategy():

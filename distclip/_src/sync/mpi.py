@@ -12,13 +12,13 @@ import os
 import sys
 from typing import Any, Callable, List, Sequence
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from distclip.errors import ContextError
-from distclip.norm import Gradient
-from distclip.sync.base import OneReplicaPerProcess
+from distclip._src.errors import ContextError
+from distclip._src.norm import Gradient
+from distclip._src.sync.base import OneReplicaPerProcess
+from distclip._src.variables import tf_variable
 
 # Set by the launchers in every process they start: Open MPI's mpirun, and Slurm's srun (per job step).
 _WORLD_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
@@ -68,7 +68,7 @@ class MPIBackend(OneReplicaPerProcess):
 
     def broadcast(self, variables: Sequence[Any], root: int) -> None:
         for v in variables:
-            target = v.value if isinstance(v, keras.Variable) else v
+            target = tf_variable(v)
             target.assign(self._comm.bcast(target.numpy(), root=root))
 
     def all_gather(self, local: Callable[[], tf.Tensor], name: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The seam every synchronization engine implements."""
+"""The seam every synchronization backend implements."""
 from __future__ import annotations
 
 from typing import Any, Callable, List, Optional, Protocol, Sequence
@@ -6,21 +6,21 @@ from typing import Any, Callable, List, Optional, Protocol, Sequence
 import numpy as np
 import tensorflow as tf
 
-from distclip.norm import Gradient
+from distclip._src.norm import Gradient
 
 SUM = "sum"
 MEAN = "mean"
 
 
 class Backend(Protocol):
-    """An engine that keeps replicas identical: tf.distribute, Horovod, an MPI world, or none.
+    """A backend that keeps replicas identical: tf.distribute, Horovod, an MPI world, or none.
 
     `all_reduce_sum` takes every gradient of one step (no `None`) and returns
     their sums over all replicas, from one packed collective per dtype, in
     order, identical on every replica. It is called from inside the replica
     function (`strategy.run`, or each Horovod process), possibly inside
     `tf.function`. Backends only sum: the 1/n of a mean is folded into the clip
-    multiply (`distclip.clip`), which saves the collective's own pass over
+    multiply (`distclip._src.clip`), which saves the collective's own pass over
     every gradient to divide it.
 
     The rest runs eagerly, between steps: `rank`/`size` place this process
@@ -30,9 +30,9 @@ class Backend(Protocol):
     """
 
     name: str
-    #: The reduction `reduction="auto"` means for this engine: `SUM` or `MEAN`.
+    #: The reduction `reduction="auto"` means for this backend: `SUM` or `MEAN`.
     default_reduction: str
-    #: What `bucket_mb="auto"` means for this engine: None (one packed all-reduce) or a bucket size in MB.
+    #: What `bucket_mb="auto"` means for this backend: None (one packed all-reduce) or a bucket size in MB.
     default_bucket_mb: Optional[float]
 
     def num_replicas(self) -> int:
@@ -46,15 +46,6 @@ class Backend(Protocol):
 
     def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]: ...
 
-    def compute_once(self, fn: Callable[[List[Gradient]], Any], values: Sequence[Gradient]) -> Any:
-        """`fn(values)` (tensors, or a list of them) for `values` identical on every replica (the reduced
-        gradients, their scale), called like `all_reduce_sum`.
-
-        Where this process's replicas share its cores and memory it runs once,
-        on the first replica's copy, and every replica gets that result;
-        elsewhere each replica runs it.
-        """
-
     def broadcast(self, variables: Sequence[Any], root: int) -> None: ...
 
     def all_gather(self, local: Callable[[], tf.Tensor], name: str) -> np.ndarray:
@@ -63,7 +54,7 @@ class Backend(Protocol):
 
 
 class OneReplicaPerProcess:
-    """What the engines with one replica per process share (Horovod, an MPI world).
+    """What the backends with one replica per process share (Horovod, an MPI world).
 
     Their convention: each rank's loss is the mean over its own batch, and
     gradients are averaged across ranks (`reduction="auto"` is MEAN).
@@ -77,6 +68,3 @@ class OneReplicaPerProcess:
 
     def num_replicas(self) -> int:
         return self.size()
-
-    def compute_once(self, fn: Callable[[List[Gradient]], Any], values: Sequence[Gradient]) -> Any:
-        return fn(list(values))  # one replica per process

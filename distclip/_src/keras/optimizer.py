@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import keras
 
-from distclip.apply import optimizers_in
-from distclip.engine import ClipEngine
-from distclip.errors import ArgumentError
-from distclip.lockstep import create_variables
-from distclip.options import StepOptions, WithStepOptions, takes_step_options
-from distclip.policies import Policy
-from distclip.threshold import ClipNorm
+from distclip._src.errors import ArgumentError
+from distclip._src.keras import multiworker_fit
+from distclip._src.lockstep import create_variables
+from distclip._src.nonfinite import Nonfinite
+from distclip._src.optimizer import optimizers_in
+from distclip._src.options import BucketMB, StepOptions
+from distclip._src.policies import Policy
+from distclip._src.sync import BackendName, Reduction
+from distclip._src.sync.wire import Compression
+from distclip._src.threshold import ClipNorm
+from distclip._src.update import ClipUpdate
 
 
 #: The configuration of the optimizer that updates: read from `inner_optimizer` and set on it, never the
@@ -22,7 +26,7 @@ INNER_CONFIG = frozenset({"weight_decay", "clipnorm", "clipvalue", "global_clipn
 
 
 @keras.saving.register_keras_serializable(package="distclip")
-class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
+class ClipOptimizer(keras.optimizers.Optimizer):
     """Wraps a Keras 3 optimizer so that `model.fit` clips the synchronized gradients.
 
         model.compile(optimizer=distclip.keras.ClipOptimizer(keras.optimizers.Adam(1e-3), clip_norm=1.0),
@@ -41,16 +45,6 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
     Keras's own `global_clipnorm` under a strategy clips each replica's
     gradients before they are reduced, which is not.
 
-    Args:
-      optimizer: the Keras 3 optimizer that takes the steps, without its own
-        `clipnorm`/`clipvalue`/`global_clipnorm`.
-      clip_norm: threshold in units of the global norm: None (no clipping), a positive number, a
-        `keras.optimizers.schedules.LearningRateSchedule` or callable of the
-        step, or a policy (`distclip.AutoClip`, `distclip.SpikeClip`) whose
-        state is kept in this optimizer's variables (saved with it).
-      nonfinite: "skip" (default): a step whose synchronized norm is inf or
-        NaN changes nothing, on every replica; "raise"; "propagate".
-
     Mixed precision ("mixed_float16"): wrap the optimizer in Keras's
     `LossScaleOptimizer` and that in `ClipOptimizer`, and compile with
     `auto_scale_loss=False` (compile would otherwise wrap this optimizer in one
@@ -63,10 +57,26 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
     every replica agrees), one multiply by `scale / S` unscales and clips, and
     S halves after an overflow and doubles after `dynamic_growth_steps` finite
     steps, identically on every replica. "mixed_bfloat16" needs no loss scale.
-      reduction, backend, sparse_as_dense, compression: as for `distclip.sync_and_clip`.
-      accumulation_steps: k > 1 accumulates k batches' gradients locally and
-        takes one synchronized, clipped step on their mean every k-th batch
-        (`iterations` counts those steps), as for `distclip.ClipStep`.
+
+    Created under a multi-worker MultiWorkerMirroredStrategy, it makes Keras's
+    own `fit` work there (`distclip.keras.fix_multiworker_fit`).
+
+    Args:
+      optimizer: the Keras 3 optimizer that takes the steps, without its own
+        `clipnorm`/`clipvalue`/`global_clipnorm` (or its config, as a dict).
+      clip_norm: threshold in units of the global norm: None (no clipping), a
+        positive number, a `keras.optimizers.schedules.LearningRateSchedule` or
+        callable of the step, or a policy (`distclip.AutoClip`,
+        `distclip.SpikeClip`) whose state is kept in this optimizer's
+        variables (saved with it).
+      nonfinite, accumulation_steps: as for `distclip.ClipStep`
+        (`iterations` counts the updates).
+      reduction, backend, sparse_as_dense, compression, bucket_mb: as for
+        `distclip.sync_and_clip`.
+      name: the optimizer's name.
+
+    Raises:
+      ArgumentError: a bad argument, named with its value.
 
     The wrapper answers for the optimizer it wraps: `iterations`, `learning_rate`,
     the configuration (`weight_decay`, `clipnorm`, `clipvalue`,
@@ -87,19 +97,24 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
 
     _distclip_wrapper = True  # refused as the optimizer of another distclip step
 
-    @takes_step_options
-    def __init__(self, optimizer: Any, clip_norm: ClipNorm, *, name: Optional[str] = None, **options: Any):
+    def __init__(self, optimizer: Union[keras.optimizers.Optimizer, Dict[str, Any]], clip_norm: ClipNorm, *,
+                 nonfinite: Nonfinite = "skip", reduction: Reduction = "auto", backend: BackendName = "auto",
+                 sparse_as_dense: bool = False, compression: Compression = None, accumulation_steps: int = 1,
+                 bucket_mb: BucketMB = "auto", name: Optional[str] = None) -> None:
         if isinstance(optimizer, dict):
             optimizer = keras.saving.deserialize_keras_object(optimizer)
-        options = StepOptions.from_keywords("ClipOptimizer", options)
-        engine = ClipEngine(optimizer, clip_norm, options, "ClipOptimizer")
+        options = StepOptions(nonfinite=nonfinite, reduction=reduction, backend=backend,
+                              sparse_as_dense=sparse_as_dense, compression=compression,
+                              accumulation_steps=accumulation_steps, bucket_mb=bucket_mb)
+        update = ClipUpdate(optimizer, clip_norm, options, "ClipOptimizer")
         super().__init__(learning_rate=0.0, name=name or "clip_optimizer")
         self.options = options
         self.inner_optimizer = optimizer
         self.clip_norm = clip_norm
-        self._engine = engine
-        self.accumulation = engine.accumulation
+        self._update = update
+        self.accumulation = update.accumulation
         self.__dict__["_complete"] = True
+        multiworker_fit.install_under(self._distribution_strategy)
 
     def __getattribute__(self, name: str) -> Any:
         if name in INNER_CONFIG:
@@ -142,8 +157,8 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
 
         def create():  # eagerly, once, under our strategy, wherever build is called from
             with self._distribution_strategy.scope():
-                self._engine.build(var_list)  # checks the variables before anything is created
-                self._engine.create_state(self._state_variable)
+                self._update.build(var_list)  # checks the variables before anything is created
+                self._update.create_state(self._state_variable)
                 self.__dict__["_building"] = True  # Keras's build reads the wrapper's own use_ema, ...
                 try:
                     super(ClipOptimizer, self).build(var_list)
@@ -156,14 +171,14 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
         return self.add_variable(
             shape, initializer=keras.initializers.Constant(initial), dtype=dtype.name, aggregation="none", name=name)
 
-    # What the latest update saw (see distclip.engine.StepState); available once built.
-    skipped_steps = property(lambda self: self._engine.state.skipped_steps)
+    # What the latest update saw (see distclip._src.update.StepState); available once built.
+    skipped_steps = property(lambda self: self._update.state.skipped_steps)
     # Accumulation (see ClipStep): checkpoints only when pending_micro_batches is 0.
-    pending_micro_batches = property(lambda self: self._engine.pending_micro_batches)
-    applies_next = property(lambda self: self._engine.applies_next)
-    global_norm = property(lambda self: self._engine.state.global_norm)
-    clip_norm_used = property(lambda self: self._engine.state.clip_norm)
-    clip_scale = property(lambda self: self._engine.state.clip_scale)
+    pending_micro_batches = property(lambda self: self._update.pending_micro_batches)
+    applies_next = property(lambda self: self._update.applies_next)
+    global_norm = property(lambda self: self._update.state.global_norm)
+    clip_norm_used = property(lambda self: self._update.state.clip_norm)
+    clip_scale = property(lambda self: self._update.state.clip_scale)
 
     @property
     def variables(self) -> List[Any]:
@@ -209,7 +224,7 @@ class ClipOptimizer(WithStepOptions, keras.optimizers.Optimizer):
             trainable_variables = self._trainable_variables
         trainable_variables = list(trainable_variables)
         self.build(trainable_variables)
-        return self._engine.apply(grads, trainable_variables)
+        return self._update.apply(grads, trainable_variables)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         raise NotImplementedError("ClipOptimizer.stateless_apply: ClipOptimizer runs on the TensorFlow backend, "

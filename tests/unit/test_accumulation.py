@@ -1,4 +1,4 @@
-"""distclip.accumulate: k micro-batches accumulated locally, then one reduction, one clip, one update."""
+"""distclip._src.accumulation: k micro-batches accumulated locally, then one reduction, one clip, one update."""
 import keras
 import numpy as np
 import pytest

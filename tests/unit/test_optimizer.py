@@ -1,4 +1,4 @@
-"""distclip.apply: Keras as the oracle. Every optimizer keras.optimizers exports, through ClipStep and ClipOptimizer
+"""distclip._src.optimizer: Keras as the oracle. Every optimizer keras.optimizers exports, through ClipStep and ClipOptimizer
 (built beforehand and built lazily), equals its own `apply` on one device after `tf.clip_by_global_norm`; what
 distclip cannot run as the optimizer's own step is refused by name.
 

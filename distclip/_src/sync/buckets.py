@@ -7,9 +7,8 @@
     (a larger gradient alone), like PyTorch DDP's `bucket_cap_mb`. Backpropagation produces the last
     layers' gradients first; each bucket's all-reduce depends on its own gradients only, so TensorFlow's
     executor can start it while the first layers are still being differentiated, and the bucket's share
-    of the norm (`sum_of_squares`) is computed as soon as it arrives. The default under Horovod (25 MB):
-    `benchmarks/horovod_buckets.py` measured it faster than one group at 50M parameters (0.954, the IQR
-    below 1) and the same within this machine's noise at 5M (0.987, IQR 0.933-1.092).
+    of the norm (`sum_of_squares`) is computed as soon as it arrives. The default under Horovod (25 MB;
+    `benchmarks/horovod_buckets.py` measures it against one group: docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from typing import List, Optional, Sequence
 
 import tensorflow as tf
 
-from distclip.norm import Gradient
+from distclip._src.norm import Gradient
 
 MB = 1 << 20
 

@@ -13,14 +13,15 @@ from typing import Callable, Tuple
 import tensorflow as tf
 
 import distclip
-from distclip import cluster, sync
+from distclip import cluster
+from distclip._src import sync
 
 # replica_fn(x, y, loss_denominator) -> (loss, ClipResult); `loss` is this replica's share.
 ReplicaFn = Callable[[tf.Tensor, tf.Tensor, float], Tuple[tf.Tensor, distclip.ClipResult]]
 
 
 class _Processes:
-    """What both engines ask of the library's backend (`distclip.sync.current`) between steps."""
+    """What both runners ask of the library's backend (`distclip._src.sync.current`) between steps."""
 
     backend: sync.Backend
 
@@ -37,7 +38,7 @@ class _Processes:
         self.agree(0.0, False)
 
 
-class DistributeEngine(_Processes):
+class DistributeRunner(_Processes):
     """A tf.distribute strategy: per-replica loss divided by the global batch, SUM all-reduce."""
 
     def __init__(self, strategy: tf.distribute.Strategy):
@@ -90,7 +91,7 @@ class DistributeEngine(_Processes):
         return slice(None)
 
 
-class HorovodEngine(_Processes):
+class HorovodRunner(_Processes):
     """One replica per process: per-rank mean loss, Average all-reduce (`hvd.grouped_allreduce`)."""
 
     name = "Horovod"
@@ -133,10 +134,10 @@ class HorovodEngine(_Processes):
         return slice(self.backend.rank() * per, (self.backend.rank() + 1) * per)
 
 
-def make_engine(strategy_name: str, replicas: int):
-    """The engine for `--strategy`: "horovod", or a tf.distribute strategy by name."""
+def make_runner(strategy_name: str, replicas: int):
+    """The runner for `--strategy`: "horovod", or a tf.distribute strategy by name."""
     if strategy_name == "horovod":
-        return HorovodEngine()
+        return HorovodRunner()
     from distclip.cluster.strategies import make_strategy
 
-    return DistributeEngine(make_strategy(strategy_name, replicas))
+    return DistributeRunner(make_strategy(strategy_name, replicas))

@@ -10,13 +10,14 @@ computed on the decompressed values in their own dtype:
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Literal, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from distclip.norm import Gradient
+from distclip._src.norm import Gradient
 
-COMPRESSIONS = (None, "none", "fp16")
+Compression = Optional[Literal["none", "fp16"]]
+COMPRESSIONS: Tuple[Optional[str], ...] = (None, "none", "fp16")
 
 
 def _cast(grad: Gradient, dtype: tf.DType) -> Gradient:

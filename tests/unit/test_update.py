@@ -1,4 +1,4 @@
-"""distclip.engine: what one update records (the state ClipOptimizer exposes and ClipLogger reads), the
+"""distclip._src.update: what one update records (the state ClipOptimizer exposes and ClipLogger reads), the
 accumulation counters a checkpoint consults, and every step path compiled with XLA with no host round trip."""
 import keras
 import numpy as np

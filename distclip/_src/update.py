@@ -1,6 +1,6 @@
-"""`ClipEngine`: the one clip step that `ClipStep` and `distclip.keras.ClipOptimizer` run.
+"""`ClipUpdate`: the one update that `ClipStep` and `distclip.keras.ClipOptimizer` run.
 
-Per update, top to bottom (`ClipEngine.step`):
+Per update, top to bottom (`ClipUpdate.step`):
 
     reduce   g     = sum over replicas of each replica's gradients   (one packed collective, or one per bucket)
     measure  norm  = ||g||_2 * f          f = 1/n for a mean, 1/k over k micro-batches, 1/S under a loss scale
@@ -9,25 +9,34 @@ Per update, top to bottom (`ClipEngine.step`):
     apply    the optimizer's own `apply(g, variables)`, on every replica, or on none if not finite
     record   norm, threshold, scale, finite (and the loss scale's next value)
 
-The first four are `distclip.clip.clip_synchronized`; apply is
-`distclip.apply.apply_in_lockstep`; with `accumulation_steps=k` the step runs
-on every k-th call, on the accumulated sums (`distclip.accumulate`).
+The first four are `distclip._src.clip.clip_synchronized`; apply is
+`distclip._src.optimizer.apply_in_lockstep`; with `accumulation_steps=k` the
+step runs on every k-th call, on the accumulated sums
+(`distclip._src.accumulation`).
+
+Mixed precision: `LossScaleOptimizer(inner)` is the one order supported. The
+loss is multiplied by the dynamic scale S, so the synchronized gradients are S
+times the true ones; the norm is that of the gradients divided by S, the one
+multiply unscales too, and overflow is decided on that synchronized norm, so
+every replica agrees. The inner optimizer's own `apply` takes the step; S
+moves as Keras's `LossScaleOptimizer` moves it (`_next_loss_scale`).
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
 
-from distclip import apply, loss_scale, sync
-from distclip.accumulate import Accumulation
-from distclip.checks import check_pairs
-from distclip.clip import clip_synchronized
-from distclip.options import StepOptions
-from distclip.result import ClipResult
-from distclip.policies import Policy
-from distclip.threshold import ClipNorm, MakeVariable, Threshold, check_clip_norm
+from distclip._src import nonfinite, sync
+from distclip._src.accumulation import Accumulation
+from distclip._src.checks import check_pairs
+from distclip._src.clip import ClipResult, clip_synchronized
+from distclip._src.optimizer import apply_in_lockstep, check_optimizer, check_strategy, ensure_built
+from distclip._src.options import StepOptions
+from distclip._src.policies import Policy
+from distclip._src.threshold import ClipNorm, MakeVariable, Threshold, check_clip_norm
+from distclip._src.variables import tf_variable
 
 
 class StepState:
@@ -54,15 +63,14 @@ class StepState:
 
     def latest(self, n: int) -> ClipResult:
         """The latest update's result, read back (its gradients are not kept: `None`)."""
-        norm, threshold, scale, finite = [
-            tf.convert_to_tensor(v.value if isinstance(v, keras.Variable) else v)
-            for v in (self.global_norm, self.clip_norm, self.clip_scale, self.finite)]
+        norm, threshold, scale, finite = [tf.convert_to_tensor(tf_variable(v)) for v in
+                                          (self.global_norm, self.clip_norm, self.clip_scale, self.finite)]
         finite = tf.cast(finite, tf.bool)
         return ClipResult(grads=[None] * n, global_norm=norm, scale=scale,
                           clipped=tf.logical_and(finite, norm > threshold), finite=finite)
 
 
-class ClipEngine:
+class ClipUpdate:
     """Synchronize, clip and apply with `optimizer`'s own step (see the module docstring).
 
     Create it under the strategy's scope, then `create_state(make_variable)`
@@ -73,9 +81,11 @@ class ClipEngine:
     """
 
     def __init__(self, optimizer: Any, clip_norm: ClipNorm, options: StepOptions, owner: str):
-        apply.check_optimizer(optimizer, options.nonfinite)
+        check_optimizer(optimizer, options.nonfinite)
         self.optimizer = optimizer
-        self.stepper, self.lso = loss_scale.split(optimizer)
+        # The optimizer that takes the steps, and the LossScaleOptimizer around it (or None).
+        self.lso = optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else None
+        self.stepper = optimizer.inner_optimizer if self.lso else optimizer
         self.clip_norm = clip_norm if isinstance(clip_norm, Policy) else check_clip_norm(clip_norm)
         self.options = options
         self.owner = owner
@@ -95,11 +105,9 @@ class ClipEngine:
 
         `present` marks the variables that receive gradients (accumulators are made for those only).
         """
-        apply.check_variables(self.stepper, variables)
-        apply.build(self.optimizer, variables)
-        apply.check_known(self.stepper, variables)
+        ensure_built(self.optimizer, self.stepper, variables)
         if self.accumulation is not None:
-            self.accumulation.build(list(variables), present)
+            self.accumulation.create(list(variables), present)
 
     @property
     def pending_micro_batches(self) -> int:
@@ -115,7 +123,7 @@ class ClipEngine:
         """Checks the call, builds what is missing, then runs `step` (every k-th call when accumulating)."""
         grads, variables = check_pairs(grads, variables)
         sync.check_replica_context(f"{self.owner}.apply")
-        apply.check_strategy(self.stepper, self.strategy, self.owner)
+        check_strategy(self.stepper, self.strategy, self.owner)
         self.build(variables, [g is not None for g in grads])
         if self.accumulation is None:
             return self.step(grads, variables)
@@ -124,20 +132,34 @@ class ClipEngine:
             return self.state.latest(len(grads))
 
     def step(self, grads: List[Any], variables: List[Any]) -> ClipResult:
-        """One update: reduce, measure, decide, scale, apply, record."""
-        backend = sync.select(self.options.backend)
+        """One update: reduce, measure, decide, scale (`clip_synchronized`), then apply and record."""
+        loss_scale = None if self.lso is None else tf.cast(tf.convert_to_tensor(self.lso.dynamic_scale.value), tf.float32)
         result, threshold = clip_synchronized(
-            grads, backend, self.threshold.at(self.stepper.iterations), self.options,
-            micro_batches=self.options.accumulation_steps, loss_scale=loss_scale.scale_of(self.lso))
+            grads, sync.select(self.options.backend), self.threshold.at(self.stepper.iterations), self.options,
+            micro_batches=self.options.accumulation_steps, loss_scale=loss_scale)
         # Nothing is written before every check of this step has passed: the
         # threshold's and, with nonfinite="raise", the norm's (both feed `scale`).
         with tf.control_dependencies([result.scale]):
             ok = tf.identity(result.finite)
             self.state.record(result, threshold)
-            for var, value in loss_scale.next_state(self.lso, result.finite) if self.lso else ():
+            for var, value in _next_loss_scale(self.lso, result.finite) if self.lso else ():
                 var.assign(value)
-        apply.apply_in_lockstep(
-            self.stepper, result.grads, variables, ok, skip=self.options.nonfinite == "skip",
+        apply_in_lockstep(
+            self.stepper, result.grads, variables, ok, skip=nonfinite.skips(self.options.nonfinite),
             assign_on_apply=self.threshold.updates(result.global_norm, result.finite),
             count_skip=self.state.skipped_steps)
         return result
+
+
+def _next_loss_scale(lso: Any, finite: tf.Tensor) -> List[Tuple[Any, tf.Tensor]]:
+    """(variable, value) pairs for the loss scale and its counter after a step; `finite` is identical everywhere.
+
+    Finite: the counter grows, and after `dynamic_growth_steps` finite steps in a
+    row the scale doubles; not finite: the scale halves and the counter restarts.
+    """
+    counter = tf.convert_to_tensor(lso.step_counter.value)
+    scale = tf.convert_to_tensor(lso.dynamic_scale.value)
+    grow = tf.equal(counter, tf.cast(lso.dynamic_growth_steps - 1, counter.dtype))
+    new_counter = tf.where(finite, tf.where(grow, tf.zeros_like(counter), counter + 1), tf.zeros_like(counter))
+    new_scale = tf.where(finite, tf.where(grow, scale * 2.0, scale), scale * 0.5)
+    return [(lso.step_counter, new_counter), (lso.dynamic_scale, new_scale)]

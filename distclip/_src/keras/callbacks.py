@@ -6,9 +6,9 @@ from typing import Dict, Optional
 
 import keras
 
-from distclip import sync
-from distclip.errors import ArgumentError, ContextError
-from distclip.steplog import StepLog
+from distclip._src import sync
+from distclip._src.errors import ArgumentError, ContextError
+from distclip._src.steplog import StepLog
 
 
 class BroadcastCallback(keras.callbacks.Callback):
@@ -37,7 +37,7 @@ class ClipLogger(keras.callbacks.Callback):
     over the epoch's steps with a finite norm so far, and `skipped_steps`, the
     steps skipped since the start (non-finite synchronized norm).
 
-    With `log_dir`, the process of rank 0 only (`distclip.sync.current(model.variables).rank()`) writes a row
+    With `log_dir`, the process of rank 0 only (`distclip._src.sync.current(model.variables).rank()`) writes a row
     per step to `log_dir/metrics.csv` (step, loss, global_norm before clipping,
     scale, clip_norm, clipped, skipped; steps count from 0; loss is `fit`'s
     running mean over the epoch; what `distclip plot log_dir` draws) and
@@ -64,7 +64,7 @@ class ClipLogger(keras.callbacks.Callback):
         self.clipped_steps = 0
 
     def _optimizer(self):
-        from distclip.keras.optimizer import ClipOptimizer
+        from distclip._src.keras.optimizer import ClipOptimizer
 
         optimizer = getattr(self.model, "optimizer", None)
         if not isinstance(optimizer, ClipOptimizer):

@@ -20,10 +20,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from distclip.checks import short_repr
-from distclip.errors import ArgumentError
-from distclip.norm import NO_CLIP
-from distclip.policies import Policy
+from distclip._src.checks import short_repr
+from distclip._src.errors import ArgumentError
+from distclip._src.norm import NO_CLIP
+from distclip._src.policies import Policy
+from distclip._src.variables import tf_variable
 
 ClipNorm = Optional[Union[float, int, tf.Tensor, tf.Variable, Callable[[tf.Tensor], tf.Tensor]]]
 
@@ -113,9 +114,7 @@ def resolve_clip_norm(clip_norm: ClipNorm, step: Optional[tf.Tensor] = None) -> 
         value = clip_norm(step)
     else:
         value = clip_norm
-    if isinstance(value, keras.Variable):
-        value = value.value
-    value = tf.cast(tf.convert_to_tensor(value), tf.float32)
+    value = tf.cast(tf.convert_to_tensor(tf_variable(value)), tf.float32)
     if value.shape.rank not in (None, 0):
         raise ArgumentError(f"{_RULE}; clip_norm gave a value of shape {value.shape}")
     known = float(value.numpy()) if tf.executing_eagerly() else _static_value(value)
@@ -134,7 +133,7 @@ MakeVariable = Callable[[str, Tuple[int, ...], tf.DType, float], Any]
 class Threshold:
     """A step's `clip_norm` as the step uses it, with a policy's state in variables.
 
-    `clip_norm` is anything `check_clip_norm` accepted, or a `distclip.policies.Policy`,
+    `clip_norm` is anything `check_clip_norm` accepted, or a `distclip._src.policies.Policy`,
     whose state lives in variables made by `make_variable(name, shape, dtype, initial)`
     (tf.Variables for `ClipStep`, Keras variables for `ClipOptimizer`, so each
     is saved the way its owner is).
@@ -147,7 +146,7 @@ class Threshold:
         self.state = {name: make_variable(name, shape, dtype, initial) for name, (shape, dtype, initial) in spec.items()}
 
     def _values(self) -> Dict[str, tf.Tensor]:
-        return {k: tf.convert_to_tensor(v.value if isinstance(v, keras.Variable) else v) for k, v in self.state.items()}
+        return {k: tf.convert_to_tensor(tf_variable(v)) for k, v in self.state.items()}
 
     def at(self, step: Optional[tf.Tensor]) -> Callable[[tf.Tensor], tf.Tensor]:
         """This step's threshold as a function of the synchronized norm (a fixed value or schedule is resolved now)."""

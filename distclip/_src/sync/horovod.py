@@ -10,13 +10,13 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, List, Sequence
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from distclip.errors import ContextError
-from distclip.norm import Gradient
-from distclip.sync.base import OneReplicaPerProcess
+from distclip._src.errors import ContextError
+from distclip._src.norm import Gradient
+from distclip._src.sync.base import OneReplicaPerProcess
+from distclip._src.variables import tf_variable
 
 
 def active() -> bool:
@@ -41,8 +41,7 @@ def _hvd():
 
 class HorovodBackend(OneReplicaPerProcess):
     name = "horovod"
-    # Buckets sent as they are ready measured faster than one grouped all-reduce after the backward pass
-    # (benchmarks/horovod_buckets.py: 0.954 at 50M parameters, 0.987 at 5M), as PyTorch DDP's 25 MB default.
+    # Buckets sent as they are ready, as PyTorch DDP's 25 MB default (measured: docs/scaling.md).
     default_bucket_mb = 25.0
 
     def __init__(self):
@@ -56,7 +55,7 @@ class HorovodBackend(OneReplicaPerProcess):
 
     def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]:
         # Sum, not Average: Average is Sum plus a pass over the fused buffer to
-        # divide, which the clip multiply does for free (distclip.clip).
+        # divide, which the clip multiply does for free (distclip._src.clip).
         # tf.IndexedSlices go first: Horovod 0.28.1's grouped_allreduce takes each one's dense_shape from the
         # group's first tensors (`zip(new_values, new_indices, tensors)`), which fails on a dense tensor.
         order = sorted(range(len(grads)), key=lambda i: not isinstance(grads[i], tf.IndexedSlices))
@@ -67,8 +66,7 @@ class HorovodBackend(OneReplicaPerProcess):
         return out
 
     def broadcast(self, variables: Sequence[Any], root: int) -> None:
-        tf_vars = [v.value if isinstance(v, keras.Variable) else v for v in variables]
-        self._hvd.broadcast_variables(tf_vars, root_rank=root)
+        self._hvd.broadcast_variables([tf_variable(v) for v in variables], root_rank=root)
 
     def all_gather(self, local: Callable[[], tf.Tensor], name: str) -> np.ndarray:
         return self._hvd.allgather(tf.convert_to_tensor(local())[tf.newaxis], name=name).numpy()

@@ -5,14 +5,6 @@ pack the dense ones into one collective (`CollectiveAllReduce` concatenates them
 into one buffer; NCCL and TPU `cross_replica_sum` likewise batch them), and
 all-gather `tf.IndexedSlices` so they stay sparse. The result is identical on
 every replica. No host synchronization: this is also the `TPUStrategy` path.
-
-Replicas that are logical devices of this process's CPU (MirroredStrategy
-over CPUs, MultiWorkerMirroredStrategy with several local CPU devices) share
-its cores and memory: there, work on the reduced gradients, which are the same
-values on every replica (the norm pass, the clip multiply), is done once, on
-the first local replica's copy, and every local replica reads the result
-(`compute_once`). On GPUs each replica does its own, in parallel: copying
-the multiplied gradients to the other devices would cost more than the multiply.
 """
 from __future__ import annotations
 
@@ -21,9 +13,9 @@ from typing import Any, Callable, List, Sequence
 import numpy as np
 import tensorflow as tf
 
-from distclip.errors import ContextError
-from distclip.norm import Gradient
-from distclip.sync.base import SUM
+from distclip._src.errors import ContextError
+from distclip._src.norm import Gradient
+from distclip._src.sync.base import SUM
 
 
 class TFDistributeBackend:
@@ -64,17 +56,6 @@ class TFDistributeBackend:
                  for g in grads]
         return list(tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads))
 
-    def compute_once(self, fn: Callable[[List[Gradient]], Any], values: Sequence[Gradient]) -> Any:
-        local = self.strategy.extended.worker_devices
-        if not _shares_host(self.strategy, local):
-            return fn(list(values))
-
-        def on_first_replica(strategy, *per_replica):
-            with tf.device(local[0]):
-                return fn([strategy.experimental_local_results(v)[0] for v in per_replica])
-
-        return tf.distribute.get_replica_context().merge_call(on_first_replica, args=tuple(values))
-
     def broadcast(self, variables: Sequence[Any], root: int) -> None:
         pass  # mirrored variables start identical (MultiWorkerMirroredStrategy broadcasts worker 0's)
 
@@ -85,10 +66,3 @@ class TFDistributeBackend:
         with strategy.scope():
             return strategy.gather(strategy.run(lambda: local()[tf.newaxis]), axis=0).numpy()
 
-
-def _shares_host(strategy: tf.distribute.Strategy, local: Sequence[str]) -> bool:
-    """Whether this process runs several replicas of `strategy` on CPU devices, through `merge_call`
-    (which the running strategy is asked: call it inside `strategy.run`)."""
-    return (isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy))
-            and len(local) > 1 and all(tf.DeviceSpec.from_string(d).device_type == "CPU" for d in local)
-            and not tf.__internal__.distribute.strategy_supports_no_merge_call())

@@ -20,8 +20,8 @@ from typing import Any, Dict, Optional, Tuple
 import keras
 import tensorflow as tf
 
-from distclip.errors import ArgumentError
-from distclip.norm import NO_CLIP
+from distclip._src.errors import ArgumentError
+from distclip._src.norm import NO_CLIP
 
 State = Dict[str, tf.Tensor]
 #: name -> (shape, dtype, initial value)

@@ -11,7 +11,7 @@ zero. The sums travel; the 1/k is folded into the clip multiply. With each micro
 mean over its batch, this is one step on a k-times-larger batch.
 
 The k-th call must run the collective and the update only then, identically on
-every replica: `distclip.lockstep.run_if`.
+every replica: `distclip._src.lockstep.run_if`.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import tensorflow as tf
 
-from distclip.errors import ArgumentError
-from distclip.lockstep import create_variables, run_if
+from distclip._src.errors import ArgumentError
+from distclip._src.lockstep import create_variables, run_if
 
 
 def _local_variable(name: str, shape, dtype) -> tf.Variable:
@@ -41,7 +41,7 @@ class Accumulation(tf.Module):
         self.micro_steps: Optional[tf.Variable] = None
         self.sums: List[Optional[tf.Variable]] = []
 
-    def build(self, variables: Sequence[Any], present: Optional[Sequence[bool]] = None) -> None:
+    def create(self, variables: Sequence[Any], present: Optional[Sequence[bool]] = None) -> None:
         """Creates the accumulators once (for the variables `present` marks), outside any traced function."""
         if self.micro_steps is not None:
             return

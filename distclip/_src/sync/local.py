@@ -10,8 +10,8 @@ from typing import Any, Callable, List, Sequence
 import numpy as np
 import tensorflow as tf
 
-from distclip.norm import Gradient
-from distclip.sync.base import SUM
+from distclip._src.norm import Gradient
+from distclip._src.sync.base import SUM
 
 
 class LocalBackend:
@@ -30,9 +30,6 @@ class LocalBackend:
 
     def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]:
         return list(grads)
-
-    def compute_once(self, fn: Callable[[List[Gradient]], Any], values: Sequence[Gradient]) -> Any:
-        return fn(list(values))
 
     def broadcast(self, variables: Sequence[Any], root: int) -> None:
         pass

@@ -6,7 +6,8 @@ from typing import Any, List, Tuple
 import numpy as np
 import tensorflow as tf
 
-from distclip.errors import ArgumentError
+from distclip._src.errors import ArgumentError
+from distclip._src.variables import variable_name
 
 
 def short_repr(value: Any) -> str:
@@ -64,11 +65,6 @@ def check_pairs(grads: Any, variables: Any) -> Tuple[List[Any], List[Any]]:
                 f"grads[{i}] has {shape}, but trainable_variables[{i}] ({variable_name(v)}) has shape "
                 f"{tf.TensorShape(v.shape)}: each gradient must have its variable's shape (nothing is broadcast)")
     return grads, variables
-
-
-def variable_name(variable: Any) -> str:
-    """A variable's Keras path, or its TensorFlow name."""
-    return getattr(variable, "path", None) or getattr(variable, "name", None) or repr(variable)
 
 
 def _same_shape(grad: Any, variable: Any) -> bool:

@@ -14,10 +14,10 @@ itself as `MultiOptimizer` does), with two changes of context:
     reduction ever comes back.
   * a lockstep skip: the whole `apply` (slots, `iterations`, per-step state
     such as Nadam's `u_product`) sits in one branch taken on every replica
-    from a predicate that is identical everywhere (`distclip.lockstep`).
+    from a predicate that is identical everywhere (`distclip._src.lockstep`).
 
 This module is also where an optimizer is accepted or refused, by what it
-would do (`check_optimizer`).
+would do (`check_optimizer`), and built (`ensure_built`).
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 import keras
 import tensorflow as tf
 
-from distclip.checks import variable_name
-from distclip.errors import ArgumentError, ContextError
-from distclip.lockstep import create_variables, run_if
+from distclip._src.variables import variable_name
+from distclip._src.errors import ArgumentError, ContextError
+from distclip._src.lockstep import create_variables, run_if
 
 _REDUCTION_HOOK = "_all_reduce_sum_gradients"
 
@@ -57,7 +57,7 @@ def check_optimizer(optimizer: Any, nonfinite: str) -> None:
 
     Checked on the optimizer and every optimizer it wraps. A
     `keras.optimizers.LossScaleOptimizer` is accepted around a plain optimizer
-    (see `distclip.loss_scale`), with `nonfinite="skip"`.
+    (see `distclip._src.loss_scale`), with `nonfinite="skip"`.
     """
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise ArgumentError(f"optimizer must be a Keras 3 optimizer (keras.optimizers.Optimizer); got {optimizer!r}")
@@ -139,10 +139,13 @@ def check_strategy(optimizer: Any, owner_strategy: tf.distribute.Strategy, owner
                 "strategy.scope() of the strategy that runs the step")
 
 
-def build(optimizer: Any, variables: Sequence[Any]) -> None:
-    """Builds the optimizer for `variables` now, if it is not built, from wherever the step runs."""
+def ensure_built(optimizer: Any, stepper: Any, variables: Sequence[Any]) -> None:
+    """Builds `optimizer` for `variables` now if it is not built, from wherever the step runs, after checking
+    them (`check_variables`); then checks that `stepper`, the optimizer that updates, was built for them."""
+    check_variables(stepper, variables)
     if not optimizer.built:
         create_variables(lambda: optimizer.build(list(variables)), reads=variables)
+    check_known(stepper, variables)
 
 
 _lock = threading.Lock()

@@ -1,0 +1,170 @@
+"""`sync_and_clip`: synchronize across replicas, then clip by the global norm; `ClipResult`, what it returns."""
+from __future__ import annotations
+
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+from distclip._src import nonfinite as nonfinite_
+from distclip._src import sync
+from distclip._src.checks import check_gradients
+from distclip._src.errors import ArgumentError
+from distclip._src.nonfinite import Nonfinite
+from distclip._src.norm import clip_scale, norm_from_squares, scale_gradients, sum_of_squares
+from distclip._src.options import BucketMB, StepOptions
+from distclip._src.policies import Policy
+from distclip._src.sync import BackendName, Reduction, buckets, wire
+from distclip._src.sync.wire import Compression
+from distclip._src.threshold import ClipNorm, resolve_clip_norm
+
+
+class ClipResult(NamedTuple):
+    """What `sync_and_clip` (and `ClipStep.apply`) computed, usable inside `tf.function`.
+
+    Fields:
+      grads: the synchronized, clipped gradients, in the input order and length;
+        `None` entries stay `None`, `tf.IndexedSlices` stay sparse.
+      global_norm: float32 scalar, `sqrt(sum_i ||g_i||_2^2)` over the synchronized
+        gradients before clipping (the L2 norm of all of them as one vector, in the
+        gradients' own units). Identical on every replica.
+      scale: float32 scalar actually multiplied into the gradients,
+        `min(1, clip_norm / global_norm)`: at most 1. On a step skipped for a
+        non-finite norm it is 0 (nothing is applied); with `nonfinite="propagate"`
+        it is NaN, as in `tf.clip_by_global_norm`.
+      clipped: bool scalar, `global_norm > clip_norm` on a finite step.
+      finite: bool scalar, whether `global_norm` is finite.
+    """
+
+    grads: List[Optional[Any]]
+    global_norm: tf.Tensor
+    scale: tf.Tensor
+    clipped: tf.Tensor
+    finite: tf.Tensor
+
+
+def sync_and_clip(
+    grads: Sequence[Optional[Any]],
+    clip_norm: ClipNorm,
+    *,
+    nonfinite: Nonfinite = "skip",
+    reduction: Reduction = "auto",
+    backend: BackendName = "auto",
+    step: Optional[tf.Tensor] = None,
+    sparse_as_dense: bool = False,
+    compression: Compression = None,
+    bucket_mb: BucketMB = "auto",
+) -> ClipResult:
+    """All-reduce `grads` across replicas, then clip them by their global L2 norm.
+
+    With `g_i` the gradients after the all-reduce (identical on every replica):
+
+        global_norm = sqrt(sum_i ||g_i||_2^2)            (accumulated in float32)
+        scale       = min(1, clip_norm / global_norm)
+        g_i        <- g_i * scale
+
+    which is `tf.clip_by_global_norm` applied to the synchronized gradients, so
+    the result equals single-device training on the global batch. Under
+    `reduction="mean"` the replicas' gradients are summed and the 1/n is part
+    of the one multiply by `scale / n`. Must run in a replica context: inside
+    `strategy.run`, or with no strategy.
+
+    Args:
+      grads: this replica's gradients; `None` entries pass through as `None`.
+      clip_norm: the threshold, in units of the global norm: a positive finite
+        number, a scalar tensor or variable, a callable of `step`, or None:
+        no clipping (synchronize only; `global_norm` is still reported).
+      nonfinite: if `global_norm` is inf or NaN: "skip" returns zero gradients,
+        `scale=0` and `finite=False` (`ClipStep` then skips the update on every
+        replica); "raise" fails the step with an error naming the norm;
+        "propagate" behaves like `tf.clip_by_global_norm` (NaN gradients).
+      reduction: "auto" (SUM under tf.distribute, where per-replica losses are
+        divided by the global batch; MEAN under Horovod), "sum" or "mean".
+      backend: what synchronizes the gradients: "auto" (found from the
+        context), "tf_distribute", "horovod" or "none" (taken as synchronized).
+      step: the step number, needed only when `clip_norm` is a callable.
+      sparse_as_dense: send `tf.IndexedSlices` as dense tensors in the packed
+        all-reduce instead of all-gathering them.
+      compression: None or "fp16": float32/float64 gradients travel as float16;
+        the norm is computed on the decompressed values.
+      bucket_mb: "auto" (25 MB buckets under Horovod; one packed all-reduce
+        under tf.distribute), None (one packed all-reduce after the backward
+        pass), or buckets of at most this many megabytes, last layers first,
+        each sent as soon as it is ready.
+
+    Returns:
+      The synchronized, clipped gradients with the norm and scale (`ClipResult`).
+
+    Raises:
+      ArgumentError: a bad argument, named with its value.
+      ContextError: called in a cross-replica context, or with a backend the
+        context cannot run.
+    """
+    options = StepOptions(nonfinite=nonfinite, reduction=reduction, backend=backend, sparse_as_dense=sparse_as_dense,
+                          compression=compression, bucket_mb=bucket_mb)
+    grads = check_gradients(grads)
+    if isinstance(clip_norm, Policy):
+        raise ArgumentError(
+            f"clip_norm={clip_norm!r} is a policy, which keeps state from step to step: use "
+            "distclip.ClipStep or distclip.keras.ClipOptimizer, which hold it in variables"
+        )
+    threshold = resolve_clip_norm(clip_norm, step)  # checks clip_norm
+    sync.check_replica_context("sync_and_clip")
+    result, _ = clip_synchronized(grads, sync.select(options.backend), lambda norm: threshold, options)
+    return result
+
+
+def clip_synchronized(
+    grads: List[Optional[Any]],
+    backend: sync.Backend,
+    threshold_of: Callable[[tf.Tensor], tf.Tensor],
+    options: StepOptions,
+    *,
+    micro_batches: int = 1,
+    loss_scale: Optional[tf.Tensor] = None,
+) -> Tuple[ClipResult, tf.Tensor]:
+    """`sync_and_clip`'s reduce, measure, decide and scale, with the threshold a function of the norm.
+
+    `grads` must have been checked (`check_gradients`); `backend` reduces them.
+    The sums arrive identical on every replica, and each replica measures and
+    scales its own copy. With `micro_batches=k` they are sums over k
+    micro-batches and their mean is what is clipped; with `loss_scale` S they
+    are gradients of a loss multiplied by S, whose norm is that of the
+    gradients divided by S. Both factors, and a mean's 1/n, ride on the one
+    multiply.
+
+    Returns:
+      The result, and the threshold used.
+    """
+    present = [i for i, g in enumerate(grads) if g is not None]
+    sent, dtypes = wire.encode([grads[i] for i in present], sparse_as_dense=options.sparse_as_dense,
+                               compression=options.compression)
+    summed: List[Any] = [None] * len(sent)
+    squares = []
+    bucket_mb = backend.default_bucket_mb if options.bucket_mb == "auto" else options.bucket_mb
+    for bucket in buckets.plan(sent, bucket_mb):
+        reduced = wire.decode(backend.all_reduce_sum([sent[i] for i in bucket]), [dtypes[i] for i in bucket])  # reduce
+        squares.append(sum_of_squares(reduced))  # each bucket's share of the norm, as soon as it arrives
+        for i, g in zip(bucket, reduced):
+            summed[i] = g
+
+    to_mean = _to_mean(sync.resolve_reduction(options.reduction, backend), backend, micro_batches, loss_scale)
+    norm = norm_from_squares(tf.add_n(squares), summed) * to_mean                                     # measure
+    finite = tf.math.is_finite(norm)
+    threshold = threshold_of(norm)                                                                     # decide
+    scale = nonfinite_.guard(options.nonfinite, clip_scale(norm, threshold), norm, finite)
+    clipped = scale_gradients(summed, scale * to_mean, zero_on_zero_scale=nonfinite_.skips(options.nonfinite))  # scale
+
+    out: List[Optional[Any]] = [None] * len(grads)
+    for i, g in zip(present, clipped):
+        out[i] = g
+    return ClipResult(grads=out, global_norm=norm, scale=scale, clipped=tf.logical_and(finite, norm > threshold),
+                      finite=finite), threshold
+
+
+def _to_mean(op: str, backend: sync.Backend, micro_batches: int, loss_scale: Optional[tf.Tensor]) -> Any:
+    """The factor from the reduced sums to the gradients that are clipped: 1/n for a mean over n replicas,
+    1/k over k micro-batches, 1/S under a loss scale S."""
+    factor = (1.0 / backend.num_replicas() if op == sync.MEAN else 1.0) / micro_batches
+    if loss_scale is None:
+        return factor
+    return tf.constant(factor, tf.float32) / tf.cast(loss_scale, tf.float32)

@@ -1,0 +1,132 @@
+"""`ClipStep`: synchronize once, clip, and apply the update with a Keras 3 optimizer once."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence, Tuple
+
+import keras
+import tensorflow as tf
+
+from distclip._src.checks import split_pairs
+from distclip._src.clip import ClipResult
+from distclip._src.nonfinite import Nonfinite
+from distclip._src.options import BucketMB, StepOptions
+from distclip._src.sync import BackendName, Reduction
+from distclip._src.sync.wire import Compression
+from distclip._src.threshold import ClipNorm
+from distclip._src.update import ClipUpdate
+
+
+class ClipStep(tf.Module):
+    """A training step's gradient path: all-reduce, global-norm clip, one optimizer update.
+
+    Create it under the strategy's scope, like the model and the optimizer, and
+    call `apply` inside `strategy.run` (or with no strategy):
+
+        with strategy.scope():
+            model = ...
+            optimizer = keras.optimizers.Adam(1e-3)
+            clip = distclip.ClipStep(optimizer, clip_norm=1.0)
+
+        @tf.function
+        def train_step(x, y):
+            def replica_fn(x, y):
+                with tf.GradientTape() as tape:
+                    loss = tf.nn.compute_average_loss(loss_fn(y, model(x)), global_batch_size=B)
+                grads = tape.gradient(loss, model.trainable_variables)
+                return clip.apply(grads, model.trainable_variables)
+            return strategy.run(replica_fn, args=(x, y))
+
+    Per step: the gradients are reduced across replicas in one packed collective,
+    `scale = min(1, clip_norm / global_norm)` is applied, and the optimizer's
+    own `apply` takes the step, once, with no second reduction (see
+    `distclip._src.update`).
+
+    A policy's state is kept in this module's variables (`policy_state`, saved
+    by `tf.train.Checkpoint`) and updated from the synchronized norm,
+    identically on every replica.
+
+    Args:
+      optimizer: the Keras 3 optimizer that takes the steps (created under the
+        same scope), without its own `clipnorm`/`clipvalue`/`global_clipnorm`.
+        It may be a `keras.optimizers.LossScaleOptimizer` (mixed precision;
+        scale the loss with `optimizer.scale_loss`): the norm is that of the
+        unscaled gradients, one multiply unscales and clips, and an overflow
+        anywhere skips the step and halves the scale on every replica.
+      clip_norm: a number, a scalar tensor or variable, a callable of the
+        optimizer's iteration count (a Keras `LearningRateSchedule` works), a
+        policy (`distclip.AutoClip`, `distclip.SpikeClip`), or None: never
+        clip (the step synchronizes and applies, and still reports the norm,
+        as a baseline run to compare).
+      nonfinite: "skip" (default): when the synchronized norm is inf or NaN,
+        every replica skips the step together; variables, optimizer slots and
+        `optimizer.iterations` stay as they were and `skipped_steps` grows by
+        one. "raise" fails the step instead; "propagate" applies NaN
+        gradients, as `tf.clip_by_global_norm` followed by `optimizer.apply`
+        would.
+      reduction, backend, sparse_as_dense, compression, bucket_mb: as for
+        `distclip.sync_and_clip`. Under Horovod (`backend="auto"` finds it)
+        each process is one replica and gradients are averaged.
+      accumulation_steps: k >= 1. Each call adds this replica's gradients to
+        local sums; every k-th call reduces them once, clips their mean and
+        applies it (one step on a k-times-larger batch); `apply` then returns
+        the latest update's result, with `grads` of `None`.
+      name: the module's name (and its variables' name scope).
+
+    Raises:
+      ArgumentError: a bad argument, named with its value.
+    """
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer, clip_norm: ClipNorm, *,
+                 nonfinite: Nonfinite = "skip", reduction: Reduction = "auto", backend: BackendName = "auto",
+                 sparse_as_dense: bool = False, compression: Compression = None, accumulation_steps: int = 1,
+                 bucket_mb: BucketMB = "auto", name: str = "clip_step") -> None:
+        super().__init__(name=name)
+        self.options = StepOptions(nonfinite=nonfinite, reduction=reduction, backend=backend,
+                                   sparse_as_dense=sparse_as_dense, compression=compression,
+                                   accumulation_steps=accumulation_steps, bucket_mb=bucket_mb)
+        self._update = ClipUpdate(optimizer, clip_norm, self.options, "ClipStep")
+        with tf.name_scope(name):
+            self._update.create_state(_variable)
+        self.optimizer = optimizer
+        self.clip_norm = clip_norm
+        #: Steps skipped because the synchronized global norm was not finite.
+        self.skipped_steps = self._update.state.skipped_steps
+        self.accumulation = self._update.accumulation
+        #: The policy's state variables by name (empty unless `clip_norm` is a policy).
+        self.policy_state = self._update.threshold.state
+
+    @property
+    def pending_micro_batches(self) -> int:
+        """Micro-batches accumulated since the latest update (always 0 without accumulation).
+
+        Take checkpoints when it is 0: between updates each replica holds its own
+        partial sums, and a `tf.train.Checkpoint` of this object then raises.
+        """
+        return self._update.pending_micro_batches
+
+    @property
+    def applies_next(self) -> bool:
+        """Whether the next `apply` call takes an update (always True without accumulation)."""
+        return self._update.applies_next
+
+    def build(self, trainable_variables: Sequence[Any]) -> None:
+        """Creates the optimizer's variables (and the accumulators) now, otherwise done on the first `apply`."""
+        self._update.build(trainable_variables)
+
+    def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any]) -> ClipResult:
+        """Synchronizes `grads`, clips them by their global norm and applies them to `trainable_variables`."""
+        return self._update.apply(grads, trainable_variables)
+
+    def apply_gradients(self, grads_and_vars: Iterable[Tuple[Any, Any]]) -> ClipResult:
+        """`apply` for `(gradient, variable)` pairs, as Keras 2's `optimizer.apply_gradients` took them."""
+        grads, variables = split_pairs(grads_and_vars)
+        return self.apply(grads, variables)
+
+
+def _variable(name: str, shape: Tuple[int, ...], dtype: tf.DType, initial: float) -> tf.Variable:
+    """A variable written by each replica with a value identical on every replica (no aggregation needed)."""
+    return tf.Variable(
+        tf.fill(shape, tf.constant(initial, dtype)), trainable=False, name=name,
+        synchronization=tf.VariableSynchronization.ON_WRITE,
+        aggregation=tf.VariableAggregation.NONE,
+    )

@@ -1,0 +1,20 @@
+"""Variables as distclip meets them: a Keras 3 `keras.Variable` or a `tf.Variable` (mirrored or not)."""
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+
+def tf_variable(variable: Any) -> Any:
+    """The TensorFlow variable behind `variable`: a Keras variable's `.value`, anything else as it is.
+
+    Strategies, Horovod and `tf.convert_to_tensor` work on TensorFlow's
+    variables (a mirrored one under a strategy); a Keras 3 variable wraps one.
+    """
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def variable_name(variable: Any) -> str:
+    """A variable's Keras path, or its TensorFlow name, for messages."""
+    return getattr(variable, "path", None) or getattr(variable, "name", None) or repr(variable)

@@ -1,23 +1,27 @@
 """What clipping costs as models and replica counts grow: ClipStep against the unclipped synchronized step.
 
-For 2, 4 and 8 replicas (MirroredStrategy over logical CPU devices, one worker process per count, since the
-devices are fixed when TensorFlow starts) and MLPs of about 1M, 10M and 50M parameters, it times, alternating
-in blocks in the same process (A B, B A, ...), one training step with `ClipStep` and the same step with plain
-`optimizer.apply` (both with one packed all-reduce of the gradients, Adam by default, a threshold that binds
-on every step, so the multiply runs every step). Separately, on one device, it times the norm pass alone
-(`distclip._src.norm.global_norm`) against a plain read of the same gradients (`tf.reduce_sum` of each), to show
-where clipping's cost goes. Then, under `horovodrun --gloo -np 2` and `-np 4` (one replica per process; 1M
-and 10M parameters, where it fits in time), ClipStep against the step Horovod users write without clipping
-(`hvd.grouped_allreduce` of the gradients, averaged, then `optimizer.apply`), with the same global batch.
-Prints a table, and writes docs/scaling.json (every timing; `benchmarks/cost_model.py` fits its constants to
-the MirroredStrategy rows) and docs/scaling.png (the overhead ratio against parameters, one line per engine
-and replica count).
+Two regimes, reported side by side:
+  * one replica per process, the regime that resembles one replica per accelerator:
+    MultiWorkerMirroredStrategy with 2 and 4 workers of one CPU device each (`distclip.cluster.launcher`),
+    and `horovodrun --gloo -np 2` and `-np 4` (against the step Horovod users write without clipping,
+    `hvd.grouped_allreduce` of the gradients, averaged, then `optimizer.apply`), at 1M and 10M parameters;
+  * MirroredStrategy over 2, 4 and 8 logical CPU devices of one process (one worker process per count,
+    since the devices are fixed when TensorFlow starts), at 1M, 10M and 50M: every replica does its own norm
+    pass and multiply, as on its own GPU, but here the replicas share the same 2 cores, so their passes add
+    up and the ratio overstates the per-device cost.
+Each times, alternating in blocks in the same process (A B, B A, ...), one training step with `ClipStep`
+and the same step with plain `optimizer.apply` (one packed all-reduce of the gradients, Adam by default, the
+same global batch, a threshold that binds on every step, so the multiply runs every step). Separately, on
+one device, it times the norm pass alone (`distclip._src.norm.global_norm`) against a plain read of the same
+gradients (`tf.reduce_sum` of each), to show where clipping's cost goes. Prints a table, and writes
+docs/scaling.json (every timing; `benchmarks/cost_model.py` fits its constants to the MirroredStrategy rows)
+and docs/scaling.png (the overhead ratio against parameters, one line per engine and replica count).
 
     .venv/bin/python benchmarks/scaling.py [--replicas 2 4 8] [--sizes 1M 10M 50M] [--rounds 10]
-                                           [--horovod 2 4] [--horovod-sizes 1M 10M]
+                                           [--multiworker 2 4] [--horovod 2 4] [--horovod-sizes 1M 10M]
 
-Targets on this machine: median ratio ClipStep / unclipped at most 1.05 at every size; norm pass within 1.5x
-of the plain read.
+Targets: median ratio ClipStep / unclipped at most 1.05 for one replica per process; the logical-CPU rows
+are reported as they are; norm pass within 1.5x of the plain read.
 """
 from __future__ import annotations
 
@@ -45,12 +49,19 @@ BLOCK = {"1M": 30, "10M": 4, "50M": 2}
 RUN_TIMEOUT_S = 1200
 
 
-def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) -> List[dict]:
-    """One replica count: every size, ClipStep against the unclipped step; on one device, the norm pass."""
+def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str, multiworker: bool = False) -> List[dict]:
+    """One replica count: every size, ClipStep against the unclipped step; on one device, the norm pass.
+
+    With `multiworker`, this is one of `replicas` MultiWorkerMirroredStrategy workers (TF_CONFIG from
+    distclip.cluster.launcher), one CPU device each: one replica per process. Every worker times in
+    lockstep (both steps all-reduce); the chief returns the timings."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from distclip.cluster.strategies import make_strategy
 
-    strategy = make_strategy("mirrored", replicas=replicas)  # before any other TensorFlow op
+    # Before any other TensorFlow op.
+    strategy = make_strategy("multiworker", collective_timeout_s=600.0) if multiworker else make_strategy(
+        "mirrored", replicas=replicas)
+    chief = not multiworker or json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 0
     import keras
     import numpy as np
     import tensorflow as tf
@@ -64,6 +75,7 @@ def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) ->
     per = BATCH // replicas
     x = strategy.experimental_distribute_values_from_function(lambda c: tf.constant(xs[c.replica_id_in_sync_group * per:][:per]))
     y = strategy.experimental_distribute_values_from_function(lambda c: tf.constant(ys[c.replica_id_in_sync_group * per:][:per]))
+    engine = "multiworker" if multiworker else "mirrored"
     results = []
     for size in sizes:
         steps = {}
@@ -82,19 +94,21 @@ def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str) ->
         # Each returns (the global loss to wait on, the norm); ratios are ClipStep / unclipped.
         times, ratios, _ = alternate({name: (lambda s=s: s(x, y)) for name, s in steps.items()}, rounds, BLOCK[size])
 
-        grads = [tf.constant(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables]
-        passes = {"plain read": tf.function(lambda g: tf.add_n([tf.reduce_sum(t) for t in g])),
-                  "norm pass": tf.function(global_norm)}
-        nan = tf.constant(float("nan"))
-        pass_times, pass_ratios, _ = alternate({k: (lambda f=f: (f(grads), nan)) for k, f in passes.items()}, rounds, 10)
-        results.append({
-            "replicas": replicas, "size": size, "params": params, "global_norm": norm, "clip_norm": 1e-3,
-            "unclipped_s": times["unclipped"], "clipstep_s": times["ClipStep"], "ratios": ratios,
-            "plain_read_s": pass_times["plain read"], "norm_pass_s": pass_times["norm pass"], "pass_ratios": pass_ratios,
-        })
-        print(f"  {replicas} replicas, {size} ({params / 1e6:.2f}M): ratio {statistics.median(ratios):.3f}, "
-              f"norm pass / read {statistics.median(pass_ratios):.3f}", file=sys.stderr, flush=True)
-    return results
+        result = {"engine": engine, "replicas": replicas, "size": size, "params": params, "global_norm": norm,
+                  "clip_norm": 1e-3, "unclipped_s": times["unclipped"], "clipstep_s": times["ClipStep"], "ratios": ratios}
+        if not multiworker:
+            grads = [tf.constant(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables]
+            passes = {"plain read": tf.function(lambda g: tf.add_n([tf.reduce_sum(t) for t in g])),
+                      "norm pass": tf.function(global_norm)}
+            nan = tf.constant(float("nan"))
+            pass_times, pass_ratios, _ = alternate({k: (lambda f=f: (f(grads), nan)) for k, f in passes.items()}, rounds, 10)
+            result.update(plain_read_s=pass_times["plain read"], norm_pass_s=pass_times["norm pass"],
+                          pass_ratios=pass_ratios)
+        results.append(result)
+        if chief:
+            print(f"  {engine}, {replicas} replicas, {size} ({params / 1e6:.2f}M): ratio "
+                  f"{statistics.median(ratios):.3f}", file=sys.stderr, flush=True)
+    return results if chief else []
 
 
 def horovod_worker(sizes: List[str], rounds: int, optimizer_name: str) -> List[dict]:
@@ -153,6 +167,12 @@ def _engine(result: dict) -> str:
     return result.get("engine", "mirrored")
 
 
+#: How each engine places its replicas: several logical CPU devices of one process, or one replica per process.
+LABELS = {"mirrored": "MirroredStrategy (logical CPUs of one process)",
+          "multiworker": "MultiWorkerMirroredStrategy (one replica per process)",
+          "horovod": "horovodrun --gloo (one replica per process)"}
+
+
 def _plot(results: List[dict], path: str) -> None:
     import matplotlib
 
@@ -165,15 +185,15 @@ def _plot(results: List[dict], path: str) -> None:
         med = [statistics.median(r["ratios"]) for r in rows]
         q = [statistics.quantiles(r["ratios"], n=4) for r in rows]
         ax.errorbar([r["params"] for r in rows], med, yerr=[[m - a[0] for m, a in zip(med, q)], [a[2] - m for m, a in zip(med, q)]],
-                    marker="o" if engine == "mirrored" else "s", ls="-" if engine == "mirrored" else "--", capsize=3,
-                    label=f"MirroredStrategy, {n} replicas" if engine == "mirrored" else f"horovodrun -np {n}")
+                    marker="o" if engine == "mirrored" else "s", ls=":" if engine == "mirrored" else "-", capsize=3,
+                    label=f"{LABELS[engine].split(' (')[0]}, {n} replicas")
     ax.axhline(1.05, color="r", ls="--", lw=1, label="target 1.05")
     ax.axhline(1.0, color="gray", ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("step time, ClipStep / unclipped")
-    ax.set_title("Clipping's overhead (MirroredStrategy over logical CPUs; Horovod over Gloo; 2 cores): median, IQR",
-                 fontsize=9)
+    ax.set_title("Clipping's overhead, 2 cores: median, IQR. Solid: one replica per process; dotted: logical CPU "
+                 "replicas sharing the cores", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -189,6 +209,18 @@ def _horovod_run(ranks: int, args) -> List[dict]:
                "--horovod-worker", "--rounds", str(args.rounds), "--optimizer", args.optimizer,
                "--sizes", *args.horovod_sizes, "--out", out]
         _bounded(cmd, f"horovodrun -np {ranks}", RUN_TIMEOUT_S)
+        with open(out) as f:
+            return json.load(f)
+
+
+def _multiworker_run(workers: int, args) -> List[dict]:
+    """`distclip.cluster.launcher --nproc workers` of this script's MultiWorkerMirroredStrategy worker."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "chief.json")
+        cmd = [sys.executable, "-m", "distclip.cluster.launcher", "--nproc", str(workers), "--timeout",
+               str(RUN_TIMEOUT_S), "--", sys.executable, __file__, "--multiworker-worker", str(workers), "--rounds",
+               str(args.rounds), "--optimizer", args.optimizer, "--sizes", *args.horovod_sizes, "--out", out]
+        _bounded(cmd, f"MultiWorkerMirroredStrategy with {workers} workers", RUN_TIMEOUT_S + 60)
         with open(out) as f:
             return json.load(f)
 
@@ -225,13 +257,22 @@ def main(argv=None) -> int:
     p.add_argument("--horovod", type=int, nargs="*", default=[2, 4], metavar="RANKS",
                    help="also time horovodrun --gloo with these rank counts (none: skip)")
     p.add_argument("--horovod-sizes", nargs="+", default=["1M", "10M"], choices=list(SIZES),
-                   help="sizes for the Horovod runs (50M takes minutes per round there)")
+                   help="sizes for the Horovod and MultiWorkerMirroredStrategy runs (50M takes minutes per round there)")
+    p.add_argument("--multiworker", type=int, nargs="*", default=[2, 4], metavar="WORKERS",
+                   help="also time MultiWorkerMirroredStrategy with these worker counts, one CPU device each (none: skip)")
+    p.add_argument("--multiworker-worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--horovod-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=DOCS, help="folder for scaling.json and scaling.png")
     args = p.parse_args(argv)
     if args.worker:
         json.dump(worker(args.worker, args.sizes, args.rounds, args.optimizer), sys.stdout)
+        return 0
+    if args.multiworker_worker:
+        results = worker(args.multiworker_worker, args.sizes, args.rounds, args.optimizer, multiworker=True)
+        if results:
+            with open(args.out, "w") as f:
+                json.dump(results, f)
         return 0
     if args.horovod_worker:
         results = horovod_worker(args.sizes, args.rounds, args.optimizer)
@@ -246,6 +287,9 @@ def main(argv=None) -> int:
         out = _bounded([sys.executable, __file__, "--worker", str(n), "--rounds", str(args.rounds), "--optimizer",
                         args.optimizer, "--sizes", *args.sizes], f"the {n}-replica worker", RUN_TIMEOUT_S)
         results += json.loads(out)
+    for n in args.multiworker:
+        print(f"MultiWorkerMirroredStrategy, {n} workers ...", file=sys.stderr, flush=True)
+        results += _multiworker_run(n, args)
     for n in args.horovod:
         print(f"horovodrun -np {n} ...", file=sys.stderr, flush=True)
         results += _horovod_run(n, args)
@@ -255,11 +299,13 @@ def main(argv=None) -> int:
                    "results": results}, f)
     _plot(results, os.path.join(args.out, "scaling.png"))
     print(f"command: {command}")
-    print(f"setup: MirroredStrategy over N logical CPU devices, and horovodrun --gloo -np N ({os.cpu_count()} cores), "
+    print(f"setup: MirroredStrategy over N logical CPU devices of one process; one replica per process: "
+          f"MultiWorkerMirroredStrategy with N workers of one CPU device and horovodrun --gloo -np N ({os.cpu_count()} cores), "
           f"MLP 512 -> width x layers -> 10, {args.optimizer}, global batch {BATCH}, clip_norm 1e-3 (binds on every "
           f"step), {args.rounds} alternating rounds")
     print(_summary(results))
-    print("targets: ratio <= 1.05 at every size; norm pass / read <= 1.5")
+    print("targets: ratio <= 1.05 for one replica per process (multiworker, horovod); logical-CPU rows as they are; "
+          "norm pass / read <= 1.5")
     return 0
 
 

@@ -38,8 +38,8 @@ class Accumulation(tf.Module):
         super().__init__(name=name)
         self.steps = steps
         self._strategy = tf.distribute.get_strategy()  # the owner is created under the strategy's scope
-        self.micro_steps: Optional[tf.Variable] = None
-        self.sums: List[Optional[tf.Variable]] = []
+        self.micro_steps: Any = None  # a tf.Variable once created
+        self.sums: List[Any] = []  # a tf.Variable per variable that receives gradients, else None
 
     def create(self, variables: Sequence[Any], present: Optional[Sequence[bool]] = None) -> None:
         """Creates the accumulators once (for the variables `present` marks), outside any traced function."""
@@ -52,7 +52,7 @@ class Accumulation(tf.Module):
         with self._strategy.scope(), self.name_scope:
             self.micro_steps = _local_variable("micro_steps", (), tf.int64)
             self.sums = [_local_variable(f"sum_{i}", v.shape, tf.as_dtype(v.dtype)) if p else None
-                         for i, (v, p) in enumerate(zip(variables, present))]
+                         for i, (v, p) in enumerate(zip(variables, present, strict=True))]
 
     def pending(self) -> int:
         """Micro-batches accumulated since the latest update (read eagerly; the same on every replica)."""
@@ -77,7 +77,7 @@ class Accumulation(tf.Module):
         Returns a bool scalar: whether `step_fn` ran. Call it in the replica context.
         """
         totals = [None if g is None else s.assign_add(tf.cast(tf.convert_to_tensor(g), s.dtype), read_value=True)
-                  for g, s in zip(grads, self.sums)]
+                  for g, s in zip(grads, self.sums, strict=True)]
         count = self.micro_steps.assign_add(1, read_value=True)
         boundary = tf.equal(tf.math.floormod(count, self.steps), 0)
 

@@ -58,7 +58,7 @@ def check_pairs(grads: Any, variables: Any) -> Tuple[List[Any], List[Any]]:
             f"grads and trainable_variables differ in length: {len(grads)} gradients for "
             f"{len(variables)} variables"
         )
-    for i, (g, v) in enumerate(zip(grads, variables)):
+    for i, (g, v) in enumerate(zip(grads, variables, strict=True)):
         if g is not None and not _same_shape(g, v):
             shape = f"values of shape {g.values.shape}" if isinstance(g, tf.IndexedSlices) else f"shape {g.shape}"
             raise ArgumentError(
@@ -81,7 +81,8 @@ def split_pairs(grads_and_vars: Any) -> Tuple[List[Any], List[Any]]:
     try:
         pairs = [tuple(p) for p in grads_and_vars]
     except TypeError:
-        raise ArgumentError(f"grads_and_vars must be an iterable of (gradient, variable) pairs; got {short_repr(grads_and_vars)}") from None
+        raise ArgumentError("grads_and_vars must be an iterable of (gradient, variable) pairs; "
+                            f"got {short_repr(grads_and_vars)}") from None
     bad = [i for i, p in enumerate(pairs) if len(p) != 2]
     if bad:
         raise ArgumentError(f"grads_and_vars[{bad[0]}] is not a (gradient, variable) pair: {short_repr(pairs[bad[0]])}")

@@ -144,7 +144,7 @@ def clip_synchronized(
     for bucket in buckets.plan(sent, bucket_mb):
         reduced = wire.decode(backend.all_reduce_sum([sent[i] for i in bucket]), [dtypes[i] for i in bucket])  # reduce
         squares.append(sum_of_squares(reduced))  # each bucket's share of the norm, as soon as it arrives
-        for i, g in zip(bucket, reduced):
+        for i, g in zip(bucket, reduced, strict=True):
             summed[i] = g
 
     to_mean = _to_mean(sync.resolve_reduction(options.reduction, backend), backend, micro_batches, loss_scale)
@@ -155,7 +155,7 @@ def clip_synchronized(
     clipped = scale_gradients(summed, scale * to_mean, zero_on_zero_scale=nonfinite_.skips(options.nonfinite))  # scale
 
     out: List[Optional[Any]] = [None] * len(grads)
-    for i, g in zip(present, clipped):
+    for i, g in zip(present, clipped, strict=True):
         out[i] = g
     return ClipResult(grads=out, global_norm=norm, scale=scale, clipped=tf.logical_and(finite, norm > threshold),
                       finite=finite), threshold

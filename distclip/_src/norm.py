@@ -118,6 +118,6 @@ def scale_gradients(grads: Sequence[Gradient], scale: tf.Tensor, *, zero_on_zero
             lambda: [scale_gradient(g, scale, zero_on_zero_scale=zero_on_zero_scale) for g in inputs],
             lambda: [tf.identity(g) for g in inputs],
         )
-        for i, g in zip(dense, scaled):
+        for i, g in zip(dense, scaled, strict=True):
             out[i] = g
     return out

@@ -68,7 +68,8 @@ def check_optimizer(optimizer: Any, nonfinite: str) -> None:
                 f"optimizer {name} has no {_REDUCTION_HOOK}: distclip needs Keras 3 on the TensorFlow backend "
                 f"(keras {keras.__version__}, backend {keras.backend.backend()})")
         if getattr(opt, "_distclip_wrapper", False):
-            raise ArgumentError(f"optimizer {name} already clips the synchronized gradients; pass the optimizer it wraps")
+            raise ArgumentError(
+                f"optimizer {name} already clips the synchronized gradients; pass the optimizer it wraps")
         for attr in ("clipnorm", "clipvalue", "global_clipnorm"):
             if getattr(opt, attr, None) is not None:
                 raise ArgumentError(
@@ -92,8 +93,8 @@ def check_optimizer(optimizer: Any, nonfinite: str) -> None:
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         if nonfinite != "skip":
             raise ArgumentError(
-                f"optimizer is a LossScaleOptimizer, whose overflowing steps must be skipped; got nonfinite={nonfinite!r} "
-                "(use the default nonfinite='skip')")
+                "optimizer is a LossScaleOptimizer, whose overflowing steps must be skipped; "
+                f"got nonfinite={nonfinite!r} (use the default nonfinite='skip')")
         inner = optimizer.inner_optimizer
         if isinstance(inner, keras.optimizers.LossScaleOptimizer):
             raise ArgumentError(f"optimizer.inner_optimizer is a {type(inner).__name__}: wrap the plain optimizer only")
@@ -192,14 +193,14 @@ def apply_in_lockstep(optimizer: Any, grads: Sequence[Any], variables: Sequence[
     (so a failed check upstream applies nothing). `None` gradients are left
     out, as `optimizer.apply` leaves them. Returns whether the update ran.
     """
-    pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+    pairs = [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
     targets = [v for _, v in pairs]
     state = [v for v, _ in assign_on_apply]
 
     def update(grads, values) -> None:
         with no_second_reduction(optimizer):
             optimizer.apply(grads, targets)
-        for var, value in zip(state, values):
+        for var, value in zip(state, values, strict=True):
             var.assign(value)
 
     def skipped(grads, values) -> None:

@@ -45,7 +45,8 @@ class StepOptions:
         mb = self.bucket_mb
         if mb not in (None, "auto") and (isinstance(mb, (bool, str)) or not isinstance(mb, numbers.Real)
                                          or not math.isfinite(mb) or mb <= 0):
-            raise ArgumentError(f"bucket_mb must be 'auto', None or a positive number of megabytes; got bucket_mb={mb!r}")
+            raise ArgumentError(
+                f"bucket_mb must be 'auto', None or a positive number of megabytes; got bucket_mb={mb!r}")
 
     def as_dict(self) -> Dict[str, Any]:
         """The options as keyword arguments (for `get_config`)."""

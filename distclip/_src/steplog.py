@@ -47,7 +47,7 @@ class StepLog:
                 rows = list(csv.reader(f))[1:first_step + 1]
             # Rows after the checkpoint (and a line cut short by a kill) go; those before it were flushed whole.
             kept = [r for i, r in enumerate(rows) if len(r) == len(COLUMNS) and r[0] == str(i)]
-        self.rows: List[Dict[str, float]] = [{c: float(v) for c, v in zip(COLUMNS, r)} for r in kept]
+        self.rows: List[Dict[str, float]] = [{c: float(v) for c, v in zip(COLUMNS, r, strict=True)} for r in kept]
         text = io.StringIO(newline="")
         csv.writer(text).writerows([COLUMNS, *kept])
         write_atomically(self.csv_path, text.getvalue())

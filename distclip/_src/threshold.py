@@ -66,11 +66,12 @@ def check_clip_norm(clip_norm: ClipNorm) -> ClipNorm:
         _check_number(clip_norm, clip_norm)
         return clip_norm
     if _is_tensor_like(clip_norm):
-        dtype = tf.as_dtype(clip_norm.dtype)
+        tensor: Any = clip_norm
+        dtype = tf.as_dtype(tensor.dtype)
         if not (dtype.is_floating or dtype.is_integer) or dtype == tf.bool:
             raise ArgumentError(f"{_RULE}; got clip_norm of dtype {dtype.name}: {short_repr(clip_norm)}")
-        if tf.TensorShape(clip_norm.shape).rank not in (None, 0):
-            raise ArgumentError(f"{_RULE}; got clip_norm of shape {clip_norm.shape}: {short_repr(clip_norm)}")
+        if tf.TensorShape(tensor.shape).rank not in (None, 0):
+            raise ArgumentError(f"{_RULE}; got clip_norm of shape {tensor.shape}: {short_repr(clip_norm)}")
         value = _static_value(clip_norm)
         if value is not None:
             _check_number(value, value)
@@ -143,18 +144,20 @@ class Threshold:
         self.policy = clip_norm if isinstance(clip_norm, Policy) else None
         self.clip_norm = clip_norm
         spec = self.policy.state_spec() if self.policy else {}
-        self.state = {name: make_variable(name, shape, dtype, initial) for name, (shape, dtype, initial) in spec.items()}
+        self.state = {name: make_variable(name, shape, dtype, initial)
+                      for name, (shape, dtype, initial) in spec.items()}
 
     def _values(self) -> Dict[str, tf.Tensor]:
         return {k: tf.convert_to_tensor(tf_variable(v)) for k, v in self.state.items()}
 
     def at(self, step: Optional[tf.Tensor]) -> Callable[[tf.Tensor], tf.Tensor]:
         """This step's threshold as a function of the synchronized norm (a fixed value or schedule is resolved now)."""
-        if self.policy is None:
+        policy = self.policy
+        if policy is None:
             value = resolve_clip_norm(self.clip_norm, step)
             return lambda norm: value
         values = self._values()
-        return lambda norm: tf.cast(self.policy.threshold(values, norm), tf.float32)
+        return lambda norm: tf.cast(policy.threshold(values, norm), tf.float32)
 
     def updates(self, norm: tf.Tensor, finite: tf.Tensor) -> List[Tuple[Any, tf.Tensor]]:
         """(variable, new value) pairs that advance the policy's state past `norm` (unchanged if not finite)."""

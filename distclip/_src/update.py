@@ -92,8 +92,8 @@ class ClipUpdate:
         self.strategy = tf.distribute.get_strategy()
         steps = options.accumulation_steps
         self.accumulation = Accumulation(steps) if steps > 1 else None
-        self.state: Optional[StepState] = None
-        self.threshold: Optional[Threshold] = None
+        self.state: StepState  # made by create_state
+        self.threshold: Threshold
 
     def create_state(self, make_variable: MakeVariable) -> None:
         self.state = StepState(make_variable)
@@ -133,7 +133,8 @@ class ClipUpdate:
 
     def step(self, grads: List[Any], variables: List[Any]) -> ClipResult:
         """One update: reduce, measure, decide, scale (`clip_synchronized`), then apply and record."""
-        loss_scale = None if self.lso is None else tf.cast(tf.convert_to_tensor(self.lso.dynamic_scale.value), tf.float32)
+        loss_scale = None if self.lso is None else tf.cast(tf.convert_to_tensor(tf_variable(self.lso.dynamic_scale)),
+                                                           tf.float32)
         result, threshold = clip_synchronized(
             grads, sync.select(self.options.backend), self.threshold.at(self.stepper.iterations), self.options,
             micro_batches=self.options.accumulation_steps, loss_scale=loss_scale)

@@ -169,10 +169,11 @@ def tf_config(cluster: Optional[ClusterInfo] = None) -> dict:
     if cluster.launcher in ("mpirun", "slurm", "horovodrun"):
         try:
             from mpi4py import MPI
-        except ImportError:
-            MPI = None
-        if MPI is not None and MPI.COMM_WORLD.Get_size() == cluster.size > 1:
+
             comm = MPI.COMM_WORLD
+        except ImportError:
+            comm = None
+        if comm is not None and comm.Get_size() == cluster.size > 1:
             workers = comm.allgather(f"{socket.gethostname()}:{free_ports(1)[0]}")
             return {"cluster": {"worker": workers}, "task": {"type": "worker", "index": comm.Get_rank()}}
         if cluster.launcher == "slurm":

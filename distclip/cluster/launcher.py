@@ -98,7 +98,8 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
         say(f"cannot reserve {nproc} ports for the workers: {_why(e)}")
         return 2
     for i in range(nproc):
-        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
+        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+        env = dict(os.environ, TF_CONFIG=json.dumps(config))
         try:
             procs.append(subprocess.Popen(list(command), env=env, start_new_session=True))
         except OSError as e:
@@ -139,7 +140,7 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
                 say(f"--timeout {timeout:g} s reached; stopping all workers")
                 status = 124
                 break
-            for i, (p, c) in enumerate(zip(procs, codes)):
+            for i, (p, c) in enumerate(zip(procs, codes, strict=True)):
                 if c == 0 or (c is None and is_stopped(p.pid)):
                     waiting_since.setdefault(i, now)
                 elif c is None:
@@ -148,7 +149,8 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
             if late:
                 rank = late[0]
                 how = "exited with status 0" if codes[rank] == 0 else "is stopped (SIGSTOP) and does not answer"
-                say(f"worker {rank} (pid {procs[rank].pid}) {how} while {sum(c is None for c in codes) - (codes[rank] is None)} "
+                running = sum(c is None for c in codes) - (codes[rank] is None)
+                say(f"worker {rank} (pid {procs[rank].pid}) {how} while {running} "
                     f"other worker(s) still ran for {exit_wait:g} s (--exit-wait); stopping them")
                 status = 1
                 break

@@ -49,5 +49,6 @@ def verify_replicas(variables: Sequence[Any]) -> List[int]:
     for i, v in enumerate(variables):
         column = [int(row[i]) for row in per_replica]
         if len(set(column)) > 1:
-            raise ReplicaMismatchError(f"variable {variable_name(v)!r} differs across replicas: checksums by replica {column}")
+            raise ReplicaMismatchError(
+                f"variable {variable_name(v)!r} differs across replicas: checksums by replica {column}")
     return [int(c) for c in per_replica[0]]

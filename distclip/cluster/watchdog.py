@@ -299,14 +299,17 @@ def _stop(child: subprocess.Popen, grace: float) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distclip.cluster.watchdog", description=__doc__.splitlines()[0],
-                                usage="%(prog)s [--dir DIR] [--run NAME] [--timeout S] [--grace S] -- COMMAND [ARGS...]")
+                                usage="%(prog)s [--dir DIR] [--run NAME] [--timeout S] [--grace S] "
+                                      "-- COMMAND [ARGS...]")
     p.add_argument("--dir", default=os.environ.get(ENV_DIR),
-                   help=f"an existing folder every rank shares, in which the watchdog makes its own (default: ${ENV_DIR})")
+                   help=f"an existing folder every rank shares, in which the watchdog makes its own "
+                        f"(default: ${ENV_DIR})")
     p.add_argument("--run", default=os.environ.get(ENV_RUN) or default_run(),
                    help=f"this run's name, the same on every rank (default: ${ENV_RUN}; under srun slurm-JOBID.STEPID)")
     p.add_argument("--timeout", type=float, default=None,
                    help=f"seconds a peer may be gone, stopped or silent (default: ${ENV_TIMEOUT}, else 50)")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds between a forwarded SIGTERM and SIGKILL (default 30)")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds between a forwarded SIGTERM and SIGKILL (default 30)")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command

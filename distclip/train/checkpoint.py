@@ -125,7 +125,8 @@ class Checkpoints:
             break
         else:
             raise SystemExit(f"distclip train --resume: no checkpoint in {self.directory} can be read:\n  "
-                             + "\n  ".join(damaged) + "\nMove them away to start again from step 0, or give another --out.")
+                             + "\n  ".join(damaged)
+                             + "\nMove them away to start again from step 0, or give another --out.")
         step = int(self.checkpoint.progress.step.numpy())
         if step > self.cfg.steps:
             raise SystemExit(f"distclip train --resume: the checkpoint in {self.directory} is at step {step}, "
@@ -215,7 +216,8 @@ def announce(cfg: Config, runner, checkpoints: Checkpoints, first: int) -> None:
     """Says (chief only) where a `--resume` run starts."""
     if cfg.resume and runner.chief:
         print(f"distclip train: resuming at step {first} from {checkpoints.directory}" if first else
-              f"distclip train: no checkpoint in {checkpoints.directory}; starting at step 0", file=sys.stderr, flush=True)
+              f"distclip train: no checkpoint in {checkpoints.directory}; starting at step 0",
+              file=sys.stderr, flush=True)
 
 
 def stopped(cfg: Config, runner, checkpoints: Checkpoints, step: int) -> None:

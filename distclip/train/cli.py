@@ -42,7 +42,8 @@ _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 def parser() -> argparse.ArgumentParser:
     d = Config()
-    p = argparse.ArgumentParser(prog="distclip", description="Synchronized global-norm gradient clipping for TensorFlow.")
+    p = argparse.ArgumentParser(prog="distclip",
+                                description="Synchronized global-norm gradient clipping for TensorFlow.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser(
         "train",
@@ -55,13 +56,17 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy", choices=STRATEGIES + ("horovod",), default=d.strategy,
                    help="auto: multiworker if TF_CONFIG names several workers, else mirrored; "
                    "horovod: one replica per process, launched with horovodrun, mpirun or srun")
-    t.add_argument("--replicas", type=_positive_int, default=d.replicas, help="replicas for --strategy mirrored (GPUs, or logical CPU devices)")
-    t.add_argument("--clip-norm", type=_clip_norm, default=d.clip_norm, help="global-norm threshold, or 'none' to train without clipping")
+    t.add_argument("--replicas", type=_positive_int, default=d.replicas,
+                   help="replicas for --strategy mirrored (GPUs, or logical CPU devices)")
+    t.add_argument("--clip-norm", type=_clip_norm, default=d.clip_norm,
+                   help="global-norm threshold, or 'none' to train without clipping")
     t.add_argument("--steps", type=_positive_int, default=d.steps)
-    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="global batch size, split over the replicas")
+    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help="global batch size, split over the replicas")
     t.add_argument("--length", type=_positive_int, default=d.length, help="sequence length of the adding problem")
     t.add_argument("--units", type=_positive_int, default=d.units, help="RNN hidden units")
-    t.add_argument("--recurrent-gain", type=float, default=d.recurrent_gain, help="gain of the orthogonal recurrent initializer")
+    t.add_argument("--recurrent-gain", type=float, default=d.recurrent_gain,
+                   help="gain of the orthogonal recurrent initializer")
     t.add_argument("--learning-rate", type=float, default=d.learning_rate, help="SGD learning rate (momentum 0.9)")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--out", default=d.out, help="output directory")
@@ -71,7 +76,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in OUT/checkpoints (start at step 0 if there is none)")
     t.add_argument("--fit", action="store_true",
-                   help="train with model.fit and distclip.keras.ClipOptimizer (+ ClipLogger) instead of the custom loop")
+                   help="train with model.fit and distclip.keras.ClipOptimizer (+ ClipLogger) "
+                        "instead of the custom loop")
     pl = sub.add_parser(
         "plot",
         help="draw a run's metrics.csv (from distclip train or distclip.keras.ClipLogger) as a PNG",
@@ -119,7 +125,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from distclip.train.loop import run
     summary = run(cfg, runner)
     print(
-        f"\ndistclip train: {summary['strategy']} x{summary['replicas']}, clip_norm={cfg.clip_norm}, {cfg.steps} steps\n"
+        f"\ndistclip train: {summary['strategy']} x{summary['replicas']}, clip_norm={cfg.clip_norm}, "
+        f"{cfg.steps} steps\n"
         f"  final loss (mean training MSE, last 100 steps): {summary['final_loss']:.4g}\n"
         f"  held-out MSE (1024 sequences):                  {summary['eval_mse']:.4g}\n"
         f"  steps clipped: {summary['steps_clipped']}   steps skipped (non-finite norm): {summary['steps_skipped']}\n"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass
@@ -23,6 +23,6 @@ class Config:
     resume: bool = False
 
     @property
-    def nonfinite(self) -> str:
+    def nonfinite(self) -> Literal["skip", "propagate"]:
         """Without clipping the run is plain SGD (a non-finite step applies NaN, as it would); with it, skipped."""
         return "propagate" if self.clip_norm is None else "skip"

@@ -58,7 +58,8 @@ def run(cfg: Config, runner) -> dict:
             stopped(cfg, runner, checkpoints, keeper.stopped_after)
         checkpoints.save(cfg.steps)
     elapsed = time.monotonic() - start
-    return finish(cfg, runner, model, optimizer, final_loss=progress.final_loss(), clipped=int(progress.clipped.numpy()),
+    return finish(cfg, runner, model, optimizer, final_loss=progress.final_loss(),
+                  clipped=int(progress.clipped.numpy()),
                   skipped=runner.read(optimizer.skipped_steps), seconds=elapsed,
                   rows=logger.rows if runner.chief else None)
 

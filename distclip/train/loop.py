@@ -39,7 +39,8 @@ def run(cfg: Config, runner) -> dict:
     train_step = runner.compile(replica_fn, cfg.batch_size)
 
     log = StepLog(cfg.out, first_step=first if cfg.resume else None) if chief else None
-    bar = keras.utils.Progbar(cfg.steps, stateful_metrics=["norm", "clip"], interval=0.1 if sys.stdout.isatty() else 10.0, verbose=1 if chief else 0)
+    bar = keras.utils.Progbar(cfg.steps, stateful_metrics=["norm", "clip"],
+                              interval=0.1 if sys.stdout.isatty() else 10.0, verbose=1 if chief else 0)
     threshold = float(resolve_clip_norm(cfg.clip_norm))  # inf for clip_norm=None
     start = time.monotonic()
     with StopOnSigterm("distclip train") as sigterm:
@@ -50,7 +51,8 @@ def run(cfg: Config, runner) -> dict:
             progress.record(step, float(loss), bool(clipped))
             if log:
                 log.write(dict(step=step, loss=float(loss), global_norm=float(norm), scale=float(scale),
-                               clip_norm=threshold, clipped=int(clipped), skipped=int(not finite and cfg.nonfinite == "skip")))
+                               clip_norm=threshold, clipped=int(clipped),
+                               skipped=int(not finite and cfg.nonfinite == "skip")))
             bar.update(step + 1, [("loss", float(loss)), ("norm", float(norm)), ("clip", float(clipped))])
             if checkpoints.after(step + 1, bool(stop), log.flush if log else lambda: None):
                 if log:
@@ -60,5 +62,6 @@ def run(cfg: Config, runner) -> dict:
     if log:
         log.close()
     elapsed = time.monotonic() - start
-    return finish(cfg, runner, model, optimizer, final_loss=progress.final_loss(), clipped=int(progress.clipped.numpy()),
+    return finish(cfg, runner, model, optimizer, final_loss=progress.final_loss(),
+                  clipped=int(progress.clipped.numpy()),
                   skipped=runner.read(clip.skipped_steps), seconds=elapsed, rows=log.rows if log else None)

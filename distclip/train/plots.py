@@ -51,7 +51,8 @@ def plot(rows: Sequence[Dict[str, float]], path: str, title: str, baseline: Opti
     top.set_title(title, fontsize=10)
     losses = [r["loss"] for r in rows]
     bottom.plot(steps, losses, lw=0.5, alpha=0.5, color="tab:green")
-    bottom.plot(steps, _running_median(losses, window), lw=1.2, color="darkgreen", label=f"running median ({window} steps)")
+    bottom.plot(steps, _running_median(losses, window), lw=1.2, color="darkgreen",
+                label=f"running median ({window} steps)")
     if baseline is not None:
         bottom.axhline(baseline[0], color="gray", ls=":", lw=1, label=baseline[1])
     bottom.set_yscale("log")

@@ -124,7 +124,8 @@ class HorovodRunner(_Processes):
                                       name="distclip_train_loss")
             return loss_stop[0], loss_stop[1] > 0, r.global_norm, r.scale, r.clipped, r.finite
 
-        return lambda x, y, stop: step(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per], tf.constant(stop))
+        mine = slice(rank * per, (rank + 1) * per)
+        return lambda x, y, stop: step(x[mine], y[mine], tf.constant(stop))
 
     def read(self, variable) -> int:
         return int(variable.numpy())

@@ -68,7 +68,8 @@ class ClipLogger(keras.callbacks.Callback):
 
         optimizer = getattr(self.model, "optimizer", None)
         if not isinstance(optimizer, ClipOptimizer):
-            raise ContextError(f"ClipLogger needs a model compiled with distclip.keras.ClipOptimizer; got {optimizer!r}")
+            raise ContextError(
+                f"ClipLogger needs a model compiled with distclip.keras.ClipOptimizer; got {optimizer!r}")
         return optimizer
 
     def on_train_begin(self, logs=None) -> None:

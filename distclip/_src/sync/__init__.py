@@ -31,8 +31,8 @@ Reduction = Literal["auto", "sum", "mean"]
 BACKENDS: Tuple[str, ...] = get_args(BackendName)
 REDUCTIONS: Tuple[str, ...] = get_args(Reduction)
 
-__all__ = ["Backend", "BackendName", "Reduction", "BACKENDS", "REDUCTIONS", "SUM", "MEAN", "current", "select", "resolve_reduction",
-           "check_replica_context", "broadcast_from_root"]
+__all__ = ["Backend", "BackendName", "Reduction", "BACKENDS", "REDUCTIONS", "SUM", "MEAN", "current", "select",
+           "resolve_reduction", "check_replica_context", "broadcast_from_root"]
 
 
 def _strategy(variables: Sequence[Any]) -> Optional[tf.distribute.Strategy]:

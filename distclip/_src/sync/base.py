@@ -61,7 +61,7 @@ class OneReplicaPerProcess:
     """
 
     default_reduction = MEAN
-    default_bucket_mb = None
+    default_bucket_mb: Optional[float] = None
 
     def size(self) -> int:
         raise NotImplementedError

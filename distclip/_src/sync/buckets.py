@@ -31,7 +31,8 @@ def plan(grads: Sequence[Gradient], bucket_mb: Optional[float]) -> List[List[int
     """Indices of `grads` per collective, in the order they are sent (see the module docstring)."""
     if bucket_mb is None:
         return [list(range(len(grads)))]
-    cap, buckets, size = bucket_mb * MB, [], 0.0
+    cap, size = bucket_mb * MB, 0.0
+    buckets: List[List[int]] = []
     for i in reversed(range(len(grads))):
         n = _bytes(grads[i])
         if buckets and size + n <= cap:

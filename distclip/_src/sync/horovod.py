@@ -8,7 +8,7 @@ buffer); `tf.IndexedSlices` are all-gathered (values and indices), as
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -42,7 +42,7 @@ def _hvd():
 class HorovodBackend(OneReplicaPerProcess):
     name = "horovod"
     # Buckets sent as they are ready, as PyTorch DDP's 25 MB default (measured: docs/scaling.md).
-    default_bucket_mb = 25.0
+    default_bucket_mb: Optional[float] = 25.0
 
     def __init__(self):
         self._hvd = _hvd()
@@ -61,7 +61,7 @@ class HorovodBackend(OneReplicaPerProcess):
         order = sorted(range(len(grads)), key=lambda i: not isinstance(grads[i], tf.IndexedSlices))
         summed = self._hvd.grouped_allreduce([grads[i] for i in order], op=self._hvd.Sum, name="distclip_grads")
         out: List[Gradient] = [None] * len(grads)
-        for i, g in zip(order, summed):
+        for i, g in zip(order, summed, strict=True):
             out[i] = g
         return out
 

@@ -5,7 +5,7 @@ and for callers that reduced the gradients themselves.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -17,7 +17,7 @@ from distclip._src.sync.base import SUM
 class LocalBackend:
     name = "none"
     default_reduction = SUM
-    default_bucket_mb = None
+    default_bucket_mb: Optional[float] = None
 
     def num_replicas(self) -> int:
         return 1

@@ -8,7 +8,7 @@ every replica. No host synchronization: this is also the `TPUStrategy` path.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -25,7 +25,7 @@ class TFDistributeBackend:
     # strategy), so the SUM of replica gradients is the global-batch gradient.
     default_reduction = SUM
     # One packed collective: the strategy's cross-device ops pack it (not measured with buckets).
-    default_bucket_mb = None
+    default_bucket_mb: Optional[float] = None
 
     def __init__(self, strategy: tf.distribute.Strategy):
         self.strategy = strategy
@@ -33,10 +33,11 @@ class TFDistributeBackend:
     def num_replicas(self) -> int:
         return self.strategy.num_replicas_in_sync
 
-    def _tasks(self):
+    def _tasks(self) -> Tuple[int, int]:
         """(this worker's rank, workers) from MultiWorkerMirroredStrategy's cluster; one process otherwise."""
         resolver = getattr(self.strategy, "cluster_resolver", None)
-        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy) or not resolver.task_type:
+        if (resolver is None or not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+                or not resolver.task_type):
             return 0, 1
         spec = resolver.cluster_spec().as_dict()
         chiefs, workers = len(spec.get("chief", [])), len(spec.get("worker", []))

@@ -30,14 +30,15 @@ def _dtype(grad: Gradient) -> tf.DType:
     return grad.values.dtype if isinstance(grad, tf.IndexedSlices) else grad.dtype
 
 
-def encode(grads: Sequence[Gradient], *, sparse_as_dense: bool, compression: Optional[str]) -> Tuple[List[Gradient], List[tf.DType]]:
+def encode(grads: Sequence[Gradient], *, sparse_as_dense: bool,
+           compression: Optional[str]) -> Tuple[List[Gradient], List[tf.DType]]:
     """The gradients to send, and their original dtypes for `decode`."""
     dtypes = [_dtype(g) for g in grads]
     out = [tf.convert_to_tensor(g) if sparse_as_dense and isinstance(g, tf.IndexedSlices) else g for g in grads]
     if compression == "fp16":
-        out = [_cast(g, tf.float16) if d in (tf.float32, tf.float64) else g for g, d in zip(out, dtypes)]
+        out = [_cast(g, tf.float16) if d in (tf.float32, tf.float64) else g for g, d in zip(out, dtypes, strict=True)]
     return out, dtypes
 
 
 def decode(grads: Sequence[Gradient], dtypes: Sequence[tf.DType]) -> List[Gradient]:
-    return [g if _dtype(g) == d else _cast(g, d) for g, d in zip(grads, dtypes)]
+    return [g if _dtype(g) == d else _cast(g, d) for g, d in zip(grads, dtypes, strict=True)]

@@ -23,9 +23,6 @@ GRAD_BYTES = 4  # float32 gradients (distclip accumulates the norm in float32 wh
 #: Bytes per parameter the clip step moves through memory when the threshold binds: the norm pass reads
 #: the gradients (4), the one multiply reads and writes them (8).
 CLIP_BYTES = 3 * GRAD_BYTES
-#: Bytes per parameter each local replica but the first no longer moves when the local replicas share the clip
-#: (logical CPU devices): it never splits its copy of the packed all-reduce's result (a read and a write).
-SPLIT_BYTES = 2 * GRAD_BYTES
 
 
 # ---------------------------------------------------------------------------------------------- this machine
@@ -50,11 +47,9 @@ def fit_this_machine(results: List[dict]) -> Dict[str, float]:
     unclipped step  t_u = c n + f P + g (n - 1) P     per-replica fixed cost, the global batch's compute,
                                                       the in-process ring (2 (n-1)/n * 4 bytes per parameter
                                                       on each of n replicas)
-    clip overhead   d   = a n + k (CLIP_BYTES - SPLIT_BYTES (n - 1)) P
-                                                      per-replica fixed cost; the local replicas share one norm
-                                                      pass and one multiply (`distclip._src.sync.tf_distribute`), and
-                                                      the other n - 1 replicas skip splitting their copy of the
-                                                      packed all-reduce's result; k: seconds per byte
+    clip overhead   d   = a n + k CLIP_BYTES n P      per-replica fixed cost; each of the n replicas does its own
+                                                      norm pass and multiply, on the same shared cores and
+                                                      memory; k: seconds per byte
 
     Fitted to relative error (each row divided by its measured time), every coefficient >= 0.
     """
@@ -70,8 +65,8 @@ def fit_this_machine(results: List[dict]) -> Dict[str, float]:
 
 
 def _clip_bytes(n, p):
-    """Bytes the clip step adds on one host of n logical replicas (negative where the skipped splits outweigh it)."""
-    return (CLIP_BYTES - SPLIT_BYTES * (n - 1)) * p
+    """Bytes the clip step moves on one host of n logical replicas: each replica's own norm pass and multiply."""
+    return CLIP_BYTES * n * p
 
 
 def check_this_machine(results: List[dict], fit: Dict[str, float]) -> List[Tuple[int, str, float, float, float]]:
@@ -170,8 +165,8 @@ def main(argv=None) -> int:
     print("## This machine: fitted constants")
     print(f"- unclipped step: {fit['c'] * 1e3:.2f} ms per replica + {fit['f'] * 1e9:.2f} ns per parameter (the "
           f"global batch's compute) + the in-process ring at {fit['ring_bytes_per_s'] / 1e9:.2f} GB/s")
-    print(f"- clip step: {fit['a'] * 1e3:.3f} ms per replica + ({CLIP_BYTES} - {SPLIT_BYTES} (n - 1)) bytes per "
-          f"parameter at {fit['clip_bytes_per_s'] / 1e9:.2f} GB/s")
+    print(f"- clip step: {fit['a'] * 1e3:.3f} ms per replica + {CLIP_BYTES} n bytes per parameter at "
+          f"{fit['clip_bytes_per_s'] / 1e9:.2f} GB/s")
     print("\n## This machine: model against measurement (ratio ClipStep / unclipped, medians)")
     print(f"Fitted to every run, and (last column) to the runs with fewer than {largest} replicas only, so that "
           f"its {largest}-replica rows are predictions.\n")

@@ -194,3 +194,16 @@ def make_wrapper(api, optimizer, clip_norm=1.0, **options):
 
 def call(mode, fn):
     return fn() if mode == "eager" else tf.function(fn)()
+
+
+def read_tensorboard(folder) -> dict:
+    """{tag: [(step, value), ...]} of the scalars in the TensorBoard event files under `folder`, in step order."""
+    import glob
+    import os
+
+    scalars: dict = {}
+    for path in sorted(glob.glob(os.path.join(folder, "**", "events.out.tfevents.*"), recursive=True)):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    return {tag: sorted(points) for tag, points in scalars.items()}

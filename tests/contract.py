@@ -205,29 +205,29 @@ def mismatches(got_vars, got_opt, ref_vars, ref_opt) -> List[str]:
 
 
 def check_case(name: str, api: str, lazy: bool, constrained: bool = False,
-               **engine) -> Tuple[List[str], List[np.ndarray]]:
+               **backend) -> Tuple[List[str], List[np.ndarray]]:
     """(what differs from the reference, an empty list when nothing does; the final values).
 
     A class in REFUSED must be refused with an error naming it and the feature.
     """
     if name in REFUSED:
         try:
-            run_distclip(name, api, lazy, steps=1, **engine)
+            run_distclip(name, api, lazy, steps=1, **backend)
         except distclip.ArgumentError as e:
             return ([] if REFUSED[name] in str(e) and name in str(e) else [f"refused with an unclear error: {e}"]), []
         return ["not refused"], []
     ref_vars, ref_opt = reference(name, constrained=constrained)
-    got_vars, got_opt, _, norms, history = run_distclip(name, api, lazy, constrained=constrained, **engine)
+    got_vars, got_opt, _, norms, history = run_distclip(name, api, lazy, constrained=constrained, **backend)
     if [n > CLIP for n in norms] != [True, False, True, False]:
         return [f"the threshold {CLIP} should bind on steps 0 and 2 only; norms {norms}"], history[-1]
     return mismatches(got_vars, got_opt, ref_vars, ref_opt), history[-1]
 
 
-def check_skip(name: str, api: str, lazy: bool, **engine) -> Tuple[List[str], List[np.ndarray]]:
+def check_skip(name: str, api: str, lazy: bool, **backend) -> Tuple[List[str], List[np.ndarray]]:
     """A NaN on one replica at step 2: nothing changes at that step, bit for bit, except a loss scale,
     which halves; `skipped_steps` is 1; the run then equals the reference without that step."""
     ref_vars, ref_opt = reference(name, poison=2)
-    got_vars, got_opt, wrapper, norms, history = run_distclip(name, api, lazy, poison=2, **engine)
+    got_vars, got_opt, wrapper, norms, history = run_distclip(name, api, lazy, poison=2, **backend)
     out = mismatches(got_vars, got_opt, ref_vars, ref_opt)
     paths = [v.path for v in got_vars + got_opt.variables]
     changed = [p for p, a, b in zip(paths, history[1], history[2]) if not np.array_equal(a, b)]

@@ -80,9 +80,16 @@ class AutoClip(Policy):
     Applied to the global norm of all gradients, not per tensor. Units: those
     of the global norm. State: a ring buffer of `history` float32 norms and a
     count of the norms seen.
+
+    Args:
+      percentile: p, in [0, 100].
+      history: h >= 1, how many of the latest finite norms count.
+
+    Raises:
+      ArgumentError: a value out of range, named.
     """
 
-    def __init__(self, percentile: float = 10.0, history: int = 1000):
+    def __init__(self, percentile: float = 10.0, history: int = 1000) -> None:
         self.percentile = float(_number("percentile", percentile, 0.0, 100.0, low_open=False))
         self.history = int(_number("history", history, 0, integer=True))
 
@@ -129,10 +136,19 @@ class SpikeClip(Policy):
     the first `warmup` finite steps the mean and variance are plain averages of
     the norms seen and the threshold is `initial_clip_norm` (no clipping if
     None). Units: those of the global norm.
+
+    Args:
+      z: how many standard deviations above the mean a norm may reach, > 0.
+      decay: the moving averages' decay, in [0, 1).
+      warmup: finite steps of plain averages before the threshold applies, >= 1.
+      initial_clip_norm: the threshold during warmup, > 0, or None (no clipping).
+
+    Raises:
+      ArgumentError: a value out of range, named.
     """
 
     def __init__(self, z: float = 3.0, decay: float = 0.99, warmup: int = 100,
-                 initial_clip_norm: Optional[float] = None):
+                 initial_clip_norm: Optional[float] = None) -> None:
         self.z = float(_number("z", z, 0.0))
         self.decay = float(_number("decay", decay, 0.0, 1.0, low_open=False))
         if self.decay == 1.0:

@@ -110,15 +110,52 @@ class ClipStep(tf.Module):
         return self._update.applies_next
 
     def build(self, trainable_variables: Sequence[Any]) -> None:
-        """Creates the optimizer's variables (and the accumulators) now, otherwise done on the first `apply`."""
-        self._update.build(trainable_variables)
+        """Creates the optimizer's variables (and the accumulators) now, otherwise done on the first `apply`.
+
+        Args:
+          trainable_variables: the variables the steps will update.
+
+        Raises:
+          ArgumentError: a variable the optimizer cannot update (named), or
+            one the optimizer was not built for.
+        """
+        self._update.ensure_built(trainable_variables)
 
     def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any]) -> ClipResult:
-        """Synchronizes `grads`, clips them by their global norm and applies them to `trainable_variables`."""
+        """Synchronizes `grads`, clips them by their global norm and applies them to `trainable_variables`.
+
+        Call it inside `strategy.run` (or with no strategy), eagerly or in a
+        `tf.function`. Per update, on every replica:
+
+            g_i   <- sum (tf.distribute) or mean (Horovod) of g_i over replicas
+            scale  = min(1, clip_norm / sqrt(sum_i ||g_i||_2^2))
+            optimizer.apply([g_i * scale], trainable_variables)
+
+        Args:
+          grads: this replica's gradients, one per variable (`None` for a
+            variable that received none; `tf.IndexedSlices` stay sparse).
+          trainable_variables: the variables, in the order of `grads`.
+
+        Returns:
+          The synchronized, clipped gradients with the norm and scale; with
+          accumulation, the latest update's result with `grads` of `None`.
+
+        Raises:
+          ArgumentError: gradients and variables that do not match, named.
+          ContextError: called in a cross-replica context, or under another
+            strategy than the one this step was created under.
+        """
         return self._update.apply(grads, trainable_variables)
 
     def apply_gradients(self, grads_and_vars: Iterable[Tuple[Any, Any]]) -> ClipResult:
-        """`apply` for `(gradient, variable)` pairs, as Keras 2's `optimizer.apply_gradients` took them."""
+        """`apply` for `(gradient, variable)` pairs, as Keras 2's `optimizer.apply_gradients` took them.
+
+        Args:
+          grads_and_vars: `(gradient, variable)` pairs.
+
+        Returns:
+          What `apply` returns.
+        """
         grads, variables = split_pairs(grads_and_vars)
         return self.apply(grads, variables)
 

@@ -99,7 +99,7 @@ class ClipUpdate:
         self.state = StepState(make_variable)
         self.threshold = Threshold(self.clip_norm, make_variable)
 
-    def build(self, variables: Sequence[Any], present: Optional[Sequence[bool]] = None) -> None:
+    def ensure_built(self, variables: Sequence[Any], present: Optional[Sequence[bool]] = None) -> None:
         """Checks `variables`, creates the optimizer's variables and the accumulators if not yet created,
         then checks that the optimizer was built for `variables`.
 
@@ -124,7 +124,7 @@ class ClipUpdate:
         grads, variables = check_pairs(grads, variables)
         sync.check_replica_context(f"{self.owner}.apply")
         check_strategy(self.stepper, self.strategy, self.owner)
-        self.build(variables, [g is not None for g in grads])
+        self.ensure_built(variables, [g is not None for g in grads])
         if self.accumulation is None:
             return self.step(grads, variables)
         ran = self.accumulation.run(grads, lambda sums: self.step(sums, variables))

@@ -96,6 +96,15 @@ def _from_tf_config(text: str) -> ClusterInfo:
 def info(env: Optional[Dict[str, str]] = None) -> ClusterInfo:
     """This process's rank, world size, local rank and local size, and which launcher said so.
 
+    Read from an initialized Horovod, then the variables of horovodrun, Open
+    MPI's mpirun, Slurm (srun) and TF_CONFIG, first found wins.
+
+    Args:
+      env: the environment to read (default: this process's).
+
+    Returns:
+      The `ClusterInfo`; rank 0 of 1 with launcher "none" if no launcher is found.
+
     Raises:
       ContextError: a launcher variable is malformed (not a whole number, a rank beyond the size, a TF_CONFIG
         that does not name this task), naming the variable and its value.
@@ -132,6 +141,12 @@ def pin_gpu(cluster: Optional[ClusterInfo] = None) -> Optional[str]:
     Where the launcher already gave each task one GPU (Slurm's
     `--gpus-per-task=1`, or CUDA_VISIBLE_DEVICES per rank), that one is used.
     Call it before TensorFlow initialises its devices.
+
+    Args:
+      cluster: this process's place in the job (default: `info()`).
+
+    Returns:
+      The GPU's name, or None on a machine without GPUs.
     """
     import tensorflow as tf
 
@@ -146,7 +161,15 @@ def pin_gpu(cluster: Optional[ClusterInfo] = None) -> Optional[str]:
 
 
 def free_ports(n: int, host: str = "") -> List[int]:
-    """`n` distinct ports free on `host` ("" = every interface) right now, held together while picked."""
+    """`n` distinct ports free on `host` right now, held together while picked.
+
+    Args:
+      n: how many ports.
+      host: the interface to bind ("" = every interface).
+
+    Returns:
+      The port numbers.
+    """
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
@@ -164,6 +187,15 @@ def tf_config(cluster: Optional[ClusterInfo] = None) -> dict:
     own host and the ranks allgather "host:port" with mpi4py, so two jobs that
     share a node never collide. Without MPI under Slurm: SlurmClusterResolver,
     with a port base derived from the job id.
+
+    Args:
+      cluster: this process's place in the job (default: `info()`).
+
+    Returns:
+      The TF_CONFIG, as a dict.
+
+    Raises:
+      ContextError: several ranks from a launcher that gives no way to agree on addresses.
     """
     cluster = cluster or info()
     if cluster.launcher in ("mpirun", "slurm", "horovodrun"):
@@ -190,7 +222,14 @@ def tf_config(cluster: Optional[ClusterInfo] = None) -> dict:
 
 
 def set_tf_config(cluster: Optional[ClusterInfo] = None) -> dict:
-    """Sets os.environ["TF_CONFIG"] from `tf_config` unless it is already set; returns it."""
+    """Sets os.environ["TF_CONFIG"] from `tf_config` unless it is already set.
+
+    Args:
+      cluster: this process's place in the job (default: `info()`).
+
+    Returns:
+      The TF_CONFIG in effect, as a dict.
+    """
     if os.environ.get("TF_CONFIG"):
         return json.loads(os.environ["TF_CONFIG"])
     cfg = tf_config(cluster)

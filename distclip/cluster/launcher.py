@@ -90,7 +90,7 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
                     pass
 
     def say(message: str) -> None:
-        print(f"distclip.launcher: {message}", file=log, flush=True)
+        print(f"distclip.cluster.launcher: {message}", file=log, flush=True)
 
     try:
         workers = [f"localhost:{p}" for p in free_ports(nproc, "127.0.0.1")]
@@ -211,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.host_network:
         # Here, in the process that exists only to run the workers, not in `launch`, which a caller
         # could not undo: the namespace is this process's for good.
-        isolate("distclip.launcher")
+        isolate("distclip.cluster.launcher")
     return launch(command, args.nproc, args.timeout, args.grace, args.exit_wait)
 
 

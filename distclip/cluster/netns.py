@@ -70,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    isolate("distclip.netns")
+    isolate("distclip.cluster.netns")
     os.execvp(argv[0], argv)
     return 127  # not reached
 

@@ -36,9 +36,17 @@ def verify_replicas(variables: Sequence[Any]) -> List[int]:
     Through the backend that holds them (`distclip._src.sync.current`):
     tf.distribute (every replica's copy, gathered across workers with
     `strategy.gather`), Horovod (allgather), or mpi4py for processes launched
-    by mpirun or srun under neither. Call it outside `strategy.run`. Returns
-    the checksums, which are then everyone's. Raises `ReplicaMismatchError`
-    naming the first variable that differs, with its checksum on each replica.
+    by mpirun or srun under neither. Call it outside `strategy.run`.
+
+    Args:
+      variables: Keras or TensorFlow variables, in the same order on every process.
+
+    Returns:
+      Each variable's checksum (`checksum`), the same on every replica.
+
+    Raises:
+      ReplicaMismatchError: naming the first variable that differs, with its
+        checksum on each replica.
     """
     variables = list(variables)
     if not variables:

@@ -223,7 +223,7 @@ def watch(command: List[str], parent: str, run: str, timeout: float = 50.0, grac
       WatchdogError: from `make_folder`, before the command starts.
     """
     me = info()
-    who = f"distclip.watchdog (rank {me.rank})"
+    who = f"distclip.cluster.watchdog (rank {me.rank})"
     folder = make_folder(parent, run)
     mine = os.path.join(folder, f"rank-{me.rank}")
     beat = 0
@@ -334,7 +334,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         code = watch(command, args.dir, args.run, args.timeout, args.grace)
     except WatchdogError as e:
-        print(f"distclip.watchdog (rank {info().rank}): {e}", file=sys.stderr, flush=True)
+        print(f"distclip.cluster.watchdog (rank {info().rank}): {e}", file=sys.stderr, flush=True)
         return 2
     if code < 0:
         # End as the command did, killed by the same signal, so the launcher reports it ("exited on signal 9").

@@ -15,7 +15,7 @@ from procs import BOUND_S, ROOT, kill_rank_and_wait
         ("horovodrun-gloo.sh", "horovod", r"The first process to do so was:\s+Process name: 1\s+Exit code: 137"),
         ("horovodrun-mpi.sh", "horovod", r"process rank 1 with PID \d+ on node \S+ exited on\s+signal 9 \(Killed\)"),
         ("mpirun.sh", "horovod", r"process rank 1 with PID \d+ on node \S+ exited on\s+signal 9 \(Killed\)"),
-        ("multiworker.sh", "multiworker", r"distclip.launcher: worker 1 \(pid \d+\) killed by SIGKILL; stopping the other 1 worker"),
+        ("multiworker.sh", "multiworker", r"distclip.cluster.launcher: worker 1 \(pid \d+\) killed by SIGKILL; stopping the other 1 worker"),
     ],
 )
 def test_killed_worker_ends_the_run(tmp_path, script, strategy, message):

@@ -12,9 +12,9 @@ from procs import WORKERS, free_ports, python, run_all
 from fitting import CLIP, STEPS, data, fit, keras_adam
 
 
-@pytest.mark.parametrize("engine", ["multiworker", "multiworker-mpirun", "horovod"])
-def test_fit_across_processes_matches_single_device(reference, tmp_path, engine):
-    _run_across_processes(reference, tmp_path, engine)
+@pytest.mark.parametrize("backend", ["multiworker", "multiworker-mpirun", "horovod"])
+def test_fit_across_processes_matches_single_device(reference, tmp_path, backend):
+    _run_across_processes(reference, tmp_path, backend)
 
 
 def test_fit_under_multiworker_fails_as_upstream_without_the_keras_fix(tmp_path):
@@ -30,18 +30,18 @@ def test_fit_under_multiworker_fails_as_upstream_without_the_keras_fix(tmp_path)
     assert any("Attempt to convert a value (PerReplica" in r.stdout for r in results), results[0].stdout[-3000:]
 
 
-def _run_across_processes(reference, tmp_path, engine, accumulation=1):
+def _run_across_processes(reference, tmp_path, backend, accumulation=1):
     """2 processes equal single-device global_clipnorm fit: `fit` under horovodrun --gloo, and under
     MultiWorkerMirroredStrategy (where Keras 3.15's own `fit` fails, keras-team/keras#20585, unless
     fixed: see `distclip/_src/keras/multiworker_fit.py`)."""
     worker = os.path.join(WORKERS, "fit_train.py")
-    launcher, engine = engine.partition("-")[2] or "launcher", engine.partition("-")[0]
-    args = [worker, engine, str(tmp_path), str(CLIP), str(STEPS), str(accumulation)]
+    launcher, backend = backend.partition("-")[2] or "launcher", backend.partition("-")[0]
+    args = [worker, backend, str(tmp_path), str(CLIP), str(STEPS), str(accumulation)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    if engine == "multiworker" and launcher == "mpirun":  # TF_CONFIG from the ranks, over mpi4py
+    if backend == "multiworker" and launcher == "mpirun":  # TF_CONFIG from the ranks, over mpi4py
         mpirun = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", "-x", "PYTHONPATH"]
         results = run_all([[python(), "-m", "distclip.cluster.netns"] + mpirun + [python()] + args], [env], timeout=240)
-    elif engine == "multiworker":  # the local launcher: TF_CONFIG for each worker
+    elif backend == "multiworker":  # the local launcher: TF_CONFIG for each worker
         results = run_all([[python(), "-m", "distclip.cluster.launcher", "--nproc", "2", "--", python()] + args], [env],
                           timeout=240)
     else:
@@ -51,14 +51,14 @@ def _run_across_processes(reference, tmp_path, engine, accumulation=1):
         assert r.returncode == 0, r.stdout[-4000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     # Keras's fit under MWMS is fixed by ClipOptimizer created under the strategy, not by the import (and only there).
-    assert [r["keras_fix"] for r in ranks] == [[False, engine == "multiworker"]] * 2
+    assert [r["keras_fix"] for r in ranks] == [[False, backend == "multiworker"]] * 2
     ref_weights, ref_norms = reference
     for r in ranks:
         assert max_abs_diff([np.array(w, "float32") for w in r["weights"]], ref_weights) <= 1e-5
         assert r["history"]["global_norm"] == pytest.approx([np.mean(ref_norms)], rel=1e-5)
         assert r["iterations"] == STEPS // accumulation
     assert ranks[0]["weights"] == ranks[1]["weights"]
-    if engine == "multiworker":
+    if backend == "multiworker":
         # evaluate and predict give the single-device numbers (every worker got the whole held-out batches).
         held_x, held_y = (np.concatenate(a) for a in zip(*(global_batch(100 + s) for s in range(2))))
         single = make_model()
@@ -75,10 +75,10 @@ def _run_across_processes(reference, tmp_path, engine, accumulation=1):
     assert len(os.listdir(os.path.join(tmp_path, "log", "tensorboard"))) == 1
 
 
-@pytest.mark.parametrize("engine", ["multiworker", "horovod"])
-def test_accumulation_across_processes_matches_a_larger_batch(tmp_path, engine):
+@pytest.mark.parametrize("backend", ["multiworker", "horovod"])
+def test_accumulation_across_processes_matches_a_larger_batch(tmp_path, backend):
     """accumulation_steps=2 with 2 processes: one update per 2 batches of 16 = single-device batch 32."""
     model, _, _ = fit(keras_adam(global_clipnorm=CLIP), x=data()[0], y=data()[1], batch_size=2 * GLOBAL_BATCH)
     _, ref_norms = reference_train(CLIP, STEPS // 2, "adam", batches=[
         tuple(np.concatenate(a) for a in zip(global_batch(2 * s), global_batch(2 * s + 1))) for s in range(STEPS // 2)])
-    _run_across_processes((model.get_weights(), ref_norms), tmp_path, engine, accumulation=2)
+    _run_across_processes((model.get_weights(), ref_norms), tmp_path, backend, accumulation=2)

@@ -15,7 +15,7 @@ def test_mpi_world_verifies_and_broadcasts_and_the_clip_step_refuses_it(tmp_path
     assert r.returncode == 0, r.stdout[-4000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     for i, report in enumerate(ranks):
-        assert report["engine"] == ["mpi", 2, i, 2]
+        assert report["backend"] == ["mpi", 2, i, 2]
         assert report["broadcast"] == [0.0, 10.0]  # rank 0's values, on rank 1 too
         assert "variable" in report["mismatch"] and "differs across replicas" in report["mismatch"]
         assert "hvd.init()" in report["auto"] and "backend='none'" in report["auto"]

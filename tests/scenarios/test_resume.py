@@ -36,10 +36,10 @@ def _env(tmp_path):
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", NP="2", TMPDIR=str(tmp))
 
 
-def _command(engine, out, *extra):
-    if engine == "horovod":
+def _command(backend, out, *extra):
+    if backend == "horovod":
         return [HOROVODRUN, BIN, *JOB, "--strategy", "horovod", "--out", str(out), *extra]
-    fit = ["--fit"] if engine == "mirrored-fit" else []
+    fit = ["--fit"] if backend == "mirrored-fit" else []
     return [BIN, *JOB, "--strategy", "mirrored", "--out", str(out), *fit, *extra]
 
 
@@ -134,38 +134,38 @@ def _mirrored_process(out):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The uninterrupted run of an engine, made once and shared by the cases that interrupt it."""
+    """The uninterrupted run of an backend, made once and shared by the cases that interrupt it."""
     runs = {}
 
-    def get(engine):
-        if engine not in runs:
-            folder = tmp_path_factory.mktemp(f"uninterrupted-{engine}")
-            _run(_command(engine, folder / "run"), _env(folder))
-            runs[engine] = folder / "run"
-        return runs[engine]
+    def get(backend):
+        if backend not in runs:
+            folder = tmp_path_factory.mktemp(f"uninterrupted-{backend}")
+            _run(_command(backend, folder / "run"), _env(folder))
+            runs[backend] = folder / "run"
+        return runs[backend]
 
     return get
 
 
-@pytest.mark.parametrize("engine, how", [
+@pytest.mark.parametrize("backend, how", [
     ("mirrored", signal.SIGTERM),
     ("mirrored", signal.SIGKILL),
     ("horovod", signal.SIGTERM),
     ("mirrored-fit", signal.SIGTERM),
 ], ids=["mirrored-SIGTERM", "mirrored-SIGKILL-after-a-periodic-checkpoint", "horovodrun-SIGTERM-to-rank-1-only",
         "mirrored-fit-SIGTERM"])
-def test_interrupted_run_resumes_bit_identically(tmp_path, engine, how, uninterrupted):
+def test_interrupted_run_resumes_bit_identically(tmp_path, backend, how, uninterrupted):
     env = _env(tmp_path)
-    reference, resumed = uninterrupted(engine), tmp_path / "resumed"
+    reference, resumed = uninterrupted(backend), tmp_path / "resumed"
 
-    victim = _rank1 if engine == "horovod" else _mirrored_process
-    code, _, output = _interrupt(_command(engine, resumed), env, resumed, how, victim)
+    victim = _rank1 if backend == "horovod" else _mirrored_process
+    code, _, output = _interrupt(_command(backend, resumed), env, resumed, how, victim)
     if how == signal.SIGTERM:
         stopped = re.search(rf"stopped by SIGTERM after step (\d+) of {STEPS}; checkpoint in ", output)
         assert stopped, output[-3000:]
         at = int(stopped.group(1))
         assert 0 < at < STEPS
-        if engine == "horovod":  # horovodrun reports the ranks' status 143 its own way
+        if backend == "horovod":  # horovodrun reports the ranks' status 143 its own way
             assert code != 0 and re.search(r"Process name: [01]\s+Exit code: 143", output), output[-3000:]
         else:
             assert code == 143
@@ -176,9 +176,9 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, engine, how, uninterr
         at = EVERY
     assert "resuming" not in output
 
-    r = _run(_command(engine, resumed, "--resume"), env)
+    r = _run(_command(backend, resumed, "--resume"), env)
     assert f"resuming at step {at} from {resumed / 'checkpoints'}" in r.stderr + r.stdout
-    _assert_same_run(reference, resumed, fit=engine == "mirrored-fit")
+    _assert_same_run(reference, resumed, fit=backend == "mirrored-fit")
 
 
 def test_resume_refuses_other_settings_and_starts_fresh_without_a_checkpoint(tmp_path):

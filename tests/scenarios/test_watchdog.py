@@ -61,4 +61,4 @@ def test_a_rank_that_never_starts_ends_the_run(tmp_path, launcher):
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     code, took, output = run_bounded([sys.executable, "-m", "distclip.cluster.netns"] + cmd + wrapped, env)
     assert code != 0 and took < 40, (code, took, output[-3000:])
-    assert "distclip.watchdog (rank 0): rank 1 never started (no state in" in output, output[-3000:]
+    assert "distclip.cluster.watchdog (rank 0): rank 1 never started (no state in" in output, output[-3000:]

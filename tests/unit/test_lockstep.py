@@ -1,11 +1,13 @@
 """distclip._src.lockstep: a step whose synchronized norm is not finite is skipped on every replica together (or raises, or propagates)."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import contract
-from common import distributed_train, global_batch, max_abs_diff, reference_train, replica_values, shard
+from common import (GLOBAL_BATCH, distributed_train, global_batch, make_model, max_abs_diff, reference_train,
+                    replica_values, shard)
 
 
 def _poisoned(seed=0):
@@ -62,27 +64,41 @@ def test_raise_fails_the_step_and_changes_nothing(mirrored):
         assert all(np.array_equal(rb, ra) for rb, ra in zip(b, a))
 
 
-def test_propagate_behaves_like_tf_clip_by_global_norm(mirrored):
+def test_propagate_applies_what_tf_clip_by_global_norm_gives(mirrored):
+    """nonfinite="propagate": the update is SGD's own on tf.clip_by_global_norm's output for the same gradients
+    (NaN everywhere), on every replica; the step counts as applied, not skipped."""
     _, _, _, objs = distributed_train(mirrored, 0.2, 1, batches=[global_batch(0)], opt="sgd", nonfinite="propagate")
-    model, step = objs["model"], objs["step"]
+    model, optimizer, step = objs["model"], objs["optimizer"], objs["step"]
+    x, y = _poisoned()
+    before = [w.copy() for w in model.get_weights()]
+    step(shard(mirrored, x), shard(mirrored, y))
 
-    step(shard(mirrored, _poisoned()[0]), shard(mirrored, _poisoned()[1]))
-    # tf.clip_by_global_norm turns every gradient into NaN when the norm is not finite.
-    grads, _ = tf.clip_by_global_norm([tf.constant([1.0, np.inf])], 1.0)
-    assert np.isnan(grads[0].numpy()).all()
-    assert all(np.isnan(w).all() for w in model.get_weights())
+    # The oracle: one device, the global batch, tf.clip_by_global_norm, then SGD's own apply.
+    reference = make_model()
+    reference.set_weights(before)
+    sgd = keras.optimizers.SGD(optimizer.learning_rate.numpy())
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(reference(x) - y)) / GLOBAL_BATCH
+    grads, norm = tf.clip_by_global_norm(tape.gradient(loss, reference.trainable_variables), 0.2)
+    assert not np.isfinite(norm.numpy())
+    sgd.apply(grads, reference.trainable_variables)
+    for ours, theirs in zip(replica_values(mirrored, model.trainable_variables), reference.get_weights()):
+        for replica in ours:  # NaN where the reference has NaN, the same value elsewhere
+            np.testing.assert_array_equal(replica, theirs)
+    assert int(np.array(mirrored.experimental_local_results(optimizer.iterations.value)[0])) == 1
+    assert [int(v) for v in mirrored.experimental_local_results(objs["clip"].skipped_steps)] == [0, 0]
 
 
-def _engine(name, mirrored):
+def _backend(name, mirrored):
     return {} if name == "none" else dict(strategy=mirrored, replicas=2)
 
 
-# One device: `slow` (the lockstep is the mirrored case's; fast one-device skips: test_engine.py, test_threshold.py).
-@pytest.mark.parametrize("engine", [pytest.param("none", marks=pytest.mark.slow), "mirrored"])
+# One device: `slow` (the lockstep is the mirrored case's; fast one-device skips: test_update.py, test_threshold.py).
+@pytest.mark.parametrize("backend", [pytest.param("none", marks=pytest.mark.slow), "mirrored"])
 @pytest.mark.parametrize("name", contract.SKIP_CASES)
 @pytest.mark.parametrize("api", contract.APIS)
-def test_nonfinite_step_is_skipped_on_every_replica(mirrored, engine, name, api):
-    found, _ = contract.check_skip(name, api, True, **_engine(engine, mirrored))
+def test_nonfinite_step_is_skipped_on_every_replica(mirrored, backend, name, api):
+    found, _ = contract.check_skip(name, api, True, **_backend(backend, mirrored))
     assert not found, found
 
 

@@ -175,13 +175,13 @@ def test_xla_compiles_sync_and_clip_and_clipstep():
     assert float(o_ref[0][2]) < 1.0, "the threshold must bind"
 
 
-@pytest.mark.parametrize("engine", ["none", "mirrored"])
-def test_finite_gradients_near_the_float32_limit_clip_instead_of_skipping(mirrored, engine):
+@pytest.mark.parametrize("backend", ["none", "mirrored"])
+def test_finite_gradients_near_the_float32_limit_clip_instead_of_skipping(mirrored, backend):
     rng = np.random.default_rng(3)
     full = [rng.normal(size=(4, 3)) * 1e20, rng.normal(size=(3,)) * 3e19]  # squares overflow float32
     want_norm = np.sqrt(sum((g.astype(np.float32).astype(np.float64) ** 2).sum() for g in full))
     assert np.isfinite(want_norm) and want_norm < np.finfo(np.float32).max
-    strategy = mirrored if engine == "mirrored" else tf.distribute.get_strategy()
+    strategy = mirrored if backend == "mirrored" else tf.distribute.get_strategy()
     n = strategy.num_replicas_in_sync
     with strategy.scope():
         variables = [keras.Variable(np.zeros(g.shape, "float32")) for g in full]

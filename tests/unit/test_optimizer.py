@@ -15,10 +15,10 @@ import distclip
 from common import MODES, call, make_model, make_optimizer, make_wrapper, snapshot, unchanged
 
 
-ENGINES = ("none", "mirrored")
+BACKENDS = ("none", "mirrored")
 
 
-def _engine(name, mirrored):
+def _backend(name, mirrored):
     return {} if name == "none" else dict(strategy=mirrored, replicas=2)
 
 
@@ -36,7 +36,7 @@ EVERY_VARIANT = ("Adam",)
 
 
 def _matrix():
-    """(optimizer, API, built lazily or not, engine): every combination but the built-beforehand one-device ones
+    """(optimizer, API, built lazily or not, backend): every combination but the built-beforehand one-device ones
     outside EVERY_VARIANT. The fast tier runs each optimizer once under
     MirroredStrategy, built lazily, through ClipStep and ClipOptimizer in turn, and EVERY_VARIANT in all
     eight variants; the rest of the matrix is marked `slow` (the scenario tier also runs all of it across
@@ -44,19 +44,19 @@ def _matrix():
     names = sorted({n for n, _, _ in contract.all_cases()})
     params = []
     for name, api, lazy in contract.all_cases():
-        for engine in ENGINES:
+        for backend in BACKENDS:
             fast = name in EVERY_VARIANT or (
-                engine == "mirrored" and lazy and api == contract.APIS[names.index(name) % len(contract.APIS)])
-            if not (fast or lazy or engine == "mirrored"):
-                continue  # built beforehand, one device: the build path is engine-independent (mirrored runs it)
-            params.append(pytest.param(name, api, lazy, engine, id=f"{name}-{api}-{'lazy' if lazy else 'built'}-{engine}",
+                backend == "mirrored" and lazy and api == contract.APIS[names.index(name) % len(contract.APIS)])
+            if not (fast or lazy or backend == "mirrored"):
+                continue  # built beforehand, one device: the build path is backend-independent (mirrored runs it)
+            params.append(pytest.param(name, api, lazy, backend, id=f"{name}-{api}-{'lazy' if lazy else 'built'}-{backend}",
                                        marks=() if fast else pytest.mark.slow))
     return params
 
 
-@pytest.mark.parametrize("name,api,lazy,engine", _matrix())
-def test_equals_the_optimizers_own_apply(mirrored, engine, name, api, lazy):
-    found, _ = contract.check_case(name, api, lazy, **_engine(engine, mirrored))
+@pytest.mark.parametrize("name,api,lazy,backend", _matrix())
+def test_equals_the_optimizers_own_apply(mirrored, backend, name, api, lazy):
+    found, _ = contract.check_case(name, api, lazy, **_backend(backend, mirrored))
     assert not found, found
 
 
@@ -73,14 +73,14 @@ def features(monkeypatch):
         monkeypatch.setitem(contract.FACTORIES, key, make)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("api", contract.APIS)
-def test_ema_and_variable_constraints_work(mirrored, features, engine, api):
-    found, _ = contract.check_case("ema", api, True, constrained=True, **_engine(engine, mirrored))
+def test_ema_and_variable_constraints_work(mirrored, features, backend, api):
+    found, _ = contract.check_case("ema", api, True, constrained=True, **_backend(backend, mirrored))
     assert not found, found
     # The constraint bound: some kernel entries sit at exactly 0 (NonNeg), and the EMA moved.
     variables, optimizer, _, _, _ = contract.run_distclip("ema", api, True, constrained=True,
-                                                          **_engine(engine, mirrored))
+                                                          **_backend(backend, mirrored))
     assert any((v.numpy() == 0).any() for v in variables if "kernel" in v.name)
     assert any(not np.array_equal(a.numpy(), v.numpy())
                for a, v in zip(optimizer._model_variables_moving_average, variables))

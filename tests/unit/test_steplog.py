@@ -2,6 +2,7 @@
 import math
 import os
 
+from common import read_tensorboard
 from distclip._src.steplog import COLUMNS, StepLog
 from distclip.train.plots import read_csv
 
@@ -19,7 +20,10 @@ def test_rows_go_to_the_csv_and_tensorboard_and_a_resume_keeps_only_the_earlier_
     rows = read_csv(os.path.join(tmp_path, "metrics.csv"))
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and list(rows[0]) == list(COLUMNS)
     assert rows[2]["global_norm"] == 4.0 and rows[4]["clip_norm"] == math.inf  # clip_norm=None: inf
-    assert os.listdir(os.path.join(tmp_path, "tensorboard"))
+    board = read_tensorboard(os.path.join(tmp_path, "tensorboard"))
+    assert board["global_norm"] == [(s, 2.0 + s) for s in range(5)]
+    assert board["clip_norm"] == [(s, 1.0) for s in range(4)]  # inf (no clipping) is left out
+    assert sorted(board) == ["clip_norm", "global_norm", "loss", "scale", "skipped"]
     with open(os.path.join(tmp_path, "metrics.csv"), "a") as f:
         f.write("5,0.1,2")  # a line cut short by a kill
     resumed = StepLog(str(tmp_path), first_step=3)  # the checkpoint was taken after 3 steps

@@ -21,13 +21,13 @@ if engine_name == "multiworker":
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(timeout_seconds=60.0))
     rank = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    engine = dict(strategy=strategy, replicas=2)
+    backend = dict(strategy=strategy, replicas=2)
 else:
     import horovod.tensorflow as hvd
 
     hvd.init()
     rank = hvd.rank()
-    engine = dict(replica=rank, replicas=2, mean=True)  # Horovod's convention: each rank's loss is its mean
+    backend = dict(replica=rank, replicas=2, mean=True)  # Horovod's convention: each rank's loss is its mean
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import contract  # noqa: E402
@@ -39,7 +39,7 @@ for kind, name, api, lazy in cases:
     key = f"{kind} {name} {api} {'lazy' if lazy else 'built'}"
     try:
         check = contract.check_case if kind == "match" else contract.check_skip
-        found, final = check(name, api, lazy, **engine)
+        found, final = check(name, api, lazy, **backend)
         digest = hashlib.sha256(b"".join(v.tobytes() for v in final)).hexdigest()
     except Exception as e:  # reported per case, so one failure does not hide the others
         found, digest = [f"{type(e).__name__}: {e}"], None

@@ -16,11 +16,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import tensorflow as tf  # noqa: E402
 
-engine, out, clip_norm, steps, poison = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-devices = 8 if engine == "mirrored" else 2
+backend, out, clip_norm, steps, poison = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+devices = 8 if backend == "mirrored" else 2
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
-if engine == "mirrored":
+if backend == "mirrored":
     strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(devices)])
 else:  # TF_CONFIG from the test; a dead peer fails the collectives after 60 s instead of waiting forever
     # MultiWorkerMirroredStrategy takes every GPU of a worker as a replica, but on CPU one device only

@@ -7,7 +7,7 @@ rank 1's first batch overflows.
 
 horovod: under horovodrun, each rank runs `model.fit` on its own half of every
 global batch, with different initial weights that BroadcastCallback replaces
-by rank 0's. ClipLogger writes OUT_DIR/log/ on rank 0 only (both engines).
+by rank 0's. ClipLogger writes OUT_DIR/log/ on rank 0 only (both backends).
 multiworker: `model.fit` under MultiWorkerMirroredStrategy (TF_CONFIG from
 distclip.cluster.launcher, or from mpirun's or srun's ranks), which works once ClipOptimizer is created under
 the strategy (it installs distclip.keras.fix_multiworker_fit, for keras-team/keras#20585). Writes OUT_DIR/rank{R}.json,
@@ -18,12 +18,12 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-engine, out_dir, clip_norm, steps = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+backend, out_dir, clip_norm, steps = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 accumulation = int(sys.argv[5]) if len(sys.argv) > 5 else 1
 fp16 = len(sys.argv) > 6 and sys.argv[6] == "fp16"
 import tensorflow as tf  # noqa: E402
 
-if engine == "multiworker":
+if backend == "multiworker":
     from distclip.cluster.strategies import make_strategy
 
     # TF_CONFIG from distclip.cluster.launcher, or built from the ranks of mpirun or srun (distclip.cluster.set_tf_config).
@@ -47,7 +47,7 @@ from common import GLOBAL_BATCH, global_batch, make_model  # noqa: E402
 
 x, y = (np.concatenate(a) for a in zip(*(global_batch(s) for s in range(steps))))
 batch = GLOBAL_BATCH
-if engine == "horovod":
+if backend == "horovod":
     half = GLOBAL_BATCH // 2
     rows = np.concatenate([np.arange(s * GLOBAL_BATCH + rank * half, s * GLOBAL_BATCH + (rank + 1) * half)
                            for s in range(steps)])
@@ -59,7 +59,7 @@ if engine == "horovod":
 
 fixed_at_import = multiworker_fit.installed()
 with strategy.scope():
-    model = make_model(seed=1 + (rank if engine == "horovod" else 0))
+    model = make_model(seed=1 + (rank if backend == "horovod" else 0))
     inner = keras.optimizers.Adam(0.05)
     inner = keras.optimizers.LossScaleOptimizer(inner) if fp16 else inner
     optimizer = distclip.keras.ClipOptimizer(inner, clip_norm, accumulation_steps=accumulation)
@@ -71,7 +71,7 @@ history = model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, 
 # evaluate and predict on held-out global batches (whole on every MWMS worker, as for fit; each rank's own
 # under Horovod): the test compares them with the single-device model's.
 held_x, held_y = (np.concatenate(a) for a in zip(*(global_batch(100 + s) for s in range(2))))
-if engine == "horovod":
+if backend == "horovod":
     held_x, held_y = held_x[rank::2], held_y[rank::2]
 evaluated = model.evaluate(held_x, held_y, batch_size=batch, verbose=0)
 predicted = model.predict(held_x, batch_size=batch, verbose=0)

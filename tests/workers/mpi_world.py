@@ -1,6 +1,6 @@
 """One rank of `mpirun -np 2` with neither Horovod nor a tf.distribute strategy: distclip's MPI backend.
 
-Writes OUT_DIR/rank{R}.json: the engine distclip._src.sync.current found, the variables after
+Writes OUT_DIR/rank{R}.json: the backend distclip._src.sync.current found, the variables after
 broadcast_from_root, what verify_replicas said before and after rank 1 changed a value, and
 what sync_and_clip did with backend="auto" (refused) and backend="none".
 """
@@ -16,7 +16,7 @@ from distclip._src import sync
 out = sys.argv[1]
 backend = sync.current()
 rank = backend.rank()
-report = {"engine": [backend.name, backend.num_replicas(), rank, backend.size()]}
+report = {"backend": [backend.name, backend.num_replicas(), rank, backend.size()]}
 v = tf.Variable([float(rank), 10.0 + rank])
 distclip.broadcast_from_root([v])
 report["broadcast"] = v.numpy().tolist()

@@ -18,9 +18,12 @@ class BroadcastCallback(keras.callbacks.Callback):
     `distclip.broadcast_from_root(model.variables + optimizer.variables, root)`:
     a broadcast under Horovod, nothing under tf.distribute, whose strategies
     create identical variables on every replica already.
+
+    Args:
+      root: the rank whose variables every process takes.
     """
 
-    def __init__(self, root: int = 0):
+    def __init__(self, root: int = 0) -> None:
         super().__init__()
         self.root = root
 
@@ -46,12 +49,18 @@ class ClipLogger(keras.callbacks.Callback):
     `steps_per_execution` steps), and records a step when an update (or a
     skip) happened since: with `accumulation_steps=k`, every k-th batch.
 
-    `initial_step`: the number of the first step logged, for a run resumed
-    from a checkpoint taken after that many steps; metrics.csv then keeps its
-    rows of the steps before it and drops the rest (0: a new file).
+    Args:
+      log_dir: the folder for metrics.csv and tensorboard/, or None (the
+        logs of `fit` only).
+      initial_step: the number of the first step logged, for a run resumed
+        from a checkpoint taken after that many steps; metrics.csv then keeps
+        its rows of the steps before it and drops the rest (0: a new file).
+
+    Raises:
+      ArgumentError: a negative or non-integer `initial_step`.
     """
 
-    def __init__(self, log_dir: Optional[str] = None, initial_step: int = 0):
+    def __init__(self, log_dir: Optional[str] = None, initial_step: int = 0) -> None:
         super().__init__()
         if not isinstance(initial_step, int) or isinstance(initial_step, bool) or initial_step < 0:
             raise ArgumentError(f"initial_step must be an integer >= 0; got initial_step={initial_step!r}")

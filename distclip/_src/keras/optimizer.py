@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import keras
 
+from distclip._src.clip import ClipResult
 from distclip._src.errors import ArgumentError
 from distclip._src.keras import multiworker_fit
 from distclip._src.lockstep import create_variables
@@ -157,7 +158,7 @@ class ClipOptimizer(keras.optimizers.Optimizer):
 
         def create():  # eagerly, once, under our strategy, wherever build is called from
             with self._distribution_strategy.scope():
-                self._update.build(var_list)  # checks the variables before anything is created
+                self._update.ensure_built(var_list)  # checks the variables before anything is created
                 self._update.create_state(self._state_variable)
                 self.__dict__["_building"] = True  # Keras's build reads the wrapper's own use_ema, ...
                 try:
@@ -216,8 +217,21 @@ class ClipOptimizer(keras.optimizers.Optimizer):
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
 
-    def apply(self, grads, trainable_variables=None):
-        """Synchronizes, clips and applies `grads`; call it in the replica context (as `fit` does)."""
+    def apply(self, grads: List[Any], trainable_variables: Optional[List[Any]] = None) -> ClipResult:
+        """Synchronizes, clips and applies `grads`; call it in the replica context (as `fit` does).
+
+        Args:
+          grads: this replica's gradients, one per variable.
+          trainable_variables: the variables, in the order of `grads`; the
+            ones the optimizer was built for if omitted.
+
+        Returns:
+          What `distclip.ClipStep.apply` returns.
+
+        Raises:
+          ArgumentError: no variables for an optimizer not yet built, or
+            gradients and variables that do not match.
+        """
         if trainable_variables is None:
             if not self.built:
                 raise ArgumentError("ClipOptimizer.apply: pass trainable_variables (the optimizer is not built yet)")

@@ -13,7 +13,7 @@ all ask it. `select(backend)` honours an explicit `backend=` option instead.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence, Tuple, get_args
+from typing import Any, Iterable, Literal, Optional, Sequence, Tuple, get_args
 
 import tensorflow as tf
 
@@ -88,7 +88,7 @@ def select(backend: str) -> Backend:
     return TFDistributeBackend(tf.distribute.get_strategy())
 
 
-def broadcast_from_root(variables, root: int = 0) -> None:
+def broadcast_from_root(variables: Iterable[Any], root: int = 0) -> None:
     """Makes every replica's `variables` equal to those of rank `root` (model and optimizer, at the start).
 
     Under Horovod this broadcasts them (`hvd.broadcast_variables`), and in an
@@ -97,6 +97,13 @@ def broadcast_from_root(variables, root: int = 0) -> None:
     (MultiWorkerMirroredStrategy broadcasts initial values from worker 0). Call
     it after the optimizer is built (`optimizer.build(model.trainable_variables)`),
     so its slots are included.
+
+    Args:
+      variables: Keras or TensorFlow variables, in the same order on every process.
+      root: the rank whose values every process takes.
+
+    Raises:
+      ArgumentError: `root` is not a rank of this job.
     """
     if isinstance(root, bool) or not isinstance(root, int) or root < 0:
         raise ArgumentError(f"root must be a non-negative process rank; got root={root!r}")

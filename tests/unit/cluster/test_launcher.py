@@ -10,5 +10,5 @@ def test_too_many_workers_for_the_open_file_limit_is_named():
             "from distclip.cluster.launcher import main; sys.exit(main(['--nproc', '200', '--', 'true']))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2, r.stderr
-    assert ("distclip.launcher: cannot reserve 200 ports for the workers: too many open files (this process may "
+    assert ("distclip.cluster.launcher: cannot reserve 200 ports for the workers: too many open files (this process may "
             "open 64, `ulimit -n`; each worker needs a few): raise the limit or start fewer workers") in r.stderr

@@ -163,4 +163,4 @@ def test_main_reports_a_refusal_naming_the_path(tmp_path, monkeypatch, capsys):
 
     (tmp_path / ".distclip-watchdog-r").mkdir(mode=0o755)
     assert main(["--dir", str(tmp_path), "--run", "r", "--", "true"]) == 2
-    assert f"distclip.watchdog (rank 0): refusing the watchdog's folder {tmp_path}/.distclip-watchdog-r" in capsys.readouterr().err
+    assert f"distclip.cluster.watchdog (rank 0): refusing the watchdog's folder {tmp_path}/.distclip-watchdog-r" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import tensorflow as tf
 import contract
 import distclip
 import distclip.keras
-from common import GLOBAL_BATCH, make_model, max_abs_diff
+from common import GLOBAL_BATCH, make_model, max_abs_diff, read_tensorboard
 from distclip.train.plots import read_csv
 from fitting import CLIP, STEPS, clip_adam, data, fit, keras_adam
 from graphs import fit_collectives, fit_xla_functions
@@ -37,7 +37,10 @@ def test_fit_matches_single_device_global_clipnorm(reference, mirrored, where, t
     assert [r["clip_norm"] for r in rows] == pytest.approx([CLIP] * STEPS)
     assert [r["scale"] for r in rows] == pytest.approx([CLIP / n for n in ref_norms], rel=1e-5)
     assert [r["clipped"] for r in rows] == [1.0] * STEPS and [r["skipped"] for r in rows] == [0.0] * STEPS
-    assert os.listdir(os.path.join(tmp_path, "tensorboard"))
+    # The same per-step scalars in TensorBoard.
+    board = read_tensorboard(os.path.join(tmp_path, "tensorboard"))
+    assert [s for s, _ in board["global_norm"]] == list(range(STEPS))
+    assert [v for _, v in board["global_norm"]] == pytest.approx(ref_norms, rel=1e-5)
 
 
 @pytest.mark.parametrize("clip_norm", [CLIP, distclip.SpikeClip(1.0, 0.9, 2)])

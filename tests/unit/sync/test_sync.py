@@ -1,4 +1,4 @@
-"""distclip._src.sync: which engine synchronizes, in every context one process can hold."""
+"""distclip._src.sync: which backend synchronizes, in every context one process can hold."""
 import sys
 
 import numpy as np
@@ -101,11 +101,9 @@ def test_all_gather_returns_every_replicas_value_in_order(mirrored):
             mirrored.run(lambda: backend.all_gather(lambda: tf.constant(1), "test"))
 
 
-def test_broadcast_from_root_checks_root_against_the_engine(mirrored):
+def test_broadcast_from_root_checks_root_against_the_backend(mirrored):
     with mirrored.scope():
         v = tf.Variable([1.0, 2.0])
-    distclip.broadcast_from_root([v])  # tf.distribute: mirrored variables are identical already; nothing to do
-    assert mirrored.experimental_local_results(v)[1].numpy().tolist() == [1.0, 2.0]
     with pytest.raises(distclip.ArgumentError, match=r"root=1 but tf_distribute has 1 processes"):
         distclip.broadcast_from_root([v], root=1)
     with pytest.raises(distclip.ArgumentError, match=r"root=-1"):

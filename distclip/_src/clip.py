@@ -5,11 +5,10 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from distclip._src import nonfinite as nonfinite_
 from distclip._src import sync
 from distclip._src.checks import check_gradients
 from distclip._src.errors import ArgumentError
-from distclip._src.nonfinite import Nonfinite
+from distclip._src.nonfinite import Nonfinite, guarded_scale, skips
 from distclip._src.norm import clip_scale, norm_from_squares, scale_gradients, sum_of_squares
 from distclip._src.options import BucketMB, StepOptions
 from distclip._src.policies import Policy
@@ -151,8 +150,8 @@ def clip_synchronized(
     norm = norm_from_squares(tf.add_n(squares), summed) * to_mean                                     # measure
     finite = tf.math.is_finite(norm)
     threshold = threshold_of(norm)                                                                     # decide
-    scale = nonfinite_.guard(options.nonfinite, clip_scale(norm, threshold), norm, finite)
-    clipped = scale_gradients(summed, scale * to_mean, zero_on_zero_scale=nonfinite_.skips(options.nonfinite))  # scale
+    scale = guarded_scale(options.nonfinite, clip_scale(norm, threshold), norm, finite)
+    clipped = scale_gradients(summed, scale * to_mean, zero_on_zero_scale=skips(options.nonfinite))  # scale
 
     out: List[Optional[Any]] = [None] * len(grads)
     for i, g in zip(present, clipped, strict=True):

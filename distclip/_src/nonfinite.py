@@ -28,7 +28,7 @@ def skips(nonfinite: str) -> bool:
     return nonfinite == "skip"
 
 
-def guard(nonfinite: str, scale: tf.Tensor, norm: tf.Tensor, finite: tf.Tensor) -> tf.Tensor:
+def guarded_scale(nonfinite: str, scale: tf.Tensor, norm: tf.Tensor, finite: tf.Tensor) -> tf.Tensor:
     """The scale to multiply by: `scale` where the norm is finite; otherwise 0 (skip), NaN (propagate), or a
     failing assertion that the returned scale depends on (raise)."""
     if nonfinite == "raise":

@@ -57,7 +57,7 @@ def check_optimizer(optimizer: Any, nonfinite: str) -> None:
 
     Checked on the optimizer and every optimizer it wraps. A
     `keras.optimizers.LossScaleOptimizer` is accepted around a plain optimizer
-    (see `distclip._src.loss_scale`), with `nonfinite="skip"`.
+    (see `distclip._src.update`), with `nonfinite="skip"`.
     """
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise ArgumentError(f"optimizer must be a Keras 3 optimizer (keras.optimizers.Optimizer); got {optimizer!r}")

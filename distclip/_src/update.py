@@ -28,10 +28,11 @@ from typing import Any, List, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
-from distclip._src import nonfinite, sync
+from distclip._src import sync
 from distclip._src.accumulation import Accumulation
 from distclip._src.checks import check_pairs
 from distclip._src.clip import ClipResult, clip_synchronized
+from distclip._src.nonfinite import skips
 from distclip._src.optimizer import apply_in_lockstep, check_optimizer, check_strategy, ensure_built
 from distclip._src.options import StepOptions
 from distclip._src.policies import Policy
@@ -146,7 +147,7 @@ class ClipUpdate:
             for var, value in _next_loss_scale(self.lso, result.finite) if self.lso else ():
                 var.assign(value)
         apply_in_lockstep(
-            self.stepper, result.grads, variables, ok, skip=nonfinite.skips(self.options.nonfinite),
+            self.stepper, result.grads, variables, ok, skip=skips(self.options.nonfinite),
             assign_on_apply=self.threshold.updates(result.global_norm, result.finite),
             count_skip=self.state.skipped_steps)
         return result

@@ -1,8 +1,8 @@
 """The package's layers, read from every import in distclip/ (function-level ones included).
 
-    core      distclip.* (the step: norm, thresholds, policies, accumulation, the update, step log)
-              and distclip._src.sync.* (one backend per way of keeping replicas identical)
-    keras     distclip.keras.*      imports core
+    core      distclip, distclip._src.* (the step: norm, thresholds, policies, accumulation, the update,
+              step log) and distclip._src.sync.* (one backend per way of keeping replicas identical)
+    keras     distclip.keras, distclip._src.keras.*      imports core
     cluster   distclip.cluster.*    imports core (launcher, watchdog, netns: nothing heavier than env)
     app       distclip.train.*      the example application: imports anything, imported by nothing
               (but `python -m distclip`, distclip/__main__.py, which starts it)

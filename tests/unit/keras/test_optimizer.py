@@ -279,15 +279,38 @@ def test_fit_and_evaluate_with_a_lazily_built_model_equal_keras_alone(name):
 
 
 def test_a_saved_model_loads_in_a_fresh_process_after_import_distclip_keras(tmp_path):
-    """What the README says: `import distclip.keras` registers ClipOptimizer (and the policies) with Keras."""
+    """What the README says: `import distclip.keras` registers ClipOptimizer (and the policies) with Keras, and
+    importing distclip changes nothing else in Keras or Python (its trainer, the import system) and prints nothing."""
     model = make_model()
     model.compile(optimizer=distclip.keras.ClipOptimizer(keras.optimizers.Adam(0.01), distclip.AutoClip(90.0, 2)),
                   loss="mse")
     model.fit(np.ones((8, 4), "float32"), np.ones((8, 1), "float32"), verbose=0)
     path = str(tmp_path / "m.keras")
     model.save(path)
-    code = ("import keras, distclip.keras; m = keras.saving.load_model(%r); "
-            "print(type(m.optimizer).__name__, type(m.optimizer.clip_norm).__name__, int(m.optimizer.iterations))") % path
+    code = FRESH_PROCESS % path
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    assert r.returncode == 0 and r.stdout.split() == ["ClipOptimizer", "AutoClip", "1"], r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["unchanged", "''", "ClipOptimizer", "AutoClip", "1"], r.stdout + r.stderr[-3000:]
+
+
+FRESH_PROCESS = """
+import io, sys
+import keras
+from keras.src.backend.tensorflow import trainer
+def state():
+    return (trainer.TensorFlowTrainer._maybe_symbolic_build, trainer.reduce_per_replica, list(sys.meta_path),
+            sorted(keras.saving.get_custom_objects()))
+before = state()
+sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
+import distclip, distclip.cluster
+after_distclip = state()
+import distclip.keras
+printed = sys.stdout.getvalue() + sys.stderr.getvalue()
+sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+after = state()
+# `import distclip` changes nothing; `import distclip.keras` only registers its classes for saved models.
+print("unchanged" if before == after_distclip and before[:3] == after[:3] else "changed", repr(printed))
+m = keras.saving.load_model(%r)
+print(type(m.optimizer).__name__, type(m.optimizer.clip_norm).__name__, int(m.optimizer.iterations))
+"""

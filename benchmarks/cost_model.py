@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     path = argv[0] if argv else os.path.join(os.path.dirname(HERE), "docs", "scaling.json")
     with open(path) as f:
-        results = [r for r in json.load(f)["results"] if r.get("engine", "mirrored") == "mirrored"]
+        results = [r for r in json.load(f)["results"] if r.get("backend", "mirrored") == "mirrored"]
     fit = fit_this_machine(results)
     largest = max(r["replicas"] for r in results)
     held_out = fit_this_machine([r for r in results if r["replicas"] < largest])

@@ -15,7 +15,7 @@ same global batch, a threshold that binds on every step, so the multiply runs ev
 one device, it times the norm pass alone (`distclip._src.norm.global_norm`) against a plain read of the same
 gradients (`tf.reduce_sum` of each), to show where clipping's cost goes. Prints a table, and writes
 docs/scaling.json (every timing; `benchmarks/cost_model.py` fits its constants to the MirroredStrategy rows)
-and docs/scaling.png (the overhead ratio against parameters, one line per engine and replica count).
+and docs/scaling.png (the overhead ratio against parameters, one line per backend and replica count).
 
     .venv/bin/python benchmarks/scaling.py [--replicas 2 4 8] [--sizes 1M 10M 50M] [--rounds 10]
                                            [--multiworker 2 4] [--horovod 2 4] [--horovod-sizes 1M 10M]
@@ -75,7 +75,7 @@ def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str, mu
     per = BATCH // replicas
     x = strategy.experimental_distribute_values_from_function(lambda c: tf.constant(xs[c.replica_id_in_sync_group * per:][:per]))
     y = strategy.experimental_distribute_values_from_function(lambda c: tf.constant(ys[c.replica_id_in_sync_group * per:][:per]))
-    engine = "multiworker" if multiworker else "mirrored"
+    backend = "multiworker" if multiworker else "mirrored"
     results = []
     for size in sizes:
         steps = {}
@@ -94,7 +94,7 @@ def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str, mu
         # Each returns (the global loss to wait on, the norm); ratios are ClipStep / unclipped.
         times, ratios, _ = alternate({name: (lambda s=s: s(x, y)) for name, s in steps.items()}, rounds, BLOCK[size])
 
-        result = {"engine": engine, "replicas": replicas, "size": size, "params": params, "global_norm": norm,
+        result = {"backend": backend, "replicas": replicas, "size": size, "params": params, "global_norm": norm,
                   "clip_norm": 1e-3, "unclipped_s": times["unclipped"], "clipstep_s": times["ClipStep"], "ratios": ratios}
         if not multiworker:
             grads = [tf.constant(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables]
@@ -106,7 +106,7 @@ def worker(replicas: int, sizes: List[str], rounds: int, optimizer_name: str, mu
                           pass_ratios=pass_ratios)
         results.append(result)
         if chief:
-            print(f"  {engine}, {replicas} replicas, {size} ({params / 1e6:.2f}M): ratio "
+            print(f"  {backend}, {replicas} replicas, {size} ({params / 1e6:.2f}M): ratio "
                   f"{statistics.median(ratios):.3f}", file=sys.stderr, flush=True)
     return results if chief else []
 
@@ -140,7 +140,7 @@ def horovod_worker(sizes: List[str], rounds: int, optimizer_name: str) -> List[d
         params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
         norm = float(steps["ClipStep"]()[1])
         times, ratios, _ = alternate(steps, rounds, BLOCK[size])
-        results.append({"engine": "horovod", "replicas": ranks, "size": size, "params": params, "global_norm": norm,
+        results.append({"backend": "horovod", "replicas": ranks, "size": size, "params": params, "global_norm": norm,
                         "clip_norm": 1e-3, "unclipped_s": times["unclipped"], "clipstep_s": times["ClipStep"],
                         "ratios": ratios})
         if hvd.rank() == 0:
@@ -153,21 +153,21 @@ def _summary(results: List[dict]) -> str:
         q = statistics.quantiles(v, n=4)
         return f"{statistics.median(v):.3f} ({q[0]:.3f}-{q[2]:.3f})"
 
-    lines = [f"{'engine':>10} {'replicas':>8} {'size':>5} {'params':>8} {'unclipped ms':>13} {'ClipStep ms':>12} "
+    lines = [f"{'backend':>10} {'replicas':>8} {'size':>5} {'params':>8} {'unclipped ms':>13} {'ClipStep ms':>12} "
              f"{'ratio median (IQR)':>22} {'norm pass / read (IQR)':>24}"]
     for r in results:
         passes = spread(r["pass_ratios"]) if "pass_ratios" in r else "-"
-        lines.append(f"{_engine(r):>10} {r['replicas']:>8} {r['size']:>5} {r['params'] / 1e6:>7.2f}M "
+        lines.append(f"{_backend(r):>10} {r['replicas']:>8} {r['size']:>5} {r['params'] / 1e6:>7.2f}M "
                      f"{statistics.median(r['unclipped_s']) * 1e3:>13.1f} {statistics.median(r['clipstep_s']) * 1e3:>12.1f} "
                      f"{spread(r['ratios']):>22} {passes:>24}")
     return "\n".join(lines)
 
 
-def _engine(result: dict) -> str:
-    return result.get("engine", "mirrored")
+def _backend(result: dict) -> str:
+    return result.get("backend", "mirrored")
 
 
-#: How each engine places its replicas: several logical CPU devices of one process, or one replica per process.
+#: How each backend places its replicas: several logical CPU devices of one process, or one replica per process.
 LABELS = {"mirrored": "MirroredStrategy (logical CPUs of one process)",
           "multiworker": "MultiWorkerMirroredStrategy (one replica per process)",
           "horovod": "horovodrun --gloo (one replica per process)"}
@@ -180,13 +180,13 @@ def _plot(results: List[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for engine, n in sorted({(_engine(r), r["replicas"]) for r in results}, key=lambda e: (e[0] != "mirrored", e[1])):
-        rows = sorted((r for r in results if r["replicas"] == n and _engine(r) == engine), key=lambda r: r["params"])
+    for backend, n in sorted({(_backend(r), r["replicas"]) for r in results}, key=lambda e: (e[0] != "mirrored", e[1])):
+        rows = sorted((r for r in results if r["replicas"] == n and _backend(r) == backend), key=lambda r: r["params"])
         med = [statistics.median(r["ratios"]) for r in rows]
         q = [statistics.quantiles(r["ratios"], n=4) for r in rows]
         ax.errorbar([r["params"] for r in rows], med, yerr=[[m - a[0] for m, a in zip(med, q)], [a[2] - m for m, a in zip(med, q)]],
-                    marker="o" if engine == "mirrored" else "s", ls=":" if engine == "mirrored" else "-", capsize=3,
-                    label=f"{LABELS[engine].split(' (')[0]}, {n} replicas")
+                    marker="o" if backend == "mirrored" else "s", ls=":" if backend == "mirrored" else "-", capsize=3,
+                    label=f"{LABELS[backend].split(' (')[0]}, {n} replicas")
     ax.axhline(1.05, color="r", ls="--", lw=1, label="target 1.05")
     ax.axhline(1.0, color="gray", ls=":", lw=1)
     ax.set_xscale("log")

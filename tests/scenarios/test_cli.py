@@ -73,8 +73,8 @@ def test_train_without_clipping_and_bad_flags(tmp_path):
 @pytest.mark.parametrize("fit", [False, True], ids=["loop", "fit"])
 def test_train_multiworker_two_processes(tmp_path, fit):
     """--strategy multiworker from TF_CONFIG: same summary on both workers, files from worker 0 only; with
-    --fit (Keras's fit patched by distclip.keras, keras-team/keras#20585) the same norms and held-out MSE as
-    --fit under MirroredStrategy."""
+    --fit (Keras's fit, which fails there without the fix ClipOptimizer installs under the strategy,
+    keras-team/keras#20585) the same norms and held-out MSE as --fit under MirroredStrategy."""
     sys.path.insert(0, TESTS)
     from procs import free_ports, run_all
 
@@ -93,7 +93,6 @@ def test_train_multiworker_two_processes(tmp_path, fit):
     assert "MultiWorkerMirroredStrategy x2" in summaries[0][0]
     assert (tmp_path / "w0" / "metrics.csv").exists() and not (tmp_path / "w1").exists()
     if fit:
-        assert all(r.stdout.count("Keras's fit under MultiWorkerMirroredStrategy patched") == 1 for r in results)
         r = _run([BIN, *args, "--strategy", "mirrored", "--out", str(tmp_path / "mirrored")])
         assert r.returncode == 0, r.stderr[-3000:]
         rows = [list(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("w0", "mirrored")]

@@ -86,7 +86,7 @@ class ClipUpdate:
         self.optimizer = optimizer
         # The optimizer that takes the steps, and the LossScaleOptimizer around it (or None).
         self.lso = optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else None
-        self.stepper = optimizer.inner_optimizer if self.lso else optimizer
+        self.stepper = optimizer if self.lso is None else optimizer.inner_optimizer
         self.clip_norm = clip_norm if isinstance(clip_norm, Policy) else check_clip_norm(clip_norm)
         self.options = options
         self.owner = owner
@@ -144,7 +144,7 @@ class ClipUpdate:
         with tf.control_dependencies([result.scale]):
             ok = tf.identity(result.finite)
             self.state.record(result, threshold)
-            for var, value in _next_loss_scale(self.lso, result.finite) if self.lso else ():
+            for var, value in () if self.lso is None else _next_loss_scale(self.lso, result.finite):
                 var.assign(value)
         apply_in_lockstep(
             self.stepper, result.grads, variables, ok, skip=skips(self.options.nonfinite),

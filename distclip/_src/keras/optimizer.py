@@ -62,6 +62,22 @@ class ClipOptimizer(keras.optimizers.Optimizer):
     Created under a multi-worker MultiWorkerMirroredStrategy, it makes Keras's
     own `fit` work there (`distclip.keras.fix_multiworker_fit`).
 
+    The wrapper answers for the optimizer it wraps: `iterations`, `learning_rate`,
+    the configuration (`weight_decay`, `clipnorm`, `clipvalue`,
+    `global_clipnorm`, `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
+    `gradient_accumulation_steps`: read from it, set on it), `scale_loss`,
+    `finalize_variable_values` and any public name the wrapper does not have
+    (`beta_1`, Muon's `lr_adjust`, ...) are the inner optimizer's;
+    `exclude_from_weight_decay` goes to every optimizer that updates (through a
+    `LossScaleOptimizer` or `MultiOptimizer`). `update_step` and
+    `stateless_apply` raise an error saying what to call instead.
+
+    Each step leaves what it saw in variables, identical on every replica:
+    `global_norm` (before clipping), `clip_norm_used` (the threshold used),
+    `clip_scale` and `skipped_steps` (skipped since the start).
+    `distclip.keras.ClipLogger` puts them in `fit`'s logs (progress bar,
+    `History`) and, given a `log_dir`, in TensorBoard and a CSV.
+
     Args:
       optimizer: the Keras 3 optimizer that takes the steps, without its own
         `clipnorm`/`clipvalue`/`global_clipnorm` (or its config, as a dict).
@@ -78,22 +94,6 @@ class ClipOptimizer(keras.optimizers.Optimizer):
 
     Raises:
       ArgumentError: a bad argument, named with its value.
-
-    The wrapper answers for the optimizer it wraps: `iterations`, `learning_rate`,
-    the configuration (`weight_decay`, `clipnorm`, `clipvalue`,
-    `global_clipnorm`, `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
-    `gradient_accumulation_steps`: read from it, set on it), `scale_loss`,
-    `finalize_variable_values` and any public name the wrapper does not have
-    (`beta_1`, Muon's `lr_adjust`, ...) are the inner optimizer's;
-    `exclude_from_weight_decay` goes to every optimizer that updates (through a
-    `LossScaleOptimizer` or `MultiOptimizer`). `update_step` and
-    `stateless_apply` raise an error saying what to call instead.
-
-    Each step leaves what it saw in variables, identical on every replica:
-    `global_norm` (before clipping), `clip_norm_used` (the threshold used),
-    `clip_scale` and `skipped_steps` (skipped since the start).
-    `distclip.keras.ClipLogger` puts them in `fit`'s logs (progress bar,
-    `History`) and, given a `log_dir`, in TensorBoard and a CSV.
     """
 
     _distclip_wrapper = True  # refused as the optimizer of another distclip step

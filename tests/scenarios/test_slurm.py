@@ -179,7 +179,7 @@ def test_a_rank_the_others_would_wait_for_forever_ends_the_job(slurm, tmp_path, 
     took = time.monotonic() - start
     log = out.read_text(errors="replace")
     assert r.returncode != 0 and took < 60, (r.returncode, took, log[-3000:])
-    assert re.search(r"distclip\.watchdog \(rank 0\): " + message + "; stopping this rank", log), log[-3000:]
+    assert re.search(r"distclip\.cluster\.watchdog \(rank 0\): " + message + "; stopping this rank", log), log[-3000:]
     assert os.listdir(tmp_path / "watchdog") == ["users-file"]  # the watchdog's own folder is gone, nothing else
 
 

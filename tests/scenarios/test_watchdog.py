@@ -12,8 +12,6 @@ import time
 import pytest
 from procs import ROOT, WORKERS
 
-
-
 STUBBORN = os.path.join(WORKERS, "stubborn.py")
 TIMEOUT_S = 3
 
@@ -42,7 +40,7 @@ def test_a_rank_the_others_would_wait_for_forever_ends_the_run(tmp_path, script,
     code, took, output = run_bounded([os.path.join(ROOT, "launch", script), sys.executable, STUBBORN, mode],
                                      watchdog_env(tmp_path))
     assert code != 0 and took < 40, (code, took, output[-3000:])
-    assert re.search(r"distclip\.watchdog \(rank 0\): " + message + "; stopping this rank", output), output[-3000:]
+    assert re.search(r"distclip\.cluster\.watchdog \(rank 0\): " + message + "; stopping this rank", output), output[-3000:]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".distclip-watchdog")], "the folder is left"
 
 

@@ -19,7 +19,7 @@ release known to fail (`FAILING`, by version number, so that a reformatted
 Keras cannot turn it off silently): the wrappers change nothing unless the
 strategy is a MultiWorkerMirroredStrategy in multi-worker mode. Importing
 distclip changes nothing in Keras: `ClipOptimizer` installs it when it is
-created (or built) under a multi-worker MultiWorkerMirroredStrategy, and
+created under a multi-worker MultiWorkerMirroredStrategy, and
 `distclip.keras.fix_multiworker_fit()` installs it for a `fit` without
 `ClipOptimizer`. `DISTCLIP_KERAS_MWMS_FIX=0` turns it off, `=1` installs it
 on any Keras 3 (for a newer release that still fails).
@@ -74,14 +74,17 @@ def fix_multiworker_fit() -> bool:
     setting = os.environ.get(ENV)
     if setting == "0" or (setting != "1" and not _keras_fails()):
         return False
-    if not installed():
-        from keras.src.backend.tensorflow import trainer
+    from keras.src.backend.tensorflow import trainer
 
-        cls = trainer.TensorFlowTrainer
-        if not getattr(cls._maybe_symbolic_build, _MARK, False):
-            cls._maybe_symbolic_build = _local_symbolic_build(cls._maybe_symbolic_build)
-        if not getattr(trainer.reduce_per_replica, _MARK, False):
-            trainer.reduce_per_replica = _mean_across_replicas(trainer.reduce_per_replica)
+    cls = trainer.TensorFlowTrainer
+    wrapped = False
+    if not getattr(cls._maybe_symbolic_build, _MARK, False):
+        cls._maybe_symbolic_build = _local_symbolic_build(cls._maybe_symbolic_build)
+        wrapped = True
+    if not getattr(trainer.reduce_per_replica, _MARK, False):
+        trainer.reduce_per_replica = _mean_across_replicas(trainer.reduce_per_replica)
+        wrapped = True
+    if wrapped:
         _log.info("Keras's fit under MultiWorkerMirroredStrategy fixed (keras-team/keras#20585; %s=0 turns this off)",
                   ENV)
     return True

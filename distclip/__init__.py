@@ -24,7 +24,7 @@ nothing outside it.
 from importlib import import_module
 from typing import TYPE_CHECKING, Any, List
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "sync_and_clip": "distclip._src.clip",

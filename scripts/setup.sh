@@ -23,7 +23,6 @@ case "${1:-}" in
 esac
 patch_file="$root/scripts/horovod-0.28.1-tf2.19.patch"
 tf_version="$(sed -n 's/^tensorflow-cpu==//p' "$constraints")"
-hvd_version="$(sed -n 's/^horovod==//p' "$constraints")"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # 1. System packages: Open MPI (Horovod's MPI controller, mpi4py, mpirun) and Slurm.
@@ -42,7 +41,7 @@ fi
 
 # 2. The venv and the pinned stack.
 stamp="$venv/.distclip-setup"
-want="$(cat "$constraints" pyproject.toml scripts/setup.sh "$patch_file" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$constraints" pyproject.toml scripts/setup.sh scripts/install-horovod.sh "$patch_file" | sha256sum | cut -d' ' -f1)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$venv/bin/python" -c "import distclip, horovod.tensorflow" 2>/dev/null; then
   log "up to date ($venv)"
   exit 0
@@ -55,38 +54,16 @@ grep -v '^horovod==' "$constraints" > "$venv/constraints-no-horovod.txt"
 log "installing the pinned stack (TensorFlow $tf_version)"
 "${pip[@]}" install -r "$venv/constraints-no-horovod.txt"
 
-# 3. Horovod from its source release plus our patch, once per (Horovod, TensorFlow, Python, patch); the wheel
-# is kept in the cache. The patch (scripts/horovod-0.28.1-tf2.19.patch, each hunk says why) lets 0.28.1, the
-# last release, build against TensorFlow 2.19 and later; its changes are guarded by TensorFlow's version.
-py_tag="$("$venv/bin/python" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
-patch_tag="$(sha256sum "$patch_file" | cut -c1-12)"
-# HOROVOD_GPU_OPERATIONS=NCCL (with CUDA and NCCL present) builds the GPU operations; it is part of the key.
-wheels="$cache/wheels/horovod-$hvd_version-tf-$tf_version-py$py_tag-patch-$patch_tag${HOROVOD_GPU_OPERATIONS:+-gpu-$HOROVOD_GPU_OPERATIONS}"
-if ! compgen -G "$wheels/horovod-*.whl" >/dev/null; then
-  sdist="$cache/sdist/horovod-$hvd_version.tar.gz"
-  if [[ ! -f "$sdist" ]]; then
-    "${pip[@]}" download --no-deps --no-binary :all: -d "$cache/sdist" "horovod==$hvd_version"
-  fi
-  src="$(mktemp -d)"
-  tar -xzf "$sdist" -C "$src"
-  patch -d "$src/horovod-$hvd_version" -p1 --quiet < "$patch_file"
-  log "building Horovod $hvd_version (patched) against TensorFlow $tf_version (about 8 minutes on 2 cores)"
-  mkdir -p "$wheels.tmp"
-  HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
-  HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)" \
-    "${pip[@]}" wheel --no-build-isolation --no-deps -w "$wheels.tmp" "$src/horovod-$hvd_version"
-  rm -rf "$wheels" "$src"; mv "$wheels.tmp" "$wheels"
-fi
-"${pip[@]}" install --no-deps --force-reinstall "$wheels"/horovod-*.whl
+# 3. Horovod from its source release plus our patch, built against the TensorFlow installed here, by
+# scripts/install-horovod.sh (the command users run for their own environment): once per (Horovod, TensorFlow,
+# Python, patch); the wheel is kept in the cache.
+DISTCLIP_CACHE="$cache" bash "$root/scripts/install-horovod.sh" "$venv/bin/python"
 
 # 4. distclip itself, editable, with its console script.
-"${pip[@]}" install --no-deps --no-build-isolation -e .
+# Built in isolation: the package needs setuptools >= 77, and the venv keeps the setuptools Horovod was built with.
+"${pip[@]}" install --no-deps -e .
 
-# 5. Check what was built: Horovod must list TensorFlow and both controllers.
-build="$("$venv/bin/horovodrun" --check-build 2>/dev/null)"
-for want_line in '\[X\] TensorFlow' '\[X\] MPI' '\[X\] Gloo'; do
-  grep -q "$want_line" <<<"$build" || { echo "$build" >&2; log "horovodrun --check-build lacks ${want_line//\\/}"; exit 1; }
-done
+# 5. What was installed.
 "$venv/bin/python" -c 'import tensorflow as tf, keras, horovod, mpi4py
 print(f"[setup] TensorFlow {tf.__version__}, Keras {keras.__version__}, Horovod {horovod.__version__} (TensorFlow, MPI, Gloo), mpi4py {mpi4py.__version__}")' 2>/dev/null
 echo "$want" > "$stamp"

@@ -9,12 +9,15 @@ The same scalars go to TensorBoard event files under `tensorboard/`.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import math
 import os
 from typing import Dict, List, Optional
 
 import tensorflow as tf
+
+from distclip._src.errors import ContextError
 
 COLUMNS = ("step", "loss", "global_norm", "scale", "clip_norm", "clipped", "skipped")
 
@@ -30,6 +33,17 @@ def write_atomically(path: str, text: str) -> None:
     os.replace(partial, path)
 
 
+def require_tensorboard(what: str) -> None:
+    """Raises ContextError, saying what to install, when `tf.summary` has no TensorBoard to write with.
+
+    TensorFlow 2.21's wheel no longer brings TensorBoard; without it `tf.summary.scalar` fails at the first
+    write, in the middle of training. This check runs before anything is written.
+    """
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ContextError(f"{what} writes TensorBoard event files, which needs the tensorboard package: "
+                           "pip install tensorboard")
+
+
 class StepLog:
     """Per-step metrics to `metrics.csv` and TensorBoard event files under `out/tensorboard`."""
 
@@ -39,6 +53,7 @@ class StepLog:
         The kept rows are rewritten atomically (a temporary file, flushed and fsynced, then renamed over
         metrics.csv) before this returns, so a kill at any later moment leaves them all on disk.
         """
+        require_tensorboard("StepLog")
         os.makedirs(out, exist_ok=True)
         self.csv_path = os.path.join(out, "metrics.csv")
         kept: List[List[str]] = []  # the earlier rows, exactly as written

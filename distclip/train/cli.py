@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -107,10 +108,19 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require(modules: List[str], command: str) -> None:
+    """Exits with what to install when the packages a command needs (beyond TensorFlow) are missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"distclip {command} needs {' and '.join(missing)}: pip install 'distclip[train]'")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "plot":
+        _require(["matplotlib"], "plot")
         return _plot(args)
+    _require(["matplotlib", "tensorboard"], "train")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # The strategy must be created before anything else touches TensorFlow.
     from distclip.train.runners import make_runner

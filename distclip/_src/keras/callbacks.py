@@ -8,7 +8,7 @@ import keras
 
 from distclip._src import sync
 from distclip._src.errors import ArgumentError, ContextError
-from distclip._src.steplog import StepLog
+from distclip._src.steplog import StepLog, require_tensorboard
 
 
 class BroadcastCallback(keras.callbacks.Callback):
@@ -58,12 +58,15 @@ class ClipLogger(keras.callbacks.Callback):
 
     Raises:
       ArgumentError: a negative or non-integer `initial_step`.
+      ContextError: a `log_dir` where the tensorboard package is not installed.
     """
 
     def __init__(self, log_dir: Optional[str] = None, initial_step: int = 0) -> None:
         super().__init__()
         if not isinstance(initial_step, int) or isinstance(initial_step, bool) or initial_step < 0:
             raise ArgumentError(f"initial_step must be an integer >= 0; got initial_step={initial_step!r}")
+        if log_dir is not None:
+            require_tensorboard(f"ClipLogger(log_dir={log_dir!r})")
         self.log_dir = log_dir
         self.initial_step = initial_step
         self._log: Optional[StepLog] = None

@@ -33,7 +33,10 @@ def _hvd():
     try:
         import horovod.tensorflow as hvd
     except ImportError as e:
-        raise ContextError(f"backend='horovod' needs Horovod with TensorFlow support ({e})") from None
+        raise ContextError(
+            f"backend='horovod' needs Horovod built against this TensorFlow ({e}): pip cannot install it for "
+            "TensorFlow 2.19 and later; `bash scripts/install-horovod.sh $(which python)` from distclip's source "
+            "builds and installs it (docs: Horovod)") from None
     if not hvd.is_initialized():
         raise ContextError("backend='horovod': call hvd.init() (import horovod.tensorflow as hvd) first")
     return hvd

@@ -8,6 +8,7 @@ MultiWorkerMirroredStrategy, or pass `backend="none"` if each process trains alo
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from typing import Any, Callable, List, Sequence
@@ -51,6 +52,8 @@ class MPIBackend(OneReplicaPerProcess):
     def __init__(self):
         self._comm = _world()
         if self._comm is None:
+            if importlib.util.find_spec("mpi4py") is None:
+                raise ContextError("backend='mpi' needs mpi4py (pip install mpi4py), and a launch with mpirun or srun")
             raise ContextError("no MPI world of more than one process (launch with mpirun or srun, and mpi4py)")
 
     def rank(self) -> int:

@@ -35,19 +35,55 @@ class Policy:
     """Base class of threshold policies (see the module docstring)."""
 
     def state_spec(self) -> StateSpec:
+        """The state's variables, which `ClipStep` and `ClipOptimizer` create and keep.
+
+        Returns:
+          name -> (shape, dtype, initial value).
+        """
         raise NotImplementedError
 
     def threshold(self, state: State, norm: tf.Tensor) -> tf.Tensor:
+        """This step's threshold, from the state before this step and this step's synchronized norm.
+
+        Args:
+          state: the policy's state before this step.
+          norm: this step's synchronized global norm (finite).
+
+        Returns:
+          The threshold, a float32 scalar, in units of the global norm.
+        """
         raise NotImplementedError
 
     def update(self, state: State, norm: tf.Tensor) -> State:
+        """The state after a step with a finite norm.
+
+        Args:
+          state: the policy's state before this step.
+          norm: this step's synchronized global norm (finite).
+
+        Returns:
+          The new state.
+        """
         raise NotImplementedError
 
     def get_config(self) -> Dict[str, Any]:
+        """The arguments that rebuild this policy (Keras serialization).
+
+        Returns:
+          The constructor's arguments, by name.
+        """
         raise NotImplementedError
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> "Policy":
+        """Rebuilds a policy from `get_config`'s output.
+
+        Args:
+          config: the constructor's arguments, by name.
+
+        Returns:
+          The policy.
+        """
         return cls(**config)
 
     def __repr__(self) -> str:
@@ -94,9 +130,23 @@ class AutoClip(Policy):
         self.history = int(_number("history", history, 0, integer=True))
 
     def state_spec(self) -> StateSpec:
+        """The state's variables, which `ClipStep` and `ClipOptimizer` create and keep.
+
+        Returns:
+          name -> (shape, dtype, initial value).
+        """
         return {"norms": ((self.history,), tf.float32, 0.0), "count": ((), tf.int64, 0)}
 
     def threshold(self, state: State, norm: tf.Tensor) -> tf.Tensor:
+        """This step's threshold, from the state before this step and this step's synchronized norm.
+
+        Args:
+          state: the policy's state before this step.
+          norm: this step's synchronized global norm (finite).
+
+        Returns:
+          The threshold, a float32 scalar, in units of the global norm.
+        """
         norms = self._append(state, norm)["norms"]
         n = tf.minimum(state["count"] + 1, self.history)
         # Unfilled slots hold +inf and sort last; the first n sorted values are the history.
@@ -111,6 +161,15 @@ class AutoClip(Policy):
         return tf.maximum(value, _FLOOR)
 
     def update(self, state: State, norm: tf.Tensor) -> State:
+        """The state after a step with a finite norm.
+
+        Args:
+          state: the policy's state before this step.
+          norm: this step's synchronized global norm (finite).
+
+        Returns:
+          The new state.
+        """
         return self._append(state, norm)
 
     def _append(self, state: State, norm: tf.Tensor) -> State:
@@ -119,6 +178,11 @@ class AutoClip(Policy):
         return {"norms": norms, "count": state["count"] + 1}
 
     def get_config(self) -> Dict[str, Any]:
+        """The arguments that rebuild this policy (Keras serialization).
+
+        Returns:
+          The constructor's arguments, by name.
+        """
         return {"percentile": self.percentile, "history": self.history}
 
 
@@ -159,15 +223,38 @@ class SpikeClip(Policy):
         self.initial_clip_norm = initial_clip_norm
 
     def state_spec(self) -> StateSpec:
+        """The state's variables, which `ClipStep` and `ClipOptimizer` create and keep.
+
+        Returns:
+          name -> (shape, dtype, initial value).
+        """
         return {"mean": ((), tf.float32, 0.0), "var": ((), tf.float32, 0.0), "count": ((), tf.int64, 0)}
 
     def threshold(self, state: State, norm: tf.Tensor) -> tf.Tensor:
+        """This step's threshold, from the state before this step and this step's synchronized norm.
+
+        Args:
+          state: the policy's state before this step.
+          norm: this step's synchronized global norm (finite).
+
+        Returns:
+          The threshold, a float32 scalar, in units of the global norm.
+        """
         spike = state["mean"] + self.z * tf.sqrt(state["var"])
         initial = NO_CLIP if self.initial_clip_norm is None else self.initial_clip_norm
         warming = state["count"] < self.warmup
         return tf.maximum(tf.where(warming, tf.constant(initial, tf.float32), spike), _FLOOR)
 
     def update(self, state: State, norm: tf.Tensor) -> State:
+        """The state after a step with a finite norm.
+
+        Args:
+          state: the policy's state before this step.
+          norm: this step's synchronized global norm (finite).
+
+        Returns:
+          The new state.
+        """
         seen = tf.minimum(norm, self.threshold(state, norm))
         count = state["count"] + 1
         # Plain running averages while warming up (weight 1/count), then the moving average.
@@ -178,6 +265,11 @@ class SpikeClip(Policy):
         return {"mean": mean, "var": var, "count": count}
 
     def get_config(self) -> Dict[str, Any]:
+        """The arguments that rebuild this policy (Keras serialization).
+
+        Returns:
+          The constructor's arguments, by name.
+        """
         return {"z": self.z, "decay": self.decay, "warmup": self.warmup, "initial_clip_norm": self.initial_clip_norm}
 
 

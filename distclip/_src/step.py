@@ -63,13 +63,23 @@ class ClipStep(tf.Module):
         one. "raise" fails the step instead; "propagate" applies NaN
         gradients, as `tf.clip_by_global_norm` followed by `optimizer.apply`
         would.
-      reduction, backend, sparse_as_dense, compression, bucket_mb: as for
-        `distclip.sync_and_clip`. Under Horovod (`backend="auto"` finds it)
-        each process is one replica and gradients are averaged.
+      reduction: "auto" (SUM under tf.distribute, where per-replica losses are
+        divided by the global batch; MEAN under Horovod), "sum" or "mean".
+      backend: what synchronizes the gradients: "auto" (found from the
+        context; under Horovod each process is one replica), "tf_distribute",
+        "horovod" or "none" (taken as synchronized).
+      sparse_as_dense: send `tf.IndexedSlices` as dense tensors in the packed
+        all-reduce instead of all-gathering them.
+      compression: None or "fp16": float32/float64 gradients travel as float16;
+        the norm is computed on the decompressed values.
       accumulation_steps: k >= 1. Each call adds this replica's gradients to
         local sums; every k-th call reduces them once, clips their mean and
         applies it (one step on a k-times-larger batch); `apply` then returns
         the latest update's result, with `grads` of `None`.
+      bucket_mb: "auto" (25 MB buckets under Horovod; one packed all-reduce
+        under tf.distribute), None (one packed all-reduce after the backward
+        pass), or buckets of at most this many megabytes, last layers first,
+        each sent as soon as it is ready.
       name: the module's name (and its variables' name scope).
 
     Raises:

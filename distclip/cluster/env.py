@@ -23,11 +23,22 @@ from distclip._src.errors import ContextError
 
 @dataclass(frozen=True)
 class ClusterInfo:
+    """This process's place in the job, as `info()` reads it from the launcher.
+
+    Args:
+      rank: this process's rank, in [0, size).
+      size: the number of processes in the job.
+      local_rank: this process's rank among those on its machine.
+      local_size: the number of processes on its machine.
+      launcher: what started it: "horovod" (an initialized Horovod), "horovodrun", "mpirun", "slurm",
+        "tf_config" or "none".
+    """
+
     rank: int
     size: int
     local_rank: int
     local_size: int
-    launcher: str  # "horovod", "horovodrun", "mpirun", "slurm", "tf_config" or "none"
+    launcher: str
 
 
 def _int(env: Dict[str, str], *names: str, least: int = 0) -> Optional[int]:

@@ -109,6 +109,11 @@ def fresh(tmp_path_factory, dist) -> Env:
     return env
 
 
+def test_every_example_is_run_here():
+    ran = set(SINGLE_PROCESS) | {"multi_worker.py", "tensorboard_norm.py", "horovod_loop.py"}
+    assert {os.path.basename(f) for f in glob.glob(os.path.join(EXAMPLES, "*.py"))} == ran
+
+
 def test_wheel_holds_the_library_only_with_its_metadata(dist):
     with zipfile.ZipFile(dist["wheel"]) as whl:
         names = whl.namelist()

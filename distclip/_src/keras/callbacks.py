@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import keras
 
@@ -27,7 +27,12 @@ class BroadcastCallback(keras.callbacks.Callback):
         super().__init__()
         self.root = root
 
-    def on_train_begin(self, logs=None) -> None:
+    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Broadcasts the model's and the optimizer's variables from rank `root`.
+
+        Args:
+          logs: unused (Keras's callback signature).
+        """
         optimizer = getattr(self.model, "optimizer", None)
         variables = list(self.model.variables) + (list(optimizer.variables) if optimizer is not None else [])
         sync.broadcast_from_root(variables, self.root)
@@ -84,14 +89,28 @@ class ClipLogger(keras.callbacks.Callback):
                 f"ClipLogger needs a model compiled with distclip.keras.ClipOptimizer; got {optimizer!r}")
         return optimizer
 
-    def on_train_begin(self, logs=None) -> None:
+    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Finds the `ClipOptimizer` and, with a `log_dir`, opens metrics.csv and the TensorBoard writer (rank 0).
+
+        Args:
+          logs: unused (Keras's callback signature).
+
+        Raises:
+          ContextError: the model's optimizer is not a `ClipOptimizer`.
+        """
         self._opt = optimizer = self._optimizer()
         self._skipped = int(optimizer.skipped_steps.numpy()) if optimizer.built else 0
         self._updates = self._skipped + int(optimizer.iterations.numpy())
         if self.log_dir and sync.current(self.model.variables).rank() == 0:
             self._log = StepLog(self.log_dir, first_step=self.initial_step or None)
 
-    def on_epoch_begin(self, epoch, logs=None) -> None:
+    def on_epoch_begin(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Starts the epoch's means of `global_norm` and `clip_scale`.
+
+        Args:
+          epoch: the epoch's index.
+          logs: unused (Keras's callback signature).
+        """
         self._sums = {"global_norm": 0.0, "clip_scale": 0.0}
         self._finite = 0
 
@@ -104,7 +123,13 @@ class ClipLogger(keras.callbacks.Callback):
         """The rows written so far (rank 0 with a `log_dir`), else None."""
         return self._log.rows if self._log is not None else None
 
-    def on_train_batch_end(self, batch, logs=None) -> None:
+    def on_train_batch_end(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Records the step (or steps) since the last call, if an update or a skip happened.
+
+        Args:
+          batch: the batch's index in the epoch.
+          logs: `fit`'s logs; `loss` is written to metrics.csv.
+        """
         optimizer = self._opt
         skipped = int(optimizer.skipped_steps.numpy())
         updates = skipped + int(optimizer.iterations.numpy())
@@ -137,10 +162,21 @@ class ClipLogger(keras.callbacks.Callback):
         if self._log is not None:
             self._log.flush()
 
-    def on_epoch_end(self, epoch, logs=None) -> None:
+    def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Adds `global_norm`, `clip_scale` and `skipped_steps` to the epoch's logs (and so to `History`).
+
+        Args:
+          epoch: the epoch's index.
+          logs: `fit`'s logs, updated in place.
+        """
         if logs is not None:
             logs.update(self._summary())
 
-    def on_train_end(self, logs=None) -> None:
+    def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Closes metrics.csv and the TensorBoard writer.
+
+        Args:
+          logs: unused (Keras's callback signature).
+        """
         if self._log is not None:
             self._log.close()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, NoReturn, Optional, Union
 
 import keras
 
@@ -86,9 +86,21 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         callable of the step, or a policy (`distclip.AutoClip`,
         `distclip.SpikeClip`) whose state is kept in this optimizer's
         variables (saved with it).
-      nonfinite, accumulation_steps: as for `distclip.ClipStep`
+      nonfinite: "skip" (default): when the synchronized norm is inf or NaN,
+        every replica skips the step together (the variables, the optimizer's
+        slots and `iterations` stay as they were); "raise" fails the step;
+        "propagate" applies the NaN gradients.
+      reduction: "auto" (SUM under tf.distribute; MEAN under Horovod), "sum"
+        or "mean".
+      backend: "auto" (found from the context), "tf_distribute", "horovod" or
+        "none".
+      sparse_as_dense: send `tf.IndexedSlices` as dense tensors in the packed
+        all-reduce instead of all-gathering them.
+      compression: None or "fp16": float32/float64 gradients travel as float16.
+      accumulation_steps: k >= 1: every k-th call reduces the local sums of k
+        micro-batches' gradients once, clips their mean and applies it
         (`iterations` counts the updates).
-      reduction, backend, sparse_as_dense, compression, bucket_mb: as for
+      bucket_mb: "auto", None or a size in megabytes, as for
         `distclip.sync_and_clip`.
       name: the optimizer's name.
 
@@ -146,13 +158,28 @@ class ClipOptimizer(keras.optimizers.Optimizer):
             if len(optimizers_in(opt)) == 1:  # it holds no other optimizer: it updates (not a LossScale/MultiOptimizer)
                 opt.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
 
-    def update_step(self, gradient, variable, learning_rate):
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> NoReturn:
+        """Not available: the wrapper has no update of its own (the inner optimizer's runs inside `apply`).
+
+        Args:
+          gradient: unused.
+          variable: unused.
+          learning_rate: unused.
+
+        Raises:
+          NotImplementedError: always, saying to call `apply` or `apply_gradients`.
+        """
         raise NotImplementedError(
             "ClipOptimizer.update_step: the wrapper has no update of its own; the inner optimizer's update_step "
             "runs inside ClipOptimizer.apply (call apply or apply_gradients), or call "
             "inner_optimizer.update_step to bypass the synchronized clip")
 
     def build(self, var_list: List[Any]) -> None:
+        """Builds the inner optimizer's variables and the wrapper's own (norm, scale, policy state, accumulators).
+
+        Args:
+          var_list: the model's trainable variables.
+        """
         if self.built:
             return
 
@@ -197,7 +224,15 @@ class ClipOptimizer(keras.optimizers.Optimizer):
     def iterations(self):
         return self.inner_optimizer.iterations
 
-    def scale_loss(self, loss):
+    def scale_loss(self, loss: Any) -> Any:
+        """The inner optimizer's `scale_loss`: the loss times the dynamic scale under a `LossScaleOptimizer`.
+
+        Args:
+          loss: the loss to scale.
+
+        Returns:
+          The scaled loss (the loss itself without a `LossScaleOptimizer`).
+        """
         return self.inner_optimizer.scale_loss(loss)
 
     def __setattr__(self, name, value):
@@ -214,7 +249,12 @@ class ClipOptimizer(keras.optimizers.Optimizer):
             )
         super().__setattr__(name, value)
 
-    def finalize_variable_values(self, var_list):
+    def finalize_variable_values(self, var_list: List[Any]) -> None:
+        """The inner optimizer's `finalize_variable_values` (for example, its EMA weights at the end of `fit`).
+
+        Args:
+          var_list: the model's trainable variables.
+        """
         self.inner_optimizer.finalize_variable_values(var_list)
 
     def apply(self, grads: List[Any], trainable_variables: Optional[List[Any]] = None) -> ClipResult:
@@ -240,11 +280,26 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         self.build(trainable_variables)
         return self._update.apply(grads, trainable_variables)
 
-    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+    def stateless_apply(self, optimizer_variables: Any, grads: Any, trainable_variables: Any) -> NoReturn:
+        """Not available: the TensorFlow backend has no stateless apply.
+
+        Args:
+          optimizer_variables: unused.
+          grads: unused.
+          trainable_variables: unused.
+
+        Raises:
+          NotImplementedError: always, saying to call `apply`.
+        """
         raise NotImplementedError("ClipOptimizer.stateless_apply: ClipOptimizer runs on the TensorFlow backend, "
                                   "which has no stateless_apply; call apply")
 
     def get_config(self) -> Dict[str, Any]:
+        """The configuration that `from_config` rebuilds this optimizer from (saved in `.keras` files).
+
+        Returns:
+          The inner optimizer's serialized config, `clip_norm` (a policy or schedule serialized) and the options.
+        """
         clip_norm = self.clip_norm
         if isinstance(clip_norm, (Policy, keras.optimizers.schedules.LearningRateSchedule)):
             clip_norm = keras.saving.serialize_keras_object(clip_norm)
@@ -261,7 +316,16 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         }
 
     @classmethod
-    def from_config(cls, config: Dict[str, Any], custom_objects=None) -> "ClipOptimizer":
+    def from_config(cls, config: Dict[str, Any], custom_objects: Optional[Dict[str, Any]] = None) -> "ClipOptimizer":
+        """Rebuilds a `ClipOptimizer` from `get_config`'s output.
+
+        Args:
+          config: what `get_config` returned.
+          custom_objects: passed on to Keras's deserialization of the inner optimizer and `clip_norm`.
+
+        Returns:
+          A new, unbuilt `ClipOptimizer`.
+        """
         config = dict(config)
         optimizer = keras.saving.deserialize_keras_object(config.pop("optimizer"), custom_objects=custom_objects)
         clip_norm = config.pop("clip_norm")

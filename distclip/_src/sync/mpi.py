@@ -25,14 +25,18 @@ from distclip._src.variables import tf_variable
 _WORLD_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 
 
+def _launched() -> bool:
+    """Whether a launcher (mpirun, srun) says it started several processes."""
+    return any(os.environ.get(v, "1").strip() not in ("", "0", "1") for v in _WORLD_SIZE_VARIABLES)
+
+
 def _world():
     """mpi4py's COMM_WORLD if this process is one of several MPI processes, else None.
 
     mpi4py is imported only where the program already did, or where a launcher
     says it started several processes (importing it initializes MPI).
     """
-    launched = any(os.environ.get(v, "1").strip() not in ("", "0", "1") for v in _WORLD_SIZE_VARIABLES)
-    if "mpi4py.MPI" not in sys.modules and not launched:
+    if "mpi4py.MPI" not in sys.modules and not _launched():
         return None
     try:
         from mpi4py import MPI
@@ -52,8 +56,9 @@ class MPIBackend(OneReplicaPerProcess):
     def __init__(self):
         self._comm = _world()
         if self._comm is None:
-            if importlib.util.find_spec("mpi4py") is None:
-                raise ContextError("backend='mpi' needs mpi4py (pip install mpi4py), and a launch with mpirun or srun")
+            if _launched() and importlib.util.find_spec("mpi4py") is None:
+                raise ContextError("mpirun or srun started several processes, but mpi4py, which distclip talks to "
+                                   "them with, is not installed: pip install mpi4py")
             raise ContextError("no MPI world of more than one process (launch with mpirun or srun, and mpi4py)")
 
     def rank(self) -> int:

@@ -1,0 +1,1 @@
+"""`ClipOptimizer` and its callbacks, exported by `distclip.keras`."""

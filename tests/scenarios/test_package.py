@@ -134,6 +134,8 @@ def test_wheel_holds_the_library_only_with_its_metadata(dist):
     urls = dict(u.split(", ", 1) for u in metadata.get_all("Project-URL"))
     assert set(urls) >= {"Documentation", "Source", "Issues", "Changelog"}, urls
     assert "Programming Language :: Python :: 3.11" in metadata.get_all("Classifier")
+    # Horovod is no extra: pip cannot build it against TensorFlow 2.19 and later (scripts/install-horovod.sh can).
+    assert sorted(metadata.get_all("Provides-Extra")) == ["dev", "docs", "mpi", "tf", "tf-cpu", "train"]
     requires = metadata.get_all("Requires-Dist")
     # Nothing beyond Keras and NumPy unless an extra asks; TensorFlow only through an extra (it has several names).
     assert sorted(r.split(">")[0].split("<")[0] for r in requires if "extra ==" not in r) == ["keras", "numpy"]

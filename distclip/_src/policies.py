@@ -47,7 +47,7 @@ class Policy:
 
         Args:
           state: the policy's state before this step.
-          norm: this step's synchronized global norm (finite).
+          norm: this step's synchronized global norm (inf or NaN on a step that will be skipped).
 
         Returns:
           The threshold, a float32 scalar, in units of the global norm.
@@ -142,7 +142,7 @@ class AutoClip(Policy):
 
         Args:
           state: the policy's state before this step.
-          norm: this step's synchronized global norm (finite).
+          norm: this step's synchronized global norm (inf or NaN on a step that will be skipped).
 
         Returns:
           The threshold, a float32 scalar, in units of the global norm.
@@ -235,7 +235,7 @@ class SpikeClip(Policy):
 
         Args:
           state: the policy's state before this step.
-          norm: this step's synchronized global norm (finite).
+          norm: this step's synchronized global norm (inf or NaN on a step that will be skipped).
 
         Returns:
           The threshold, a float32 scalar, in units of the global norm.

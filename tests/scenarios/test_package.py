@@ -147,7 +147,18 @@ def test_wheel_holds_the_library_only_with_its_metadata(dist):
 
 
 def test_sdist_builds_the_same_wheel_contents(dist, tmp_path):
-    """The sdist is complete: a wheel built from it holds the same files as the one built from the checkout."""
+    """The sdist is complete: a wheel built from it holds the same files as the one built from the checkout,
+    and it carries what the wheel leaves out for users who build from source (install-horovod.sh and its patch,
+    the examples, the launch scripts and sbatch templates)."""
+    import tarfile
+
+    with tarfile.open(dist["sdist"]) as sdist:
+        names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
+    wanted = {"scripts/install-horovod.sh", "scripts/horovod-0.28.1-tf2.19.patch", "launch/horovodrun.sh",
+              "slurm/horovod-srun.sbatch", "CHANGELOG.md", "LICENSE"}
+    wanted |= {os.path.relpath(f, ROOT) for f in glob.glob(os.path.join(EXAMPLES, "*.py"))}
+    assert wanted <= names, sorted(wanted - names)
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), dist["sdist"]],
              dict(os.environ), str(tmp_path), timeout=600)
     assert r.returncode == 0, _out(r)

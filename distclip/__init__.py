@@ -37,6 +37,8 @@ _EXPORTS = {
     "ContextError": "distclip._src.errors",
     "AutoClip": "distclip._src.policies",
     "SpikeClip": "distclip._src.policies",
+    "NoiseScale": "distclip._src.noise",
+    "NoiseEstimate": "distclip._src.noise",
 }
 __all__ = sorted(_EXPORTS) + ["cluster", "keras", "__version__"]
 
@@ -44,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from distclip import cluster, keras  # noqa: F401
     from distclip._src.clip import ClipResult, sync_and_clip  # noqa: F401
     from distclip._src.errors import ArgumentError, ContextError  # noqa: F401
+    from distclip._src.noise import NoiseEstimate, NoiseScale  # noqa: F401
     from distclip._src.policies import AutoClip, SpikeClip  # noqa: F401
     from distclip._src.step import ClipStep  # noqa: F401
     from distclip._src.sync import broadcast_from_root  # noqa: F401

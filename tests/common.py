@@ -205,5 +205,7 @@ def read_tensorboard(folder) -> dict:
     for path in sorted(glob.glob(os.path.join(folder, "**", "events.out.tfevents.*"), recursive=True)):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name not in ("", "scalars"):
+                    continue  # text, histograms
                 scalars.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
     return {tag: sorted(points) for tag, points in scalars.items()}

@@ -8,8 +8,8 @@ import tensorflow as tf
 from distclip._src import sync
 from distclip._src.checks import check_gradients
 from distclip._src.errors import ArgumentError
-from distclip._src.nonfinite import Nonfinite, guarded_scale, skips
-from distclip._src.norm import clip_scale, norm_from_squares, scale_gradients, sum_of_squares
+from distclip._src.nonfinite import Nonfinite, guarded_scale, nonfinite_variables, read_report, replica_report, skips
+from distclip._src.norm import clip_scale, norm_from_squares, scale_gradients, squared_norm
 from distclip._src.options import BucketMB, StepOptions
 from distclip._src.policies import Policy
 from distclip._src.sync import BackendName, Reduction, buckets, wire
@@ -32,6 +32,18 @@ class ClipResult(NamedTuple):
         it is NaN, as in `tf.clip_by_global_norm`.
       clipped: bool scalar, `global_norm > clip_norm` on a finite step.
       finite: bool scalar, whether `global_norm` is finite.
+      nonfinite_replicas: bool `[num_replicas]`: entry r is True where replica
+        r's own gradients (before the all-reduce) held an inf or a NaN.
+        Replicas are numbered as `replica_id_in_sync_group` (worker-major
+        under MultiWorkerMirroredStrategy), or by Horovod rank. Identical on
+        every replica; all False on a finite step.
+      nonfinite_variables: bool `[len(grads)]`: entry i is True where the
+        synchronized gradient of variable i held an inf or a NaN.
+      variable_norms: float32 `[len(grads)]`, `||g_i||_2` of each synchronized
+        gradient before clipping, in the units of `global_norm` (0 for a
+        `None` gradient), with `variable_norms=True`; otherwise None.
+      noise: the gradient noise scale estimates (`distclip.NoiseEstimate`)
+        with `noise_scale=` on `ClipStep` or `ClipOptimizer`; otherwise None.
     """
 
     grads: List[Optional[Any]]
@@ -39,6 +51,10 @@ class ClipResult(NamedTuple):
     scale: tf.Tensor
     clipped: tf.Tensor
     finite: tf.Tensor
+    nonfinite_replicas: tf.Tensor
+    nonfinite_variables: tf.Tensor
+    variable_norms: Optional[tf.Tensor] = None
+    noise: Optional[Any] = None
 
 
 def sync_and_clip(
@@ -52,6 +68,7 @@ def sync_and_clip(
     sparse_as_dense: bool = False,
     compression: Compression = None,
     bucket_mb: BucketMB = "auto",
+    variable_norms: bool = False,
 ) -> ClipResult:
     """All-reduce `grads` across replicas, then clip them by their global L2 norm.
 
@@ -89,9 +106,12 @@ def sync_and_clip(
         under tf.distribute), None (one packed all-reduce after the backward
         pass), or buckets of at most this many megabytes, last layers first,
         each sent as soon as it is ready.
+      variable_norms: also return each synchronized gradient's own L2 norm
+        (`ClipResult.variable_norms`).
 
     Returns:
-      The synchronized, clipped gradients with the norm and scale (`ClipResult`).
+      The synchronized, clipped gradients with the norm and scale, and which
+      replicas and variables were non-finite (`ClipResult`).
 
     Raises:
       ArgumentError: a bad argument, named with its value.
@@ -99,7 +119,7 @@ def sync_and_clip(
         context cannot run.
     """
     options = StepOptions(nonfinite=nonfinite, reduction=reduction, backend=backend, sparse_as_dense=sparse_as_dense,
-                          compression=compression, bucket_mb=bucket_mb)
+                          compression=compression, bucket_mb=bucket_mb, variable_norms=variable_norms)
     grads = check_gradients(grads)
     if isinstance(clip_norm, Policy):
         raise ArgumentError(
@@ -108,7 +128,7 @@ def sync_and_clip(
         )
     threshold = resolve_clip_norm(clip_norm, step)  # checks clip_norm
     sync.check_replica_context("sync_and_clip")
-    result, _ = clip_synchronized(grads, sync.select(options.backend), lambda norm: threshold, options)
+    result, _, _ = clip_synchronized(grads, sync.select(options.backend), lambda norm: threshold, options)
     return result
 
 
@@ -120,7 +140,7 @@ def clip_synchronized(
     *,
     micro_batches: int = 1,
     loss_scale: Optional[tf.Tensor] = None,
-) -> Tuple[ClipResult, tf.Tensor]:
+) -> Tuple[ClipResult, tf.Tensor, Optional[tf.Tensor]]:
     """`sync_and_clip`'s reduce, measure, decide and scale, with the threshold a function of the norm.
 
     `grads` must have been checked (`check_gradients`); `backend` reduces them.
@@ -131,33 +151,67 @@ def clip_synchronized(
     gradients divided by S. Both factors, and a mean's 1/n, ride on the one
     multiply.
 
+    Each replica also sums the squares of its own gradients (one pass), and
+    `num_replicas + 1` float elements ride on the last packed collective: its
+    non-finite flag at its own index, and that sum (`distclip._src.nonfinite.replica_report`).
+
     Returns:
-      The result, and the threshold used.
+      The result; the threshold used; `sum_r ||f g_r||_2^2` over the
+      replicas' own gradients g_r, with f the factor from the sums to the
+      clipped gradients (so that `f g_r` is one term of the mean `global_norm` measures); None where the
+      report travelled as float16 or bfloat16 (float16 gradients on the wire), too narrow for it.
     """
     present = [i for i, g in enumerate(grads) if g is not None]
-    sent, dtypes = wire.encode([grads[i] for i in present], sparse_as_dense=options.sparse_as_dense,
-                               compression=options.compression)
+    local = [grads[i] for i in present]
+    n = backend.num_replicas()
+    sent, dtypes = wire.encode(local, sparse_as_dense=options.sparse_as_dense, compression=options.compression)
+    # The report travels in the gradients' dtype: a strategy packs one buffer of one dtype per collective.
+    dense = {g.dtype for g in sent if isinstance(g, tf.Tensor)}
+    wire_dtype = dense.pop() if len(dense) == 1 and next(iter(dense)).is_floating else tf.float32
+    report = replica_report(local, backend.replica_index(), n, wire_dtype)
     summed: List[Any] = [None] * len(sent)
-    squares = []
+    squares: List[Any] = [None] * len(sent)
     bucket_mb = backend.default_bucket_mb if options.bucket_mb == "auto" else options.bucket_mb
-    for bucket in buckets.plan(sent, bucket_mb):
-        reduced = wire.decode(backend.all_reduce_sum([sent[i] for i in bucket]), [dtypes[i] for i in bucket])  # reduce
-        squares.append(sum_of_squares(reduced))  # each bucket's share of the norm, as soon as it arrives
-        for i, g in zip(bucket, reduced, strict=True):
-            summed[i] = g
+    plan = buckets.plan(sent, bucket_mb)
+    for b, bucket in enumerate(plan):
+        extra = [report] if b == len(plan) - 1 else []  # in the last collective, which waits for every gradient
+        out = backend.all_reduce_sum([sent[i] for i in bucket] + extra)                                # reduce
+        reduced = wire.decode(out[:len(bucket)], [dtypes[i] for i in bucket])
+        for i, g in zip(bucket, reduced, strict=True):  # each bucket's share of the norm, as soon as it arrives
+            summed[i], squares[i] = g, squared_norm(g)
+        if extra:
+            flags, local_squares = read_report(out[-1], n)
 
     to_mean = _to_mean(sync.resolve_reduction(options.reduction, backend), backend, micro_batches, loss_scale)
-    norm = norm_from_squares(tf.add_n(squares), summed) * to_mean                                     # measure
+    total = tf.add_n(squares) if squares else tf.zeros([], tf.float32)
+    norm = norm_from_squares(total, summed) * to_mean                                                 # measure
     finite = tf.math.is_finite(norm)
     threshold = threshold_of(norm)                                                                     # decide
     scale = guarded_scale(options.nonfinite, clip_scale(norm, threshold), norm, finite)
     clipped = scale_gradients(summed, scale * to_mean, zero_on_zero_scale=skips(options.nonfinite))  # scale
 
-    out: List[Optional[Any]] = [None] * len(grads)
+    out_grads: List[Optional[Any]] = [None] * len(grads)
     for i, g in zip(present, clipped, strict=True):
-        out[i] = g
-    return ClipResult(grads=out, global_norm=norm, scale=scale, clipped=tf.logical_and(finite, norm > threshold),
-                      finite=finite), threshold
+        out_grads[i] = g
+    result = ClipResult(
+        grads=out_grads, global_norm=norm, scale=scale, clipped=tf.logical_and(finite, norm > threshold),
+        finite=finite, nonfinite_replicas=tf.logical_and(tf.logical_not(finite), flags),
+        nonfinite_variables=_scatter(nonfinite_variables(summed, total), present, len(grads), False),
+        variable_norms=(_scatter(tf.sqrt(tf.stack(squares)) * to_mean, present, len(grads), 0.0)
+                        if options.variable_norms and squares else
+                        tf.zeros([len(grads)], tf.float32) if options.variable_norms else None))
+    precise = wire_dtype in (tf.float32, tf.float64)  # a float16 sum of squares overflows at 65504
+    return result, threshold, local_squares * to_mean * to_mean if precise else None
+
+
+def _scatter(values: tf.Tensor, present: List[int], size: int, fill: Any) -> tf.Tensor:
+    """`values` (one per present gradient) at their indices among `size`, `fill` elsewhere."""
+    if len(present) == size:
+        return values
+    out = tf.fill([size], tf.constant(fill, values.dtype))
+    if not present:
+        return out
+    return tf.tensor_scatter_nd_update(out, tf.constant([[i] for i in present]), values)
 
 
 def _to_mean(op: str, backend: sync.Backend, micro_batches: int, loss_scale: Optional[tf.Tensor]) -> Any:

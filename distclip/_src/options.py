@@ -29,6 +29,7 @@ class StepOptions:
     compression: Compression = None
     accumulation_steps: int = 1
     bucket_mb: BucketMB = "auto"
+    variable_norms: bool = False
 
     def __post_init__(self) -> None:
         _choice("nonfinite", self.nonfinite, NONFINITE)
@@ -38,6 +39,8 @@ class StepOptions:
             raise ArgumentError(f"sparse_as_dense must be True or False; got sparse_as_dense={self.sparse_as_dense!r}")
         if self.compression not in COMPRESSIONS:
             raise ArgumentError(f"compression must be one of {COMPRESSIONS}; got compression={self.compression!r}")
+        if not isinstance(self.variable_norms, bool):
+            raise ArgumentError(f"variable_norms must be True or False; got variable_norms={self.variable_norms!r}")
         steps = self.accumulation_steps
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise ArgumentError(f"accumulation_steps must be an integer >= 1; got accumulation_steps={steps!r}")

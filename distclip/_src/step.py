@@ -1,22 +1,24 @@
 """`ClipStep`: synchronize once, clip, and apply the update with a Keras 3 optimizer once."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence, Tuple
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
 
 from distclip._src.checks import split_pairs
 from distclip._src.clip import ClipResult
+from distclip._src.noise import NoiseScale
 from distclip._src.nonfinite import Nonfinite
 from distclip._src.options import BucketMB, StepOptions
 from distclip._src.sync import BackendName, Reduction
 from distclip._src.sync.wire import Compression
 from distclip._src.threshold import ClipNorm
-from distclip._src.update import ClipUpdate
+from distclip._src.update import ClipUpdate, Diagnostics
+from distclip._src.variables import identical_variable
 
 
-class ClipStep(tf.Module):
+class ClipStep(Diagnostics, tf.Module):
     """A training step's gradient path: all-reduce, global-norm clip, one optimizer update.
 
     Create it under the strategy's scope, like the model and the optimizer, and
@@ -80,6 +82,12 @@ class ClipStep(tf.Module):
         under tf.distribute), None (one packed all-reduce after the backward
         pass), or buckets of at most this many megabytes, last layers first,
         each sent as soon as it is ready.
+      variable_norms: also measure each synchronized gradient's own L2 norm
+        (`ClipResult.variable_norms`, and the `variable_norms` state that
+        `ClipLogger` writes per layer): one float per variable, no collective.
+      noise_scale: a `distclip.NoiseScale` to estimate the gradient noise
+        scale at every update (`ClipResult.noise`; needs 2 or more replicas),
+        or None.
       name: the module's name (and its variables' name scope).
 
     Raises:
@@ -89,14 +97,16 @@ class ClipStep(tf.Module):
     def __init__(self, optimizer: keras.optimizers.Optimizer, clip_norm: ClipNorm, *,
                  nonfinite: Nonfinite = "skip", reduction: Reduction = "auto", backend: BackendName = "auto",
                  sparse_as_dense: bool = False, compression: Compression = None, accumulation_steps: int = 1,
-                 bucket_mb: BucketMB = "auto", name: str = "clip_step") -> None:
+                 bucket_mb: BucketMB = "auto", variable_norms: bool = False,
+                 noise_scale: Optional[NoiseScale] = None, name: str = "clip_step") -> None:
         super().__init__(name=name)
         self.options = StepOptions(nonfinite=nonfinite, reduction=reduction, backend=backend,
                                    sparse_as_dense=sparse_as_dense, compression=compression,
-                                   accumulation_steps=accumulation_steps, bucket_mb=bucket_mb)
-        self._update = ClipUpdate(optimizer, clip_norm, self.options, "ClipStep")
+                                   accumulation_steps=accumulation_steps, bucket_mb=bucket_mb,
+                                   variable_norms=variable_norms)
+        self._update = ClipUpdate(optimizer, clip_norm, self.options, "ClipStep", noise_scale)
         with tf.name_scope(name):
-            self._update.create_state(_variable)
+            self._update.create_state(identical_variable)
         self.optimizer = optimizer
         self.clip_norm = clip_norm
         #: Steps skipped because the synchronized global norm was not finite.
@@ -168,12 +178,3 @@ class ClipStep(tf.Module):
         """
         grads, variables = split_pairs(grads_and_vars)
         return self.apply(grads, variables)
-
-
-def _variable(name: str, shape: Tuple[int, ...], dtype: tf.DType, initial: float) -> tf.Variable:
-    """A variable written by each replica with a value identical on every replica (no aggregation needed)."""
-    return tf.Variable(
-        tf.fill(shape, tf.constant(initial, dtype)), trainable=False, name=name,
-        synchronization=tf.VariableSynchronization.ON_WRITE,
-        aggregation=tf.VariableAggregation.NONE,
-    )

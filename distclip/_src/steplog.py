@@ -5,6 +5,13 @@ One row per update, in `metrics.csv` with the columns of `COLUMNS`:
 gradients' units), `scale` (the clip factor applied), `clip_norm` (the
 threshold used; inf for `clip_norm=None`), `clipped` and `skipped` (0 or 1).
 The same scalars go to TensorBoard event files under `tensorboard/`.
+
+Besides, as they happen: each non-finite update to `nonfinite.csv` (one row
+per replica whose own gradients were non-finite: step, skipped, replica,
+worker, host, device, and the variables, `;`-separated) and as a TensorBoard
+text `nonfinite`; per-layer norms to `layer_norms.csv` (step, layer, norm)
+and TensorBoard (`layer_norm/<layer>` scalars, a `variable_norms`
+histogram); the noise scale to TensorBoard (`noise/...`).
 """
 from __future__ import annotations
 
@@ -13,13 +20,16 @@ import importlib.util
 import io
 import math
 import os
-from typing import Dict, List, Optional
+from typing import IO, Any, Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
+from distclip._src.attribution import describe
 from distclip._src.errors import ContextError
 
 COLUMNS = ("step", "loss", "global_norm", "scale", "clip_norm", "clipped", "skipped")
+NONFINITE_COLUMNS = ("step", "skipped", "replica", "worker", "host", "device", "variables")
+LAYER_COLUMNS = ("step", "layer", "norm")
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -69,6 +79,10 @@ class StepLog:
         self._file = open(self.csv_path, "a", newline="")
         self._csv = csv.writer(self._file)
         self._tb = tf.summary.create_file_writer(os.path.join(out, "tensorboard"))
+        self._nonfinite = _EventFile(os.path.join(out, "nonfinite.csv"), NONFINITE_COLUMNS, first_step)
+        self._layers = _EventFile(os.path.join(out, "layer_norms.csv"), LAYER_COLUMNS, first_step)
+        #: The non-finite updates written (`distclip._src.attribution.Nonfinite`).
+        self.nonfinite: List[Any] = []
 
     def write(self, row: Dict[str, float]) -> None:
         self.rows.append(row)
@@ -78,14 +92,100 @@ class StepLog:
                 if math.isfinite(row[name]):
                     tf.summary.scalar(name, row[name])
 
+    def write_nonfinite(self, record: Any) -> None:
+        """A non-finite update (`distclip._src.attribution.Nonfinite`): its rows, and its line as TensorBoard text."""
+        self.nonfinite.append(record)
+        variables = ";".join(record.variables)
+        for p in record.replicas or [None]:
+            self._nonfinite.write([record.step, int(record.skipped), *(("", "", "", "") if p is None else p),
+                                   variables])
+        with self._tb.as_default(step=record.step):
+            tf.summary.text("nonfinite", describe(record))
+
+    def write_norms(self, step: int, names: Sequence[str], norms: Sequence[float]) -> None:
+        """Per-variable norms of one update, written per layer (`layer_norms`)."""
+        layers = layer_norms(names, norms)
+        for layer, norm in layers.items():
+            self._layers.write([step, layer, norm])
+        with self._tb.as_default(step=step):
+            for layer, norm in layers.items():
+                tf.summary.scalar(f"layer_norm/{layer}", norm)
+            finite = [n for n in norms if math.isfinite(n)]
+            if finite:
+                tf.summary.histogram("variable_norms", finite)
+
+    def write_noise(self, step: int, estimate: Any) -> None:
+        """The noise scale's estimates (`distclip.NoiseEstimate` of floats) after an update."""
+        with self._tb.as_default(step=step):
+            for name in estimate._fields:
+                value = float(getattr(estimate, name))
+                if math.isfinite(value):
+                    tf.summary.scalar(f"noise/{name}", value)
+
     def flush(self) -> None:
         """Puts every row written so far on disk (before each checkpoint: a resume keeps them)."""
         self._file.flush()
         os.fsync(self._file.fileno())
+        self._nonfinite.flush()
+        self._layers.flush()
         self._tb.flush()
 
     def close(self) -> None:
         self._file.close()
+        self._nonfinite.close()
+        self._layers.close()
         self._tb.close()
+
+
+def layer_of(name: str) -> str:
+    """The layer a variable belongs to: its path without the last part ("dense_2/kernel" -> "dense_2")."""
+    return name.rsplit("/", 1)[0] if "/" in name else name
+
+
+def layer_norms(names: Sequence[str], norms: Sequence[float]) -> Dict[str, float]:
+    """Per-layer norms, `sqrt(sum ||g_v||^2)` over each layer's variables, in the order layers first appear."""
+    squares: Dict[str, float] = {}
+    for name, norm in zip(names, norms, strict=True):
+        squares[layer_of(name)] = squares.get(layer_of(name), 0.0) + float(norm) ** 2
+    return {layer: math.sqrt(sq) for layer, sq in squares.items()}
+
+
+class _EventFile:
+    """A CSV of rows that start with a step, opened lazily; resumed at `first_step`, it keeps the earlier rows."""
+
+    def __init__(self, path: str, columns: Sequence[str], first_step: Optional[int]):
+        self.path, self.columns = path, columns
+        self._file: Optional[IO[str]] = None
+        kept: List[List[str]] = []
+        if first_step is not None and os.path.exists(path):
+            with open(path, newline="") as f:
+                kept = [r for r in list(csv.reader(f))[1:]
+                        if len(r) == len(columns) and r[0].isdigit() and int(r[0]) < first_step]
+        if kept or os.path.exists(path):
+            text = io.StringIO(newline="")
+            csv.writer(text).writerows([columns, *kept])
+            write_atomically(path, text.getvalue())
+            self._open()
+
+    def _open(self) -> None:
+        new = not os.path.exists(self.path)
+        self._file = open(self.path, "a", newline="")
+        self._csv = csv.writer(self._file)
+        if new:
+            self._csv.writerow(self.columns)
+
+    def write(self, row: Sequence[Any]) -> None:
+        if self._file is None:
+            self._open()
+        self._csv.writerow(row)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 

@@ -23,6 +23,7 @@ moves as Keras's `LossScaleOptimizer` moves it (`_next_loss_scale`).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, List, Optional, Sequence, Tuple
 
 import keras
@@ -37,7 +38,10 @@ from distclip._src.optimizer import apply_in_lockstep, check_optimizer, check_st
 from distclip._src.options import StepOptions
 from distclip._src.policies import Policy
 from distclip._src.threshold import ClipNorm, MakeVariable, Threshold, check_clip_norm
-from distclip._src.variables import tf_variable
+from distclip._src.errors import ArgumentError, ContextError
+from distclip._src.lockstep import create_variables
+from distclip._src.noise import NoiseEstimate, NoiseScale, NoiseState, check_replicas
+from distclip._src.variables import identical_variable, tf_variable
 
 
 class StepState:
@@ -45,30 +49,97 @@ class StepState:
 
     `skipped_steps` counts updates skipped for a non-finite norm; `global_norm`
     (before clipping), `clip_norm` (the threshold used), `clip_scale` and
-    `finite` are those of the latest update. Their values are identical on
+    `finite` are those of the latest update, and so are, once the variables
+    are known (`create_vectors`), `nonfinite_replicas` and
+    `nonfinite_variables` (0/1 per replica and per variable) and, with
+    `variable_norms=True`, `variable_norms`. With a `NoiseScale`, `noise`
+    holds the noise scale's moving averages. Their values are identical on
     every replica, so each replica writes its own copy (no aggregation, no
     communication).
     """
 
-    def __init__(self, make_variable: MakeVariable):
+    def __init__(self, make_variable: MakeVariable, noise_scale: Optional[NoiseScale] = None):
         self.skipped_steps = make_variable("skipped_steps", (), tf.int64, 0)
         self.global_norm = make_variable("global_norm", (), tf.float32, 0.0)
         self.clip_norm = make_variable("clip_norm", (), tf.float32, 0.0)
         self.clip_scale = make_variable("clip_scale", (), tf.float32, 1.0)
         self.finite = make_variable("finite", (), tf.int64, 1)
+        self.noise = None if noise_scale is None else NoiseState(noise_scale, make_variable)
+        # Shaped by the replicas and the variables, so made once those are known (`create_vectors`).
+        self.nonfinite_replicas: Any = None
+        self.nonfinite_variables: Any = None
+        self.variable_norms: Any = None
+
+    def create_vectors(self, strategy: tf.distribute.Strategy, replicas: int, variables: int,
+                       variable_norms: bool) -> None:
+        """Makes the per-replica and per-variable variables once (not saved: they describe the latest update)."""
+        if self.nonfinite_replicas is not None:
+            return
+
+        def create():
+            # Already under the strategy inside its replica function (OneDeviceStrategy); enter it otherwise.
+            with contextlib.nullcontext() if tf.distribute.has_strategy() else strategy.scope():
+                self.nonfinite_replicas = identical_variable("nonfinite_replicas", (replicas,), tf.int64, 0)
+                self.nonfinite_variables = identical_variable("nonfinite_variables", (variables,), tf.int64, 0)
+                if variable_norms:
+                    self.variable_norms = identical_variable("variable_norms", (variables,), tf.float32, 0.0)
+
+        create_variables(create)
 
     def record(self, result: ClipResult, threshold: tf.Tensor) -> None:
         for var, value in ((self.global_norm, result.global_norm), (self.clip_norm, threshold),
-                           (self.clip_scale, result.scale), (self.finite, tf.cast(result.finite, tf.int64))):
-            var.assign(value)
+                           (self.clip_scale, result.scale), (self.finite, tf.cast(result.finite, tf.int64)),
+                           (self.nonfinite_replicas, tf.cast(result.nonfinite_replicas, tf.int64)),
+                           (self.nonfinite_variables, tf.cast(result.nonfinite_variables, tf.int64)),
+                           (self.variable_norms, result.variable_norms)):
+            if var is not None:
+                var.assign(value)
 
     def latest(self, n: int) -> ClipResult:
         """The latest update's result, read back (its gradients are not kept: `None`)."""
-        norm, threshold, scale, finite = [tf.convert_to_tensor(tf_variable(v)) for v in
+        norm, threshold, scale, finite = [_read(v) for v in
                                           (self.global_norm, self.clip_norm, self.clip_scale, self.finite)]
         finite = tf.cast(finite, tf.bool)
         return ClipResult(grads=[None] * n, global_norm=norm, scale=scale,
-                          clipped=tf.logical_and(finite, norm > threshold), finite=finite)
+                          clipped=tf.logical_and(finite, norm > threshold), finite=finite,
+                          nonfinite_replicas=tf.cast(_read(self.nonfinite_replicas), tf.bool),
+                          nonfinite_variables=tf.cast(_read(self.nonfinite_variables), tf.bool),
+                          variable_norms=None if self.variable_norms is None else _read(self.variable_norms),
+                          noise=None if self.noise is None else self.noise.latest())
+
+
+def _read(variable: Any) -> tf.Tensor:
+    return tf.convert_to_tensor(tf_variable(variable))
+
+
+class Diagnostics:
+    """What the latest update saw beyond the norm, read from a clip step's state (`ClipStep`, `ClipOptimizer`)."""
+
+    _update: ClipUpdate
+
+    @property
+    def nonfinite_replicas(self) -> Any:
+        """The latest update's int64 `[num_replicas]` variable: 1 where that replica's own gradients held an inf
+        or a NaN (None before the first `apply` or `build`)."""
+        return self._update.state.nonfinite_replicas
+
+    @property
+    def nonfinite_variables(self) -> Any:
+        """The latest update's int64 `[len(variables)]` variable: 1 where that variable's synchronized gradient
+        held an inf or a NaN (None before the first `apply` or `build`)."""
+        return self._update.state.nonfinite_variables
+
+    @property
+    def variable_norms(self) -> Any:
+        """The latest update's float32 `[len(variables)]` variable of per-variable norms, with
+        `variable_norms=True` (else None)."""
+        return self._update.state.variable_norms
+
+    @property
+    def noise(self) -> Optional[NoiseEstimate]:
+        """The gradient noise scale estimates as of the latest update, with a `noise_scale` (else None)."""
+        noise = self._update.state.noise
+        return None if noise is None else noise.latest()
 
 
 class ClipUpdate:
@@ -81,7 +152,8 @@ class ClipUpdate:
     public class in error messages.
     """
 
-    def __init__(self, optimizer: Any, clip_norm: ClipNorm, options: StepOptions, owner: str):
+    def __init__(self, optimizer: Any, clip_norm: ClipNorm, options: StepOptions, owner: str,
+                 noise_scale: Optional[NoiseScale] = None):
         check_optimizer(optimizer, options.nonfinite)
         self.optimizer = optimizer
         # The optimizer that takes the steps, and the LossScaleOptimizer around it (or None).
@@ -90,6 +162,12 @@ class ClipUpdate:
         self.clip_norm = clip_norm if isinstance(clip_norm, Policy) else check_clip_norm(clip_norm)
         self.options = options
         self.owner = owner
+        if noise_scale is not None and not isinstance(noise_scale, NoiseScale):
+            raise ArgumentError(f"noise_scale must be a distclip.NoiseScale or None; got noise_scale={noise_scale!r}")
+        if noise_scale is not None and options.compression == "fp16":
+            raise ArgumentError("noise_scale with compression='fp16': the replicas' sums of squares would travel "
+                                "as float16 and overflow; use compression=None")
+        self.noise_scale = noise_scale
         self.strategy = tf.distribute.get_strategy()
         steps = options.accumulation_steps
         self.accumulation = Accumulation(steps) if steps > 1 else None
@@ -97,7 +175,7 @@ class ClipUpdate:
         self.threshold: Threshold
 
     def create_state(self, make_variable: MakeVariable) -> None:
-        self.state = StepState(make_variable)
+        self.state = StepState(make_variable, self.noise_scale)
         self.threshold = Threshold(self.clip_norm, make_variable)
 
     def ensure_built(self, variables: Sequence[Any], present: Optional[Sequence[bool]] = None) -> None:
@@ -107,8 +185,15 @@ class ClipUpdate:
         `present` marks the variables that receive gradients (accumulators are made for those only).
         """
         ensure_built(self.optimizer, self.stepper, variables)
+        if getattr(self, "state", None) is not None:
+            self.create_vectors(variables)
         if self.accumulation is not None:
             self.accumulation.create(list(variables), present)
+
+    def create_vectors(self, variables: Sequence[Any]) -> None:
+        """Makes the state's per-replica and per-variable variables, once (after `create_state`)."""
+        self.state.create_vectors(self.strategy, sync.replicas(self.options.backend), len(variables),
+                                  self.options.variable_norms)
 
     @property
     def pending_micro_batches(self) -> int:
@@ -136,14 +221,27 @@ class ClipUpdate:
         """One update: reduce, measure, decide, scale (`clip_synchronized`), then apply and record."""
         loss_scale = None if self.lso is None else tf.cast(tf.convert_to_tensor(tf_variable(self.lso.dynamic_scale)),
                                                            tf.float32)
-        result, threshold = clip_synchronized(
-            grads, sync.select(self.options.backend), self.threshold.at(self.stepper.iterations), self.options,
+        backend = sync.select(self.options.backend)
+        replicas = backend.num_replicas()
+        if replicas != self.state.nonfinite_replicas.shape[0]:
+            raise ContextError(f"{self.owner} was built for {self.state.nonfinite_replicas.shape[0]} replicas and "
+                               f"now runs on {replicas}: create it under the strategy (or Horovod) it runs under")
+        if self.state.noise is not None:
+            check_replicas(replicas)
+        result, threshold, replica_squares = clip_synchronized(
+            grads, backend, self.threshold.at(self.stepper.iterations), self.options,
             micro_batches=self.options.accumulation_steps, loss_scale=loss_scale)
         # Nothing is written before every check of this step has passed: the
         # threshold's and, with nonfinite="raise", the norm's (both feed `scale`).
         with tf.control_dependencies([result.scale]):
             ok = tf.identity(result.finite)
             self.state.record(result, threshold)
+            if self.state.noise is not None:
+                if replica_squares is None:
+                    raise ArgumentError("noise_scale needs float32 or float64 gradients on the wire; these travel as "
+                                        "float16, whose sums of squares overflow")
+                result = result._replace(
+                    noise=self.state.noise.record(result.global_norm, replica_squares, replicas, result.finite))
             for var, value in () if self.lso is None else _next_loss_scale(self.lso, result.finite):
                 var.assign(value)
         apply_in_lockstep(

@@ -1,9 +1,10 @@
 """Variables as distclip meets them: a Keras 3 `keras.Variable` or a `tf.Variable` (mirrored or not)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Tuple
 
 import keras
+import tensorflow as tf
 
 
 def tf_variable(variable: Any) -> Any:
@@ -18,3 +19,12 @@ def tf_variable(variable: Any) -> Any:
 def variable_name(variable: Any) -> str:
     """A variable's Keras path, or its TensorFlow name, for messages."""
     return getattr(variable, "path", None) or getattr(variable, "name", None) or repr(variable)
+
+
+def identical_variable(name: str, shape: Tuple[int, ...], dtype: tf.DType, initial: float) -> tf.Variable:
+    """A variable written by each replica with a value identical on every replica (no aggregation needed)."""
+    return tf.Variable(
+        tf.fill(shape, tf.constant(initial, dtype)), trainable=False, name=name,
+        synchronization=tf.VariableSynchronization.ON_WRITE,
+        aggregation=tf.VariableAggregation.NONE,
+    )

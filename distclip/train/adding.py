@@ -13,8 +13,11 @@ import keras
 import numpy as np
 
 
-def batch(seed: int, step: int, size: int, length: int):
-    """The global batch for `step`: inputs `[size, length, 2]` float32 and targets `[size, 1]`."""
+def batch(seed: int, step: int, size: int, length: int, nan: bool = False):
+    """The global batch for `step`: inputs `[size, length, 2]` float32 and targets `[size, 1]`.
+
+    With `nan`, the last sequence's first value is NaN: the last replica's slice is poisoned.
+    """
     rng = np.random.default_rng([seed, step])
     values = rng.uniform(0.0, 1.0, size=(size, length)).astype(np.float32)
     half = length // 2
@@ -24,6 +27,8 @@ def batch(seed: int, step: int, size: int, length: int):
     rows = np.arange(size)
     markers[rows, first] = 1.0
     markers[rows, second] = 1.0
+    if nan:
+        values[-1, 0] = np.nan
     x = np.stack([values, markers], axis=-1)
     y = (values[rows, first] + values[rows, second])[:, None]
     return x, y.astype(np.float32)

@@ -72,7 +72,9 @@ class Progress(tf.Module):
 
     def final_loss(self) -> float:
         n = int(self.step.numpy())
-        return float(np.mean(self.losses.numpy()[:min(n, TAIL)])) if n else float("nan")
+        losses = self.losses.numpy()[:min(n, TAIL)]
+        finite = losses[np.isfinite(losses)]  # a skipped step's loss may be NaN
+        return float(np.mean(finite)) if finite.size else float("nan")
 
 
 _FILE = re.compile(r"ckpt-(\d+)\.(index|data-\d+-of-\d+)")

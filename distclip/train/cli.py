@@ -6,7 +6,7 @@ import importlib.util
 import math
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from distclip.cluster.strategies import STRATEGIES
 from distclip.train.config import Config
@@ -39,6 +39,16 @@ def _int_at_least(low: int, rule: str):
 
 _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "an integer >= 0")
+
+
+def _steps(text: str) -> Tuple[int, ...]:
+    try:
+        steps = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        steps = (-1,)
+    if any(s < 0 for s in steps):
+        raise argparse.ArgumentTypeError(f"expected step numbers >= 0 separated by commas, got {text!r}")
+    return steps
 
 
 def parser() -> argparse.ArgumentParser:
@@ -79,6 +89,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--fit", action="store_true",
                    help="train with model.fit and distclip.keras.ClipOptimizer (+ ClipLogger) "
                         "instead of the custom loop")
+    t.add_argument("--variable-norms-every", type=_non_negative_int, default=d.variable_norms_every, metavar="N",
+                   help="write per-layer gradient norms to OUT/layer_norms.csv and TensorBoard every N steps "
+                        "(0: never); distclip plot then draws the largest")
+    t.add_argument("--noise-scale", action="store_true",
+                   help="estimate the gradient noise scale B_simple (McCandlish et al. 2018) from the replicas' "
+                        "gradients; needs 2 or more replicas")
+    t.add_argument("--nan-at", type=_steps, default=d.nan_at, metavar="STEP[,STEP...]",
+                   help="put a NaN into the last replica's batch at these steps, to see a non-finite step named")
     pl = sub.add_parser(
         "plot",
         help="draw a run's metrics.csv (from distclip train or distclip.keras.ClipLogger) as a PNG",
@@ -92,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from distclip.train.plots import plot, read_csv
+    from distclip.train.plots import plot, read_csv, read_layers
 
     path = os.path.join(args.run_dir, "metrics.csv")
     if not os.path.isfile(path):
@@ -103,7 +121,7 @@ def _plot(args: argparse.Namespace) -> int:
         print(f"distclip plot: {path} has no rows", file=sys.stderr)
         return 2
     out = args.out or os.path.join(args.run_dir, "plot.png")
-    plot(rows, out, args.title or os.path.abspath(args.run_dir))
+    plot(rows, out, args.title or os.path.abspath(args.run_dir), layers=read_layers(args.run_dir))
     print(f"distclip plot: {len(rows)} steps -> {out}")
     return 0
 
@@ -141,6 +159,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"  held-out MSE (1024 sequences):                  {summary['eval_mse']:.4g}\n"
         f"  steps clipped: {summary['steps_clipped']}   steps skipped (non-finite norm): {summary['steps_skipped']}\n"
         f"  replicas identical: {summary['variables_verified_identical']} variables checked (verify_replicas)\n"
+        + "".join(f"  {s['line']}\n" for s in summary["nonfinite_steps"][:10])
+        + (f"  ... {len(summary['nonfinite_steps']) - 10} more in nonfinite.csv\n"
+           if len(summary["nonfinite_steps"]) > 10 else "")
+        + ("" if summary.get("b_simple") is None else f"  gradient noise scale B_simple: {summary['b_simple']:.4g}\n") +
         f"  outputs: {os.path.abspath(cfg.out)}/{{metrics.csv, tensorboard/, plot.png, summary.json}}",
         flush=True,
     )

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Tuple
 
 
 @dataclass
@@ -21,6 +21,9 @@ class Config:
     fit: bool = False
     checkpoint_every: int = 1000  # steps between checkpoints; 0: only on SIGTERM and at the end
     resume: bool = False
+    variable_norms_every: int = 0  # write per-layer norms every N steps; 0: never
+    noise_scale: bool = False  # estimate the gradient noise scale (B_simple)
+    nan_at: Tuple[int, ...] = ()  # steps at which the last replica's batch gets a NaN (to see attribution)
 
     @property
     def nonfinite(self) -> Literal["skip", "propagate"]:

@@ -5,6 +5,7 @@ import time
 
 import keras
 
+from distclip._src.noise import NoiseScale
 from distclip.keras import BroadcastCallback, ClipLogger, ClipOptimizer
 from distclip.train import adding
 from distclip.train.checkpoint import Checkpoints, Progress, StopOnSigterm, announce, stopped
@@ -23,7 +24,8 @@ class AddingBatches(keras.utils.PyDataset):
         return self.cfg.steps - self.first
 
     def __getitem__(self, i: int):
-        x, y = adding.batch(self.cfg.seed, self.first + i, self.cfg.batch_size, self.cfg.length)
+        step = self.first + i
+        x, y = adding.batch(self.cfg.seed, step, self.cfg.batch_size, self.cfg.length, nan=step in self.cfg.nan_at)
         return x[self.rows], y[self.rows]
 
 
@@ -40,14 +42,16 @@ def run(cfg: Config, runner) -> dict:
     with runner.scope():
         model = adding.model(cfg.length, cfg.units, cfg.seed, cfg.recurrent_gain)
         optimizer = ClipOptimizer(keras.optimizers.SGD(cfg.learning_rate, momentum=0.9), cfg.clip_norm,
-                                  nonfinite=cfg.nonfinite)
+                                  nonfinite=cfg.nonfinite, variable_norms=cfg.variable_norms_every > 0,
+                                  noise_scale=NoiseScale(cfg.batch_size) if cfg.noise_scale else None)
         model.compile(optimizer=optimizer, loss="mse")
         optimizer.build(model.trainable_variables)
     progress = Progress()
     checkpoints = Checkpoints(cfg, runner, model=model, optimizer=optimizer, progress=progress)
     first = checkpoints.restore() if cfg.resume else 0
     announce(cfg, runner, checkpoints, first)
-    logger = ClipLogger(cfg.out if runner.chief else None, initial_step=first)
+    logger = ClipLogger(cfg.out if runner.chief else None, initial_step=first,
+                        variable_norms_every=cfg.variable_norms_every if runner.chief else 0)
     data = AddingBatches(cfg, runner.local_rows(cfg.batch_size), first)
     start = time.monotonic()
     with StopOnSigterm("distclip train") as sigterm:
@@ -61,7 +65,7 @@ def run(cfg: Config, runner) -> dict:
     return finish(cfg, runner, model, optimizer, final_loss=progress.final_loss(),
                   clipped=int(progress.clipped.numpy()),
                   skipped=runner.read(optimizer.skipped_steps), seconds=elapsed,
-                  rows=logger.rows if runner.chief else None)
+                  rows=logger.rows if runner.chief else None, nonfinite=logger.nonfinite, noise=optimizer.noise)
 
 
 class _Checkpointing(keras.callbacks.Callback):

@@ -7,7 +7,10 @@ import time
 import keras
 import tensorflow as tf
 
+from distclip._src.attribution import describe, nonfinite, replica_places
+from distclip._src.noise import NoiseScale
 from distclip._src.step import ClipStep
+from distclip._src.variables import variable_name
 from distclip._src.steplog import StepLog
 from distclip._src.threshold import resolve_clip_norm
 from distclip.train import adding
@@ -23,9 +26,14 @@ def run(cfg: Config, runner) -> dict:
     with runner.scope():
         model = adding.model(cfg.length, cfg.units, cfg.seed, cfg.recurrent_gain)
         optimizer = keras.optimizers.SGD(cfg.learning_rate, momentum=0.9)
-        clip = ClipStep(optimizer, cfg.clip_norm, nonfinite=cfg.nonfinite)
+        clip = ClipStep(optimizer, cfg.clip_norm, nonfinite=cfg.nonfinite,
+                        variable_norms=cfg.variable_norms_every > 0,
+                        noise_scale=NoiseScale(cfg.batch_size) if cfg.noise_scale else None)
         clip.build(model.trainable_variables)
     runner.broadcast(model.variables + optimizer.variables)
+    places = replica_places(model.variables)  # every rank, together
+    names = [variable_name(v) for v in model.trainable_variables]
+    records = []
     progress = Progress()
     checkpoints = Checkpoints(cfg, runner, model=model, optimizer=optimizer, clip=clip, progress=progress)
     first = checkpoints.restore() if cfg.resume else 0
@@ -45,7 +53,7 @@ def run(cfg: Config, runner) -> dict:
     start = time.monotonic()
     with StopOnSigterm("distclip train") as sigterm:
         for step in range(first, cfg.steps):
-            x, y = adding.batch(cfg.seed, step, cfg.batch_size, cfg.length)
+            x, y = adding.batch(cfg.seed, step, cfg.batch_size, cfg.length, nan=step in cfg.nan_at)
             # `stop`: whether any rank was sent SIGTERM, agreed on in the step's own loss reduction.
             loss, stop, norm, scale, clipped, finite = (v.numpy() for v in train_step(x, y, sigterm.requested))
             progress.record(step, float(loss), bool(clipped))
@@ -53,6 +61,18 @@ def run(cfg: Config, runner) -> dict:
                 log.write(dict(step=step, loss=float(loss), global_norm=float(norm), scale=float(scale),
                                clip_norm=threshold, clipped=int(clipped),
                                skipped=int(not finite and cfg.nonfinite == "skip")))
+            if not finite:
+                records.append(nonfinite(step, cfg.nonfinite == "skip", clip.nonfinite_replicas.numpy(),
+                                         clip.nonfinite_variables.numpy(), places, names))
+                if chief:
+                    print(f"\ndistclip: {describe(records[-1])}", file=sys.stderr, flush=True)
+            if log:
+                if not finite:
+                    log.write_nonfinite(records[-1])
+                if cfg.variable_norms_every and step % cfg.variable_norms_every == 0:
+                    log.write_norms(step, names, clip.variable_norms.numpy().tolist())
+                if cfg.noise_scale:
+                    log.write_noise(step, clip.noise)
             bar.update(step + 1, [("loss", float(loss)), ("norm", float(norm)), ("clip", float(clipped))])
             if checkpoints.after(step + 1, bool(stop), log.flush if log else lambda: None):
                 if log:
@@ -64,4 +84,5 @@ def run(cfg: Config, runner) -> dict:
     elapsed = time.monotonic() - start
     return finish(cfg, runner, model, optimizer, final_loss=progress.final_loss(),
                   clipped=int(progress.clipped.numpy()),
-                  skipped=runner.read(clip.skipped_steps), seconds=elapsed, rows=log.rows if log else None)
+                  skipped=runner.read(clip.skipped_steps), seconds=elapsed, rows=log.rows if log else None,
+                  nonfinite=records, noise=clip.noise)

@@ -6,12 +6,33 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 
 def read_csv(path: str) -> List[Dict[str, float]]:
     with open(path, newline="") as f:
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def read_layers(run_dir: str) -> Optional[Dict[str, List[Tuple[float, float]]]]:
+    """`layer_norms.csv` of a run as {layer: [(step, norm), ...]}, or None if the run wrote none."""
+    path = os.path.join(run_dir, "layer_norms.csv")
+    if not os.path.isfile(path):
+        return None
+    layers: Dict[str, List[Tuple[float, float]]] = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            layers.setdefault(r["layer"], []).append((float(r["step"]), float(r["norm"])))
+    return layers or None
+
+
+def largest_layers(layers: Dict[str, List[Tuple[float, float]]], count: int = 5) -> List[str]:
+    """The `count` layers whose largest finite norm is largest, largest first."""
+    def peak(points):
+        finite = [n for _, n in points if math.isfinite(n)]
+        return max(finite) if finite else -math.inf
+    return sorted(layers, key=lambda name: peak(layers[name]), reverse=True)[:count]
 
 
 def _running_median(values: Sequence[float], window: int) -> List[float]:
@@ -22,8 +43,10 @@ def _running_median(values: Sequence[float], window: int) -> List[float]:
             else float("nan") for i in range(len(v))]
 
 
-def plot(rows: Sequence[Dict[str, float]], path: str, title: str, baseline: Optional[Tuple[float, str]] = None) -> None:
-    """Global norm against the threshold (top) and loss (bottom) over steps, both log scale.
+def plot(rows: Sequence[Dict[str, float]], path: str, title: str, baseline: Optional[Tuple[float, str]] = None,
+         layers: Optional[Dict[str, List[Tuple[float, float]]]] = None) -> None:
+    """Global norm against the threshold (top) and loss (below) over steps, log scale; with `layers`
+    (`read_layers`), a third panel of the 5 layers with the largest norms.
 
     `baseline`: (loss, label) drawn as a dotted line under the loss.
     """
@@ -34,7 +57,8 @@ def plot(rows: Sequence[Dict[str, float]], path: str, title: str, baseline: Opti
 
     steps = [r["step"] for r in rows]
     window = max(1, len(rows) // 100)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    fig, axes = plt.subplots(3 if layers else 2, 1, figsize=(8, 8.5 if layers else 6), sharex=True)
+    top, bottom = axes[0], axes[1]
     norms = [r["global_norm"] for r in rows]
     top.plot(steps, norms, lw=0.5, alpha=0.5, label="global norm (before clipping)")
     top.plot(steps, _running_median(norms, window), lw=1.2, color="tab:blue", label=f"running median ({window} steps)")
@@ -57,8 +81,15 @@ def plot(rows: Sequence[Dict[str, float]], path: str, title: str, baseline: Opti
         bottom.axhline(baseline[0], color="gray", ls=":", lw=1, label=baseline[1])
     bottom.set_yscale("log")
     bottom.set_ylabel("training loss")
-    bottom.set_xlabel("step")
     bottom.legend(loc="upper right", fontsize=8)
+    if layers:
+        panel = axes[2]
+        for name in largest_layers(layers):
+            panel.plot([s for s, _ in layers[name]], [n for _, n in layers[name]], lw=0.8, label=name)
+        panel.set_yscale("log")
+        panel.set_ylabel("layer gradient norm")
+        panel.legend(loc="upper right", fontsize=7, title="largest 5 layers", title_fontsize=7)
+    axes[-1].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,18 +4,24 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
+from typing import Optional, Sequence
 
 import tensorflow as tf
 
+from distclip._src.attribution import Nonfinite, describe
+from distclip._src.noise import NoiseEstimate
 from distclip.cluster.verify import verify_replicas
 from distclip.train import adding
 from distclip.train.config import Config
-from distclip.train.plots import plot
+from distclip.train.plots import plot, read_layers
 
 
 def finish(cfg: Config, runner, model, optimizer, *, final_loss: float, clipped: int, skipped: int, seconds: float,
-           rows) -> dict:
-    """Checks the replicas, evaluates, and (chief only, `rows` given) writes plot.png and summary.json."""
+           rows, nonfinite: Sequence[Nonfinite] = (), noise: Optional[NoiseEstimate] = None) -> dict:
+    """Checks the replicas, evaluates, and (chief only, `rows` given) writes plot.png and summary.json.
+
+    `nonfinite`: the run's non-finite updates with their sources; `noise`: the latest noise scale estimates.
+    """
     # Raises ReplicaMismatchError naming the first variable that differs.
     checked = len(verify_replicas(model.variables + optimizer.variables))
     x, y = adding.batch(cfg.seed + 10_000, 0, 1024, cfg.length)
@@ -29,6 +35,9 @@ def finish(cfg: Config, runner, model, optimizer, *, final_loss: float, clipped:
         "steps_clipped": clipped,
         "steps_skipped": skipped,  # counted by the clip step, identically on every replica
         "variables_verified_identical": checked,
+        "nonfinite_steps": [{"step": r.step, "skipped": r.skipped, "replicas": [p._asdict() for p in r.replicas],
+                             "variables": r.variables, "line": describe(r)} for r in nonfinite],
+        "b_simple": None if noise is None else float(noise.b_simple),
         "seconds": round(seconds, 1),
         "config": asdict(cfg),
     }
@@ -36,7 +45,8 @@ def finish(cfg: Config, runner, model, optimizer, *, final_loss: float, clipped:
         title = f"adding problem, T={cfg.length}, {runner.replicas} replicas, " + (
             "no clipping" if cfg.clip_norm is None else f"clip_norm={cfg.clip_norm}"
         ) + (", model.fit" if cfg.fit else "")
-        plot(rows, os.path.join(cfg.out, "plot.png"), title, baseline=(1 / 6, "predict the mean (MSE 0.167)"))
+        plot(rows, os.path.join(cfg.out, "plot.png"), title, baseline=(1 / 6, "predict the mean (MSE 0.167)"),
+             layers=read_layers(cfg.out))
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary

@@ -94,7 +94,8 @@ def test_distclip_train_under_horovodrun_matches_mirrored(tmp_path, fit):
     """`distclip train [--fit] --strategy horovod`: same summary on both ranks, same numbers as under MirroredStrategy."""
     import csv
 
-    train = [os.path.join(BIN, "distclip"), "train", "--steps", "12", "--clip-norm", "0.5", "--seed", "5"]
+    train = [os.path.join(BIN, "distclip"), "train", "--steps", "12", "--clip-norm", "0.5", "--seed", "5",
+             "--nan-at", "4", "--variable-norms-every", "4", "--noise-scale"]
     train += ["--fit"] if fit else []
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **ROOT_OK)
     hvd_cmd = LAUNCHERS["horovodrun-gloo"] + train + ["--strategy", "horovod", "--out", str(tmp_path / "hvd")]
@@ -112,6 +113,8 @@ def test_distclip_train_under_horovodrun_matches_mirrored(tmp_path, fit):
                          for k, v in per_rank.items()}
             assert set(summaries) == {"0", "1"} and summaries["0"] == summaries["1"] and len(summaries["0"]) == 5
             assert "Horovod x2" in summaries["0"][0]
+            # Rank 0 names rank 1 (its own process, on its CPU) as the source of step 4's NaN.
+            assert "step 4 skipped: non-finite gradients from replica 1 (worker 1, host " in r.stdout
 
     def rows(name):
         with open(tmp_path / name / "metrics.csv") as f:
@@ -121,7 +124,23 @@ def test_distclip_train_under_horovodrun_matches_mirrored(tmp_path, fit):
     for h, m in zip(rows("hvd"), rows("mirrored")):
         # (Under --fit the CSV's loss is fit's running mean of this rank's own loss.)
         for col in ("global_norm", "scale") if fit else ("loss", "global_norm", "scale"):
-            assert float(h[col]) == pytest.approx(float(m[col]), rel=1e-4), (h["step"], col)
+            assert float(h[col]) == pytest.approx(float(m[col]), rel=1e-4, nan_ok=True), (h["step"], col)
+    # The same step, replica and variables named; per-layer norms and the noise scale as under MirroredStrategy.
+    summary = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("hvd", "mirrored")}
+    named = {name: [(s["step"], [p["replica"] for p in s["replicas"]], s["variables"])
+                    for s in summary[name]["nonfinite_steps"]] for name in summary}
+    assert named["hvd"] == named["mirrored"] and [n[:2] for n in named["hvd"]] == [(4, [1])]
+    assert len(named["hvd"][0][2]) == 5  # the NaN input reaches every variable
+    assert summary["hvd"]["b_simple"] == pytest.approx(summary["mirrored"]["b_simple"], rel=1e-3)
+
+    def layers(name):
+        with open(tmp_path / name / "layer_norms.csv") as f:
+            return [(r["step"], r["layer"], float(r["norm"])) for r in csv.DictReader(f)]
+
+    assert [row[:2] for row in layers("hvd")] == [row[:2] for row in layers("mirrored")]
+    assert sorted({int(row[0]) for row in layers("hvd")}) == [0, 4, 8]
+    for h, m in zip(layers("hvd"), layers("mirrored")):
+        assert h[2] == pytest.approx(m[2], rel=1e-4, nan_ok=True)
 
 
 def test_indexed_slices_and_compression_under_horovod(tmp_path):

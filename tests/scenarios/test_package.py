@@ -33,6 +33,7 @@ SINGLE_PROCESS = {
     "mixed_precision.py": "largest difference between float16 and float32 weights",
     "gradient_accumulation.py": "largest weight difference",
     "adaptive_threshold.py": "steps clipped: [",
+    "nonfinite_attribution.py": "named: step 3 from replica 1 on CPU:1",
 }
 
 

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 import distclip
 from common import distributed_train, global_batch, shard
-from graphs import op_types, reduced_elements
+from graphs import collectives, op_types, reduced_elements
 
 
 def _trace(strategy, mode):
@@ -23,10 +23,22 @@ def test_one_packed_reduction(mirrored):
     replicas = mirrored.num_replicas_in_sync
 
     assert plain_elems == replicas * n_params, "the baseline itself must reduce every gradient once"
-    assert our_elems <= plain_elems + replicas
+    # Each replica adds its report: a non-finite flag per replica and its own sum of squares.
+    assert our_elems == plain_elems + replicas * (replicas + 1)
     # One packed collective per device, none hidden in the skip conditionals.
     assert our_ops == replicas
     assert our_nested == 0 and plain_nested == 0
+
+
+def test_variable_norms_and_the_noise_scale_add_nothing_to_the_collectives(mirrored):
+    """Both opt-ins read what the default step already has: the same collectives, the same elements."""
+    x, y = global_batch()
+    found = []
+    for options in ({}, {"variable_norms": True, "noise_scale": distclip.NoiseScale(global_batch_size=16)}):
+        _, _, _, objs = distributed_train(mirrored, 0.5, 0, **options)
+        found.append(sorted(collectives(objs["step"].get_concrete_function(shard(mirrored, x),
+                                                                             shard(mirrored, y)).graph)))
+    assert found[0] == found[1] and len(found[0]) == mirrored.num_replicas_in_sync
 
 
 def test_each_replica_measures_and_scales_its_own_copy_once(mirrored):
@@ -35,8 +47,9 @@ def test_each_replica_measures_and_scales_its_own_copy_once(mirrored):
     gradients = 4  # the tiny model's two kernels and two biases
     replicas = mirrored.num_replicas_in_sync
     ops = op_types(ours.graph)
-    # Per replica: one squared norm per gradient in the main pass and one in the (rarely taken) rescaled pass.
-    assert ops.count("L2Loss") == 2 * gradients * replicas, ops.count("L2Loss")
+    # Per replica: one squared norm per gradient of its own (the report), one per reduced gradient in the
+    # main pass, and one in the (rarely taken) rescaled pass.
+    assert ops.count("L2Loss") == 3 * gradients * replicas, ops.count("L2Loss")
     assert ops.count("MulNoNan") == gradients * replicas, ops.count("MulNoNan")
 
 
@@ -47,7 +60,8 @@ def test_result_is_a_namedtuple_usable_in_tf_function():
 
     r = f(tf.constant([3.0, 4.0]))
     assert isinstance(r, distclip.ClipResult)
-    assert r._fields == ("grads", "global_norm", "scale", "clipped", "finite")
+    assert r._fields == ("grads", "global_norm", "scale", "clipped", "finite", "nonfinite_replicas",
+                         "nonfinite_variables", "variable_norms", "noise")
     assert float(r.global_norm) == 5.0 and float(r.scale) == pytest.approx(0.4)
     assert bool(r.clipped) and bool(r.finite)
     np.testing.assert_allclose(r.grads[0].numpy(), [1.2, 1.6], rtol=1e-6)

@@ -57,6 +57,8 @@ def test_overflow_on_one_replica_skips_everywhere_and_lowers_the_scale_together(
     for values in replica_values(mirrored, [lso.dynamic_scale, lso.step_counter]):
         assert all(np.array_equal(values[0], v) for v in values[1:])
     assert float(lso.dynamic_scale.numpy()) == 2.0 ** 15 / 2
+    # The overflow is named: the second replica's own gradients.
+    assert optimizer.nonfinite_replicas.numpy().tolist() == [0, 1]
 
     # Keras's own LossScaleOptimizer decides on the first replica's local gradients: it applies the overflow.
     model, keras_lso, _ = _fit(mirrored, lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.05)), x, y)

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+import sys
+from typing import Any, Dict, List, Optional
 
 import keras
 
 from distclip._src import sync
+from distclip._src.attribution import describe, nonfinite, replica_places
 from distclip._src.errors import ArgumentError, ContextError
 from distclip._src.steplog import StepLog, require_tensorboard
+from distclip._src.variables import variable_name
 
 
 class BroadcastCallback(keras.callbacks.Callback):
@@ -54,22 +57,42 @@ class ClipLogger(keras.callbacks.Callback):
     `steps_per_execution` steps), and records a step when an update (or a
     skip) happened since: with `accumulation_steps=k`, every k-th batch.
 
+    A non-finite update is named with its sources: `nonfinite` lists them
+    (`step`, `skipped`, `replicas` as (replica, worker, host, device),
+    `variables`) on every rank, and rank 0 prints a line to stderr, such as
+    "step 12 skipped: non-finite gradients from replica 1 (worker 0, host
+    node-3, CPU:1) in dense/kernel", and with `log_dir` adds it to
+    `log_dir/nonfinite.csv` and TensorBoard (text `nonfinite`). Finding the
+    replicas' hosts and devices is one small all-gather at the start of `fit`.
+
+    With `variable_norms_every=N` (and a `ClipOptimizer(...,
+    variable_norms=True)`), every N-th update's per-layer norms go to
+    `log_dir/layer_norms.csv` and TensorBoard (`layer_norm/<layer>`, and a
+    `variable_norms` histogram): one read of the norms on those updates
+    only. With a `noise_scale`, `b_simple` joins `fit`'s logs and the
+    estimates go to TensorBoard (`noise/...`).
+
     Args:
       log_dir: the folder for metrics.csv and tensorboard/, or None (the
         logs of `fit` only).
       initial_step: the number of the first step logged, for a run resumed
         from a checkpoint taken after that many steps; metrics.csv then keeps
         its rows of the steps before it and drops the rest (0: a new file).
+      variable_norms_every: N >= 1 to write per-layer norms every N updates
+        (needs `log_dir`), or 0 (never).
 
     Raises:
-      ArgumentError: a negative or non-integer `initial_step`.
+      ArgumentError: a negative or non-integer `initial_step` or `variable_norms_every`.
       ContextError: a `log_dir` where the tensorboard package is not installed.
     """
 
-    def __init__(self, log_dir: Optional[str] = None, initial_step: int = 0) -> None:
+    def __init__(self, log_dir: Optional[str] = None, initial_step: int = 0, variable_norms_every: int = 0) -> None:
         super().__init__()
-        if not isinstance(initial_step, int) or isinstance(initial_step, bool) or initial_step < 0:
-            raise ArgumentError(f"initial_step must be an integer >= 0; got initial_step={initial_step!r}")
+        for name, value in (("initial_step", initial_step), ("variable_norms_every", variable_norms_every)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ArgumentError(f"{name} must be an integer >= 0; got {name}={value!r}")
+        if variable_norms_every and log_dir is None:
+            raise ArgumentError(f"variable_norms_every={variable_norms_every} writes to a log_dir; got log_dir=None")
         if log_dir is not None:
             require_tensorboard(f"ClipLogger(log_dir={log_dir!r})")
         self.log_dir = log_dir
@@ -77,8 +100,11 @@ class ClipLogger(keras.callbacks.Callback):
         self._log: Optional[StepLog] = None
         self._step = initial_step
         self._skipped = 0
+        self.variable_norms_every = variable_norms_every
         #: Steps whose norm exceeded the threshold, counted on every rank.
         self.clipped_steps = 0
+        #: The non-finite updates seen (`step`, `skipped`, `replicas`, `variables`), on every rank.
+        self.nonfinite: List[Any] = []
 
     def _optimizer(self):
         from distclip._src.keras.optimizer import ClipOptimizer
@@ -99,9 +125,15 @@ class ClipLogger(keras.callbacks.Callback):
           ContextError: the model's optimizer is not a `ClipOptimizer`.
         """
         self._opt = optimizer = self._optimizer()
+        if self.variable_norms_every and not optimizer.options.variable_norms:
+            raise ContextError(f"ClipLogger(variable_norms_every={self.variable_norms_every}) needs "
+                               "ClipOptimizer(..., variable_norms=True)")
+        self._places = replica_places(self.model.variables)
+        self._names = [variable_name(v) for v in self.model.trainable_variables]
         self._skipped = int(optimizer.skipped_steps.numpy()) if optimizer.built else 0
         self._updates = self._skipped + int(optimizer.iterations.numpy())
-        if self.log_dir and sync.current(self.model.variables).rank() == 0:
+        self._rank = sync.current(self.model.variables).rank()
+        if self.log_dir and self._rank == 0:
             self._log = StepLog(self.log_dir, first_step=self.initial_step or None)
 
     def on_epoch_begin(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
@@ -116,7 +148,8 @@ class ClipLogger(keras.callbacks.Callback):
 
     def _summary(self) -> Dict[str, float]:
         means = {k: v / self._finite if self._finite else float("nan") for k, v in self._sums.items()}
-        return {**means, "skipped_steps": float(self._skipped)}
+        noise = {} if self._opt.noise is None else {"b_simple": float(self._opt.noise.b_simple)}
+        return {**means, "skipped_steps": float(self._skipped), **noise}
 
     @property
     def rows(self):
@@ -154,8 +187,23 @@ class ClipLogger(keras.callbacks.Callback):
                 "step": self._step, "loss": float((logs or {}).get("loss", math.nan)), "global_norm": norm,
                 "scale": scale, "clip_norm": threshold, "clipped": clipped, "skipped": skipped - self._skipped,
             })
+        if not math.isfinite(norm):
+            self._nonfinite(optimizer, skipped > self._skipped)
+        if self._log is not None and optimizer.noise is not None:
+            self._log.write_noise(self._step, optimizer.noise)
+        if self._log is not None and self.variable_norms_every and self._step % self.variable_norms_every == 0:
+            self._log.write_norms(self._step, self._names, optimizer.variable_norms.numpy().tolist())
         self._step += 1
         self._skipped = skipped
+
+    def _nonfinite(self, optimizer, skipped: bool) -> None:
+        record = nonfinite(self._step, skipped, optimizer.nonfinite_replicas.numpy(),
+                           optimizer.nonfinite_variables.numpy(), self._places, self._names)
+        self.nonfinite.append(record)
+        if self._log is not None:
+            self._log.write_nonfinite(record)
+        if self._rank == 0:
+            print(f"distclip: {describe(record)}", file=sys.stderr, flush=True)
 
     def flush(self) -> None:
         """Writes the rows so far to disk (before a checkpoint, so that a resumed run finds them)."""

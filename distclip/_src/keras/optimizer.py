@@ -1,6 +1,7 @@
 """`ClipOptimizer`: the synchronized clip step as a Keras 3 optimizer, for `model.compile` / `model.fit`."""
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Any, Dict, List, NoReturn, Optional, Union
 
@@ -10,6 +11,7 @@ from distclip._src.clip import ClipResult
 from distclip._src.errors import ArgumentError
 from distclip._src.keras import multiworker_fit
 from distclip._src.lockstep import create_variables
+from distclip._src.noise import NoiseScale
 from distclip._src.nonfinite import Nonfinite
 from distclip._src.optimizer import optimizers_in
 from distclip._src.options import BucketMB, StepOptions
@@ -17,7 +19,7 @@ from distclip._src.policies import Policy
 from distclip._src.sync import BackendName, Reduction
 from distclip._src.sync.wire import Compression
 from distclip._src.threshold import ClipNorm
-from distclip._src.update import ClipUpdate
+from distclip._src.update import ClipUpdate, Diagnostics
 
 
 #: The configuration of the optimizer that updates: read from `inner_optimizer` and set on it, never the
@@ -27,7 +29,7 @@ INNER_CONFIG = frozenset({"weight_decay", "clipnorm", "clipvalue", "global_clipn
 
 
 @keras.saving.register_keras_serializable(package="distclip")
-class ClipOptimizer(keras.optimizers.Optimizer):
+class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
     """Wraps a Keras 3 optimizer so that `model.fit` clips the synchronized gradients.
 
         model.compile(optimizer=distclip.keras.ClipOptimizer(keras.optimizers.Adam(1e-3), clip_norm=1.0),
@@ -102,6 +104,12 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         (`iterations` counts the updates).
       bucket_mb: "auto", None or a size in megabytes, as for
         `distclip.sync_and_clip`.
+      variable_norms: also measure each synchronized gradient's own L2 norm
+        (`ClipResult.variable_norms`, and the `variable_norms` state that
+        `ClipLogger` writes per layer): one float per variable, no collective.
+      noise_scale: a `distclip.NoiseScale` to estimate the gradient noise
+        scale at every update (`ClipResult.noise`; needs 2 or more replicas),
+        or None.
       name: the optimizer's name.
 
     Raises:
@@ -113,17 +121,20 @@ class ClipOptimizer(keras.optimizers.Optimizer):
     def __init__(self, optimizer: Union[keras.optimizers.Optimizer, Dict[str, Any]], clip_norm: ClipNorm, *,
                  nonfinite: Nonfinite = "skip", reduction: Reduction = "auto", backend: BackendName = "auto",
                  sparse_as_dense: bool = False, compression: Compression = None, accumulation_steps: int = 1,
-                 bucket_mb: BucketMB = "auto", name: Optional[str] = None) -> None:
+                 bucket_mb: BucketMB = "auto", variable_norms: bool = False,
+                 noise_scale: Optional[NoiseScale] = None, name: Optional[str] = None) -> None:
         if isinstance(optimizer, dict):
             optimizer = keras.saving.deserialize_keras_object(optimizer)
         options = StepOptions(nonfinite=nonfinite, reduction=reduction, backend=backend,
                               sparse_as_dense=sparse_as_dense, compression=compression,
-                              accumulation_steps=accumulation_steps, bucket_mb=bucket_mb)
-        update = ClipUpdate(optimizer, clip_norm, options, "ClipOptimizer")
+                              accumulation_steps=accumulation_steps, bucket_mb=bucket_mb,
+                                   variable_norms=variable_norms)
+        update = ClipUpdate(optimizer, clip_norm, options, "ClipOptimizer", noise_scale)
         super().__init__(learning_rate=0.0, name=name or "clip_optimizer")
         self.options = options
         self.inner_optimizer = optimizer
         self.clip_norm = clip_norm
+        self.noise_scale = noise_scale
         self._update = update
         self.accumulation = update.accumulation
         self.__dict__["_complete"] = True
@@ -187,6 +198,7 @@ class ClipOptimizer(keras.optimizers.Optimizer):
             with self._distribution_strategy.scope():
                 self._update.ensure_built(var_list)  # checks the variables before anything is created
                 self._update.create_state(self._state_variable)
+                self._update.create_vectors(var_list)
                 self.__dict__["_building"] = True  # Keras's build reads the wrapper's own use_ema, ...
                 try:
                     super(ClipOptimizer, self).build(var_list)
@@ -313,6 +325,7 @@ class ClipOptimizer(keras.optimizers.Optimizer):
             "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
             "clip_norm": clip_norm,
             **self.options.as_dict(),
+            "noise_scale": None if self.noise_scale is None else dataclasses.asdict(self.noise_scale),
         }
 
     @classmethod
@@ -331,4 +344,6 @@ class ClipOptimizer(keras.optimizers.Optimizer):
         clip_norm = config.pop("clip_norm")
         if isinstance(clip_norm, dict):
             clip_norm = keras.saving.deserialize_keras_object(clip_norm, custom_objects=custom_objects)
+        if isinstance(config.get("noise_scale"), dict):
+            config["noise_scale"] = NoiseScale(**config["noise_scale"])
         return cls(optimizer, clip_norm, **config)

@@ -32,7 +32,7 @@ BACKENDS: Tuple[str, ...] = get_args(BackendName)
 REDUCTIONS: Tuple[str, ...] = get_args(Reduction)
 
 __all__ = ["Backend", "BackendName", "Reduction", "BACKENDS", "REDUCTIONS", "SUM", "MEAN", "current", "select",
-           "resolve_reduction", "check_replica_context", "broadcast_from_root"]
+           "resolve_reduction", "replicas", "check_replica_context", "broadcast_from_root"]
 
 
 def _strategy(variables: Sequence[Any]) -> Optional[tf.distribute.Strategy]:
@@ -86,6 +86,17 @@ def select(backend: str) -> Backend:
     if not tf.distribute.has_strategy():
         raise ContextError("backend='tf_distribute' needs a tf.distribute strategy: call distclip inside strategy.run")
     return TFDistributeBackend(tf.distribute.get_strategy())
+
+
+def replicas(backend: str) -> int:
+    """How many replicas `select(backend)` would synchronize, from a replica or the cross-replica context."""
+    if backend == "none":
+        return 1
+    if backend == "auto":
+        return current().num_replicas()
+    if backend == "horovod":
+        return HorovodBackend().num_replicas()
+    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def broadcast_from_root(variables: Iterable[Any], root: int = 0) -> None:

@@ -44,6 +44,10 @@ class Backend(Protocol):
     def size(self) -> int:
         """Processes in the job (one under MirroredStrategy, whatever its replicas)."""
 
+    def replica_index(self) -> Any:
+        """This replica's index among the `num_replicas()`, inside the replica function (an int or a scalar
+        tensor): `replica_id_in_sync_group` under tf.distribute, the rank under Horovod."""
+
     def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]: ...
 
     def broadcast(self, variables: Sequence[Any], root: int) -> None: ...
@@ -68,3 +72,9 @@ class OneReplicaPerProcess:
 
     def num_replicas(self) -> int:
         return self.size()
+
+    def rank(self) -> int:
+        raise NotImplementedError
+
+    def replica_index(self) -> Any:
+        return self.rank()

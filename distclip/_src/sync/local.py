@@ -25,6 +25,9 @@ class LocalBackend:
     def rank(self) -> int:
         return 0
 
+    def replica_index(self) -> Any:
+        return 0
+
     def size(self) -> int:
         return 1
 

@@ -50,6 +50,9 @@ class TFDistributeBackend:
     def size(self) -> int:
         return self._tasks()[1]
 
+    def replica_index(self) -> Any:
+        return tf.distribute.get_replica_context().replica_id_in_sync_group
+
     def all_reduce_sum(self, grads: Sequence[Gradient]) -> List[Gradient]:
         # A traced tensor with no device (a function input passed straight in) gives
         # MultiWorkerMirroredStrategy's reduction no destination; place it on this replica's device.

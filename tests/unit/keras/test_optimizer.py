@@ -69,8 +69,10 @@ def test_fit_does_one_reduction(mirrored):
     n_params = sum(int(np.prod(v.shape)) for v in plain.trainable_variables)
     # Plain Keras reduces each step's gradients once, packed: one collective per device, every gradient element once.
     assert sorted(fit_collectives(plain)) == [(n_params, 1)] * mirrored.num_replicas_in_sync
-    # distclip's fit moves exactly that: the same elements, in the same number of collectives, no second reduction.
-    assert sorted(fit_collectives(ours)) == sorted(fit_collectives(plain))
+    # distclip's fit moves exactly that, plus each replica's report (a flag per replica and its own sum of
+    # squares), in the same number of collectives: no second reduction.
+    replicas = mirrored.num_replicas_in_sync
+    assert sorted(fit_collectives(ours)) == [(n_params + replicas + 1, 1)] * replicas
 
 
 def test_nonfinite_step_is_skipped_by_fit(mirrored):

@@ -35,5 +35,7 @@ def test_buckets_give_the_packed_result_in_one_collective_per_bucket(mirrored):
     sizes = [sorted(n for n, _ in collectives(run[3]["step"].get_concrete_function(
         shard(mirrored, x), shard(mirrored, y)).graph)) for run in (packed, tiny)]
     variables = [int(np.prod(v.shape)) for v in packed[3]["model"].trainable_variables]
-    assert sizes[0] == [sum(variables)] * 2  # one packed collective per device
-    assert sizes[1] == sorted(variables * 2)  # one per gradient per device: the same elements
+    report = mirrored.num_replicas_in_sync + 1  # each replica's flags and sum of squares, in the last collective
+    assert sizes[0] == [sum(variables) + report] * 2  # one packed collective per device
+    # One per gradient per device: the same elements, the report with the first layer's, which is sent last.
+    assert sizes[1] == sorted(([variables[0] + report] + variables[1:]) * 2)

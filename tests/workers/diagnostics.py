@@ -1,0 +1,126 @@
+"""One process of a 2-replica run (Horovod, or MultiWorkerMirroredStrategy under mpirun): which replica and
+variable made a step non-finite, and the gradient noise scale on a problem with a closed-form answer.
+
+    diagnostics.py horovod|multiworker OUT_DIR
+
+Writes OUT_DIR/rank{R}.json.
+"""
+import contextlib
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import distclip.cluster  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+mode, out_dir = sys.argv[1], sys.argv[2]
+if mode == "horovod":
+    import horovod.tensorflow as hvd
+
+    hvd.init()
+    strategy, rank = None, hvd.rank()
+else:
+    distclip.cluster.set_tf_config()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(timeout_seconds=60.0))
+    rank = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import distclip  # noqa: E402
+from common import GLOBAL_BATCH, global_batch, make_model, make_optimizer  # noqa: E402
+from distclip._src.attribution import replica_places  # noqa: E402
+
+REPLICAS = 2
+def scope():
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def shard(array):
+    per = array.shape[0] // REPLICAS
+    if strategy is None:
+        return tf.constant(array[rank * per:(rank + 1) * per])
+    return strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(array[ctx.replica_id_in_sync_group * per:(ctx.replica_id_in_sync_group + 1) * per]))
+
+
+def run(replica_fn, *args):
+    if strategy is None:
+        return replica_fn(*args)
+    return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0],
+                                 strategy.run(replica_fn, args=args))
+
+
+def me():
+    return rank if strategy is None else tf.distribute.get_replica_context().replica_id_in_sync_group
+
+
+def local_loss(per_example, batch):
+    """Horovod: the mean over this rank's shard (the backend averages); tf.distribute: the share of the global mean."""
+    return tf.reduce_mean(per_example) if strategy is None else tf.reduce_sum(per_example) / batch
+
+
+# 1. Attribution: replica `bad` adds `value` to one element of its gradient of variable `variable`.
+with scope():
+    model, optimizer = make_model(), make_optimizer("sgd")
+    clip = distclip.ClipStep(optimizer, 1.0, variable_norms=True)
+    optimizer.build(model.trainable_variables)
+places = [list(p) for p in replica_places(model.variables)]
+
+
+@tf.function
+def poisoned_step(x, y, bad, variable, value):
+    def replica_fn(x, y):
+        with tf.GradientTape() as tape:
+            loss = local_loss(tf.square(model(x) - y), GLOBAL_BATCH)
+        grads = tape.gradient(loss, model.trainable_variables)
+        for i, g in enumerate(grads):
+            flat = tf.reshape(g, [-1])
+            hit = tf.logical_and(tf.equal(me(), bad), tf.equal(variable, i))
+            poison = tf.tensor_scatter_nd_update(tf.zeros_like(flat), [[0]], [value])
+            grads[i] = tf.reshape(tf.where(hit, flat + poison, flat), g.shape)
+        r = clip.apply(grads, model.trainable_variables)
+        return r.finite, r.nonfinite_replicas, r.nonfinite_variables
+    return run(replica_fn, x, y)
+
+
+x, y = global_batch()
+cases = []
+for bad, variable, value in ((1, 2, np.inf), (0, 0, np.nan), (1, 3, -np.inf), (-1, 0, 0.0)):
+    finite, replicas, variables = poisoned_step(shard(x), shard(y), tf.constant(bad), tf.constant(variable),
+                                                tf.constant(value, tf.float32))
+    state = [clip.nonfinite_replicas.numpy().tolist(), clip.nonfinite_variables.numpy().tolist()]
+    cases.append({"bad": bad, "variable": variable, "finite": bool(finite),
+                  "replicas": replicas.numpy().tolist(), "variables": variables.numpy().tolist(), "state": state})
+
+# 2. The noise scale of linear regression with Gaussian inputs (tests/unit/test_diagnostics.py has the algebra).
+D, S2, BATCH = 8, 1.0, 64
+delta = np.full(D, 1.0 / np.sqrt(D), np.float32)
+with scope():
+    linear = keras.Sequential([keras.Input((D,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+    sgd = keras.optimizers.SGD(0.0)
+    noisy = distclip.ClipStep(sgd, None, noise_scale=distclip.NoiseScale(global_batch_size=BATCH, decay=0.99))
+    sgd.build(linear.trainable_variables)
+
+
+@tf.function
+def noise_step(x, y):
+    def replica_fn(x, y):
+        with tf.GradientTape() as tape:
+            loss = local_loss(0.5 * tf.square(linear(x) - y), BATCH)
+        return tuple(noisy.apply(tape.gradient(loss, linear.trainable_variables), linear.trainable_variables).noise)
+    return run(replica_fn, x, y)
+
+
+rng = np.random.default_rng(0)
+for _ in range(300):
+    xs = rng.normal(size=(BATCH, D)).astype(np.float32)
+    ys = (xs @ -delta + rng.normal(size=BATCH) * np.sqrt(S2)).astype(np.float32)[:, None]
+    noise = noise_step(shard(xs), shard(ys))
+with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+    json.dump({"places": places, "cases": cases, "noise": [float(v) for v in noise],
+               "skipped": int(clip.skipped_steps.numpy())}, f)

@@ -114,6 +114,10 @@ class ClipStep(Diagnostics, tf.Module):
         self.accumulation = self._update.accumulation
         #: The policy's state variables by name (empty unless `clip_norm` is a policy).
         self.policy_state = self._update.threshold.state
+        noise = self._update.state.noise
+        #: The noise scale's moving averages by name (empty without a `noise_scale`), saved with the step.
+        self.noise_state = {} if noise is None else {
+            "gradient_squared": noise.gradient_squared, "trace": noise.trace, "updates": noise.updates}
 
     @property
     def pending_micro_batches(self) -> int:

@@ -174,6 +174,34 @@ def test_noise_scale_matches_the_closed_form_under_mirrored(mirrored, variant):
     assert b_simple == pytest.approx(TRUE_TRACE / TRUE_G2, rel=TOLERANCE)
 
 
+def test_the_noise_scale_state_is_saved_with_the_step(mirrored, tmp_path):
+    def make():
+        with mirrored.scope():
+            model = keras.Sequential([keras.Input((D,)), keras.layers.Dense(1, use_bias=False)])
+            optimizer = keras.optimizers.SGD(0.0)
+            clip = distclip.ClipStep(optimizer, None, noise_scale=distclip.NoiseScale(global_batch_size=BATCH))
+            clip.build(model.trainable_variables)
+        return model, clip
+
+    model, clip = make()
+
+    @tf.function
+    def step(x, y):
+        def replica_fn(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(0.5 * tf.square(model(x) - y)) / BATCH
+            clip.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        mirrored.run(replica_fn, args=(x, y))
+
+    for x, y in _regression_batches(3):
+        step(shard(mirrored, x), shard(mirrored, y))
+    saved = [float(v) for v in clip.noise]
+    path = tf.train.Checkpoint(clip=clip).save(str(tmp_path / "ckpt"))
+    _, restored = make()
+    tf.train.Checkpoint(clip=restored).restore(path).assert_existing_objects_matched()
+    assert [float(v) for v in restored.noise] == saved and int(restored.noise_state["updates"].numpy()) == 3
+
+
 def test_noise_scale_needs_two_replicas_and_checks_its_arguments():
     with pytest.raises(distclip.ArgumentError, match="global_batch_size=0"):
         distclip.NoiseScale(global_batch_size=0)

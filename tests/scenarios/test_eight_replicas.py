@@ -61,8 +61,9 @@ def test_eight_replicas_match_single_device_and_skip_together(tmp_path, backend)
         else:
             assert set(rep["skipped"]) == {1} and rep["local_replicas_identical"]
             assert rep["local_replicas"] * len(reports) == 8
-            # Each local replica does its own norm pass (and rescaled pass) per gradient, once.
-            assert rep["squared_norms"] == [2 * 4 * rep["local_replicas"]], rep["squared_norms"]
+            # Each local replica does its own norm pass (and rescaled pass) per gradient, once, and one pass over
+            # its own gradients for its report (non-finite flag, sum of squares).
+            assert rep["squared_norms"] == [3 * 4 * rep["local_replicas"]], rep["squared_norms"]
     # Every process ends with the same bits, and verify_replicas agreed.
     assert all(r["weights"] == reports[0]["weights"] for r in reports)
     if backend != "horovodrun":

@@ -52,7 +52,8 @@ STOPPED = 128 + signal.SIGTERM
 TAIL = 100  # the summary's final loss is the mean of the last TAIL losses
 
 # What may change between a run and its resumption; anything else must match the checkpoint.
-_MAY_CHANGE = {"steps", "out", "strategy", "replicas", "resume", "checkpoint_every"}
+# (variable_norms_every changes what is logged, not what is trained or saved.)
+_MAY_CHANGE = {"steps", "out", "strategy", "replicas", "resume", "checkpoint_every", "variable_norms_every"}
 
 
 class Progress(tf.Module):
@@ -203,7 +204,7 @@ class Checkpoints:
                 "the settings the checkpoints beside it were written with, so this run's cannot be checked against "
                 "them. Restore it, or give another --out."
             ) from None
-        now = asdict(self.cfg)
+        now = json.loads(json.dumps(asdict(self.cfg)))  # as saved: a tuple (--nan-at) reads back as a list
         differ = sorted(k for k in now if k not in _MAY_CHANGE and k in saved and saved[k] != now[k])
         if differ:
             raise SystemExit(

@@ -28,9 +28,9 @@ shard = tf.data.Dataset.from_tensor_slices((x, y)).shard(hvd.size(), hvd.rank())
 keras.utils.set_random_seed(hvd.rank())          # different initial weights on purpose: the broadcast fixes them
 model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)])
 optimizer = keras.optimizers.Adam(0.01)
-optimizer.build(model.trainable_variables)
-distclip.broadcast_from_root(model.variables + optimizer.variables)      # rank 0's start everywhere
 clip = distclip.ClipStep(optimizer, clip_norm=1.0)
+clip.build(model.trainable_variables)                                   # the optimizer's and the step's state
+distclip.broadcast_from_root(model.variables + optimizer.variables)      # rank 0's start everywhere
 
 
 @tf.function

@@ -78,7 +78,7 @@ def distributed_train(strategy, clip_norm, steps, opt="adam", batches=None, mode
         extra = {"global_clipnorm": clip_norm} if mode == "keras_global_clipnorm" else {}
         optimizer = make_optimizer(opt, **extra)
         clip = distclip.ClipStep(optimizer, clip_norm, **clip_kwargs) if mode == "clipstep" else None
-        optimizer.build(model.trainable_variables)
+        (clip or optimizer).build(model.trainable_variables)
     if restore is not None:
         restore(dict(model=model, optimizer=optimizer, clip=clip))
     if batches is None:

@@ -28,6 +28,7 @@ class ClipStep(Diagnostics, tf.Module):
             model = ...
             optimizer = keras.optimizers.Adam(1e-3)
             clip = distclip.ClipStep(optimizer, clip_norm=1.0)
+            clip.build(model.trainable_variables)  # optional: else the first step creates the state
 
         @tf.function
         def train_step(x, y):
@@ -134,7 +135,11 @@ class ClipStep(Diagnostics, tf.Module):
         return self._update.applies_next
 
     def build(self, trainable_variables: Sequence[Any]) -> None:
-        """Creates the optimizer's variables (and the accumulators) now, otherwise done on the first `apply`.
+        """Creates the optimizer's variables, the accumulators and the step's per-variable state now.
+
+        Otherwise the first `apply` creates them, and `tf.function` then traces
+        the step that created them twice (as for a Keras optimizer built on its
+        first `apply`): call it under the strategy's scope before the first step.
 
         Args:
           trainable_variables: the variables the steps will update.

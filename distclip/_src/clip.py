@@ -197,11 +197,16 @@ def clip_synchronized(
         grads=out_grads, global_norm=norm, scale=scale, clipped=tf.logical_and(finite, norm > threshold),
         finite=finite, nonfinite_replicas=tf.logical_and(tf.logical_not(finite), flags),
         nonfinite_variables=_scatter(nonfinite_variables(summed, total), present, len(grads), False),
-        variable_norms=(_scatter(tf.sqrt(tf.stack(squares)) * to_mean, present, len(grads), 0.0)
-                        if options.variable_norms and squares else
-                        tf.zeros([len(grads)], tf.float32) if options.variable_norms else None))
+        variable_norms=_variable_norms(squares, to_mean, present, len(grads)) if options.variable_norms else None)
     precise = wire_dtype in (tf.float32, tf.float64)  # a float16 sum of squares overflows at 65504
     return result, threshold, local_squares * to_mean * to_mean if precise else None
+
+
+def _variable_norms(squares: List[tf.Tensor], to_mean: Any, present: List[int], size: int) -> tf.Tensor:
+    """`||g_i||_2` per variable in the units of `global_norm` (0 where a gradient is `None`)."""
+    if not squares:
+        return tf.zeros([size], tf.float32)
+    return _scatter(tf.sqrt(tf.stack(squares)) * to_mean, present, size, 0.0)
 
 
 def _scatter(values: tf.Tensor, present: List[int], size: int, fill: Any) -> tf.Tensor:

@@ -81,8 +81,6 @@ class StepLog:
         self._tb = tf.summary.create_file_writer(os.path.join(out, "tensorboard"))
         self._nonfinite = _EventFile(os.path.join(out, "nonfinite.csv"), NONFINITE_COLUMNS, first_step)
         self._layers = _EventFile(os.path.join(out, "layer_norms.csv"), LAYER_COLUMNS, first_step)
-        #: The non-finite updates written (`distclip._src.attribution.Nonfinite`).
-        self.nonfinite: List[Any] = []
 
     def write(self, row: Dict[str, float]) -> None:
         self.rows.append(row)
@@ -94,7 +92,6 @@ class StepLog:
 
     def write_nonfinite(self, record: Any) -> None:
         """A non-finite update (`distclip._src.attribution.Nonfinite`): its rows, and its line as TensorBoard text."""
-        self.nonfinite.append(record)
         variables = ";".join(record.variables)
         for p in record.replicas or [None]:
             self._nonfinite.write([record.step, int(record.skipped), *(("", "", "", "") if p is None else p),

@@ -128,6 +128,7 @@ class ClipLogger(keras.callbacks.Callback):
         if self.variable_norms_every and not optimizer.options.variable_norms:
             raise ContextError(f"ClipLogger(variable_norms_every={self.variable_norms_every}) needs "
                                "ClipOptimizer(..., variable_norms=True)")
+        self._noise = optimizer.noise if optimizer.built else None
         self._places = replica_places(self.model.variables)
         self._names = [variable_name(v) for v in self.model.trainable_variables]
         self._skipped = int(optimizer.skipped_steps.numpy()) if optimizer.built else 0
@@ -148,7 +149,7 @@ class ClipLogger(keras.callbacks.Callback):
 
     def _summary(self) -> Dict[str, float]:
         means = {k: v / self._finite if self._finite else float("nan") for k, v in self._sums.items()}
-        noise = {} if self._opt.noise is None else {"b_simple": float(self._opt.noise.b_simple)}
+        noise = {} if self._noise is None else {"b_simple": float(self._noise.b_simple)}
         return {**means, "skipped_steps": float(self._skipped), **noise}
 
     @property
@@ -189,8 +190,9 @@ class ClipLogger(keras.callbacks.Callback):
             })
         if not math.isfinite(norm):
             self._nonfinite(optimizer, skipped > self._skipped)
-        if self._log is not None and optimizer.noise is not None:
-            self._log.write_noise(self._step, optimizer.noise)
+        self._noise = optimizer.noise  # read once per update: the logs and TensorBoard share it
+        if self._log is not None and self._noise is not None:
+            self._log.write_noise(self._step, self._noise)
         if self._log is not None and self.variable_norms_every and self._step % self.variable_norms_every == 0:
             self._log.write_norms(self._step, self._names, optimizer.variable_norms.numpy().tolist())
         self._step += 1

@@ -39,6 +39,9 @@ _EXPORTS = {
     "SpikeClip": "distclip._src.policies",
     "NoiseScale": "distclip._src.noise",
     "NoiseEstimate": "distclip._src.noise",
+    "Rewind": "distclip._src.rewind",
+    "RewindEvent": "distclip._src.rewind",
+    "RewindLimitError": "distclip._src.rewind",
 }
 __all__ = sorted(_EXPORTS) + ["cluster", "keras", "__version__"]
 
@@ -48,6 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from distclip._src.errors import ArgumentError, ContextError  # noqa: F401
     from distclip._src.noise import NoiseEstimate, NoiseScale  # noqa: F401
     from distclip._src.policies import AutoClip, SpikeClip  # noqa: F401
+    from distclip._src.rewind import Rewind, RewindEvent, RewindLimitError  # noqa: F401
     from distclip._src.step import ClipStep  # noqa: F401
     from distclip._src.sync import broadcast_from_root  # noqa: F401
     from distclip.cluster.verify import ReplicaMismatchError, verify_replicas  # noqa: F401

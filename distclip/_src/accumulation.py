@@ -34,9 +34,11 @@ def _local_variable(name: str, shape, dtype) -> tf.Variable:
 class Accumulation(tf.Module):
     """Per-replica gradient sums and a micro-batch counter (saved by `tf.train.Checkpoint`)."""
 
-    def __init__(self, steps: int, name: str = "accumulation"):
+    def __init__(self, steps: int, loss: bool = False, name: str = "accumulation"):
         super().__init__(name=name)
         self.steps = steps
+        self.with_loss = loss  # also sum the losses (rewind reads them)
+        self.loss_sum: Any = None
         self._strategy = tf.distribute.get_strategy()  # the owner is created under the strategy's scope
         self.micro_steps: Any = None  # a tf.Variable once created
         self.sums: List[Any] = []  # a tf.Variable per variable that receives gradients, else None
@@ -53,6 +55,8 @@ class Accumulation(tf.Module):
             self.micro_steps = _local_variable("micro_steps", (), tf.int64)
             self.sums = [_local_variable(f"sum_{i}", v.shape, tf.as_dtype(v.dtype)) if p else None
                          for i, (v, p) in enumerate(zip(variables, present, strict=True))]
+            if self.with_loss:
+                self.loss_sum = _local_variable("sum_loss", (), tf.float32)
 
     def pending(self) -> int:
         """Micro-batches accumulated since the latest update (read eagerly; the same on every replica)."""
@@ -71,20 +75,26 @@ class Accumulation(tf.Module):
                 "Save right after a call that applied, when pending_micro_batches is 0")
         return super()._trackable_children(save_type, **kwargs)
 
-    def run(self, grads: Sequence[Optional[Any]], step_fn: Callable[[List[Optional[tf.Tensor]]], Any]) -> tf.Tensor:
-        """Adds `grads` to this replica's sums; on every k-th call, `step_fn(sums)` then a reset.
+    def run(self, grads: Sequence[Optional[Any]], step_fn: Callable[..., Any],
+            loss: Optional[tf.Tensor] = None) -> tf.Tensor:
+        """Adds `grads` (and `loss`) to this replica's sums; on every k-th call, `step_fn(sums, loss_sum)`
+        then a reset (`loss_sum` is None without a `loss`).
 
         Returns a bool scalar: whether `step_fn` ran. Call it in the replica context.
         """
+        if loss is not None and self.loss_sum is None:
+            raise ArgumentError("loss with accumulation_steps > 1 is summed over micro-batches only for rewind; "
+                                "pass rewind=distclip.Rewind(...) or leave loss out")
         totals = [None if g is None else s.assign_add(tf.cast(tf.convert_to_tensor(g), s.dtype), read_value=True)
                   for g, s in zip(grads, self.sums, strict=True)]
+        total_loss = None if loss is None else self.loss_sum.assign_add(tf.cast(loss, tf.float32), read_value=True)
         count = self.micro_steps.assign_add(1, read_value=True)
         boundary = tf.equal(tf.math.floormod(count, self.steps), 0)
 
-        def on_boundary(totals):
-            step_fn(totals)
-            for s in self.sums:
+        def on_boundary(totals, total_loss):
+            step_fn(totals, total_loss)
+            for s in [*self.sums, self.loss_sum]:
                 if s is not None:
                     s.assign(tf.zeros_like(s))
 
-        return run_if(boundary, on_boundary, lambda totals: None, (totals,))
+        return run_if(boundary, on_boundary, lambda *_: None, (totals, total_loss))

@@ -44,6 +44,9 @@ class ClipResult(NamedTuple):
         `None` gradient), with `variable_norms=True`; otherwise None.
       noise: the gradient noise scale estimates (`distclip.NoiseEstimate`)
         with `noise_scale=` on `ClipStep` or `ClipOptimizer`; otherwise None.
+      loss: float32 scalar, the replicas' losses reduced as the gradients are
+        (sum or mean; the mean over micro-batches), when `apply` was given a
+        `loss`; otherwise None. Identical on every replica.
     """
 
     grads: List[Optional[Any]]
@@ -55,6 +58,7 @@ class ClipResult(NamedTuple):
     nonfinite_variables: tf.Tensor
     variable_norms: Optional[tf.Tensor] = None
     noise: Optional[Any] = None
+    loss: Optional[tf.Tensor] = None
 
 
 def sync_and_clip(
@@ -140,6 +144,7 @@ def clip_synchronized(
     *,
     micro_batches: int = 1,
     loss_scale: Optional[tf.Tensor] = None,
+    loss: Optional[tf.Tensor] = None,
 ) -> Tuple[ClipResult, tf.Tensor, Optional[tf.Tensor]]:
     """`sync_and_clip`'s reduce, measure, decide and scale, with the threshold a function of the norm.
 
@@ -154,6 +159,7 @@ def clip_synchronized(
     Each replica also sums the squares of its own gradients (one pass), and
     `num_replicas + 1` float elements ride on the last packed collective: its
     non-finite flag at its own index, and that sum (`distclip._src.nonfinite.replica_report`).
+    A `loss` (this replica's, unscaled; a sum over micro-batches) rides there too, as one more element.
 
     Returns:
       The result; the threshold used; `sum_r ||f g_r||_2^2` over the
@@ -169,6 +175,8 @@ def clip_synchronized(
     dense = {g.dtype for g in sent if isinstance(g, tf.Tensor)}
     wire_dtype = dense.pop() if len(dense) == 1 and next(iter(dense)).is_floating else tf.float32
     report = replica_report(local, backend.replica_index(), n, wire_dtype)
+    if loss is not None:
+        report = tf.concat([report, tf.cast(tf.reshape(loss, [1]), wire_dtype)], axis=0)
     summed: List[Any] = [None] * len(sent)
     squares: List[Any] = [None] * len(sent)
     bucket_mb = backend.default_bucket_mb if options.bucket_mb == "auto" else options.bucket_mb
@@ -181,8 +189,10 @@ def clip_synchronized(
             summed[i], squares[i] = g, squared_norm(g)
         if extra:
             flags, local_squares = read_report(out[-1], n)
+            loss_sum = tf.cast(out[-1][-1], tf.float32)
 
-    to_mean = _to_mean(sync.resolve_reduction(options.reduction, backend), backend, micro_batches, loss_scale)
+    op = sync.resolve_reduction(options.reduction, backend)
+    to_mean = _to_mean(op, backend, micro_batches, loss_scale)
     total = tf.add_n(squares) if squares else tf.zeros([], tf.float32)
     norm = norm_from_squares(total, summed) * to_mean                                                 # measure
     finite = tf.math.is_finite(norm)
@@ -197,7 +207,8 @@ def clip_synchronized(
         grads=out_grads, global_norm=norm, scale=scale, clipped=tf.logical_and(finite, norm > threshold),
         finite=finite, nonfinite_replicas=tf.logical_and(tf.logical_not(finite), flags),
         nonfinite_variables=_scatter(nonfinite_variables(summed, total), present, len(grads), False),
-        variable_norms=_variable_norms(squares, to_mean, present, len(grads)) if options.variable_norms else None)
+        variable_norms=_variable_norms(squares, to_mean, present, len(grads)) if options.variable_norms else None,
+        loss=None if loss is None else loss_sum * _to_mean(op, backend, micro_batches, None))
     precise = wire_dtype in (tf.float32, tf.float64)  # a float16 sum of squares overflows at 65504
     return result, threshold, local_squares * to_mean * to_mean if precise else None
 

@@ -4,9 +4,11 @@
 from (`strategy.run`, a traced step, or outside both), eagerly where it can.
 
 `run_if(pred, true_fn, false_fn, args)` runs `true_fn(*args)` where `pred`
-holds and `false_fn(*args)` where it does not. `pred` must be identical on
+holds and `false_fn(*args)` where it does not; `run_switch(index, branches,
+args)` runs `branches[index](*args)`. `pred` must be identical on
 every replica (decided from synchronized gradients, or a step counter), so
-every replica takes the same branch and collectives inside a branch match up.
+every replica takes the same branch and collectives inside a branch match up
+(the same holds for `index`).
 Tensors a branch needs travel in `args`, so that each replica gets its own
 (a closure over one replica's tensors would copy them to every device).
 
@@ -23,7 +25,7 @@ strategy (one device, Horovod) it is a plain `tf.cond`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -52,6 +54,35 @@ def run_if(pred: tf.Tensor, true_fn: Branch, false_fn: Branch, args: Sequence[An
         return tf.cond(first, on_every_replica(True, true_fn), on_every_replica(False, false_fn))
 
     return tf.distribute.get_replica_context().merge_call(merge_fn, args=(pred, args))
+
+
+def run_switch(index: tf.Tensor, branches: Sequence[Branch], args: Sequence[Any] = ()) -> tf.Tensor:
+    """Runs `branches[index](*args)` on every replica; `index` (int32) must be identical on every replica.
+    Returns a tensor that is ready once the branch ran.
+
+    `run_if` with more than two branches, in the same two contexts (a plain
+    `tf.switch_case` without a strategy, the first replica's `index` in the
+    cross-replica context under one).
+    """
+    args = tuple(args)
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return tf.switch_case(index, [_binding(fn, args) for fn in branches])
+
+    def merge_fn(strategy, index, args):
+        def on_every_replica(fn):
+            def branch():
+                strategy.extended.call_for_each_replica(_returning(True, fn), args=args)
+                return tf.constant(True)
+            return branch
+
+        first = strategy.experimental_local_results(index)[0]
+        return tf.switch_case(first, [on_every_replica(fn) for fn in branches])
+
+    return tf.distribute.get_replica_context().merge_call(merge_fn, args=(index, args))
+
+
+def _binding(fn: Branch, args: Tuple[Any, ...]) -> Callable[[], tf.Tensor]:
+    return lambda: _returning(True, fn)(*args)
 
 
 def _returning(value: bool, fn: Branch) -> Callable[..., tf.Tensor]:

@@ -9,6 +9,7 @@ import tensorflow as tf
 from distclip._src.checks import split_pairs
 from distclip._src.clip import ClipResult
 from distclip._src.noise import NoiseScale
+from distclip._src.rewind import Rewind
 from distclip._src.nonfinite import Nonfinite
 from distclip._src.options import BucketMB, StepOptions
 from distclip._src.sync import BackendName, Reduction
@@ -89,6 +90,9 @@ class ClipStep(Diagnostics, tf.Module):
       noise_scale: a `distclip.NoiseScale` to estimate the gradient noise
         scale at every update (`ClipResult.noise`; needs 2 or more replicas),
         or None.
+      rewind: a `distclip.Rewind` to rewind to an in-memory snapshot and skip
+        updates when the norm (or the loss given to `apply`) spikes, on every
+        replica together; or None. Needs `nonfinite="skip"`.
       name: the module's name (and its variables' name scope).
 
     Raises:
@@ -99,13 +103,14 @@ class ClipStep(Diagnostics, tf.Module):
                  nonfinite: Nonfinite = "skip", reduction: Reduction = "auto", backend: BackendName = "auto",
                  sparse_as_dense: bool = False, compression: Compression = None, accumulation_steps: int = 1,
                  bucket_mb: BucketMB = "auto", variable_norms: bool = False,
-                 noise_scale: Optional[NoiseScale] = None, name: str = "clip_step") -> None:
+                 noise_scale: Optional[NoiseScale] = None, rewind: Optional[Rewind] = None,
+                 name: str = "clip_step") -> None:
         super().__init__(name=name)
         self.options = StepOptions(nonfinite=nonfinite, reduction=reduction, backend=backend,
                                    sparse_as_dense=sparse_as_dense, compression=compression,
                                    accumulation_steps=accumulation_steps, bucket_mb=bucket_mb,
                                    variable_norms=variable_norms)
-        self._update = ClipUpdate(optimizer, clip_norm, self.options, "ClipStep", noise_scale)
+        self._update = ClipUpdate(optimizer, clip_norm, self.options, "ClipStep", noise_scale, rewind)
         with tf.name_scope(name):
             self._update.create_state(identical_variable)
         self.optimizer = optimizer
@@ -119,6 +124,8 @@ class ClipStep(Diagnostics, tf.Module):
         #: The noise scale's moving averages by name (empty without a `noise_scale`), saved with the step.
         self.noise_state = {} if noise is None else {
             "gradient_squared": noise.gradient_squared, "trace": noise.trace, "updates": noise.updates}
+        #: The rewind's ring, window and counters (None without `rewind`), saved with the step.
+        self.rewinding = self._update.rewinding
 
     @property
     def pending_micro_batches(self) -> int:
@@ -150,7 +157,7 @@ class ClipStep(Diagnostics, tf.Module):
         """
         self._update.ensure_built(trainable_variables)
 
-    def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any]) -> ClipResult:
+    def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any], loss: Optional[Any] = None) -> ClipResult:
         """Synchronizes `grads`, clips them by their global norm and applies them to `trainable_variables`.
 
         Call it inside `strategy.run` (or with no strategy), eagerly or in a
@@ -164,6 +171,10 @@ class ClipStep(Diagnostics, tf.Module):
           grads: this replica's gradients, one per variable (`None` for a
             variable that received none; `tf.IndexedSlices` stay sparse).
           trainable_variables: the variables, in the order of `grads`.
+          loss: this replica's loss (a float scalar, before any loss scaling),
+            or None. It rides on the packed all-reduce (one element) and comes
+            back reduced as the gradients are (`ClipResult.loss`); with
+            `rewind`, spikes in it rewind too.
 
         Returns:
           The synchronized, clipped gradients with the norm and scale; with
@@ -174,7 +185,7 @@ class ClipStep(Diagnostics, tf.Module):
           ContextError: called in a cross-replica context, or under another
             strategy than the one this step was created under.
         """
-        return self._update.apply(grads, trainable_variables)
+        return self._update.apply(grads, trainable_variables, loss)
 
     def apply_gradients(self, grads_and_vars: Iterable[Tuple[Any, Any]]) -> ClipResult:
         """`apply` for `(gradient, variable)` pairs, as Keras 2's `optimizer.apply_gradients` took them.

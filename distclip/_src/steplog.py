@@ -11,7 +11,9 @@ per replica whose own gradients were non-finite: step, skipped, replica,
 worker, host, device, and the variables, `;`-separated) and as a TensorBoard
 text `nonfinite`; per-layer norms to `layer_norms.csv` (step, layer, norm)
 and TensorBoard (`layer_norm/<layer>` scalars, a `variable_norms`
-histogram); the noise scale to TensorBoard (`noise/...`).
+histogram); the noise scale to TensorBoard (`noise/...`); each rewind to
+`rewinds.csv` (step of the spike, `to_step` the snapshot was taken before,
+`skip_through_step`, `stopped`) and as a TensorBoard text `rewind`.
 """
 from __future__ import annotations
 
@@ -26,10 +28,13 @@ import tensorflow as tf
 
 from distclip._src.attribution import describe
 from distclip._src.errors import ContextError
+from distclip._src.rewind import RewindEvent
+from distclip._src.rewind import describe as describe_rewind
 
 COLUMNS = ("step", "loss", "global_norm", "scale", "clip_norm", "clipped", "skipped")
 NONFINITE_COLUMNS = ("step", "skipped", "replica", "worker", "host", "device", "variables")
 LAYER_COLUMNS = ("step", "layer", "norm")
+REWIND_COLUMNS = ("step", "to_step", "skip_through_step", "stopped")
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -81,6 +86,7 @@ class StepLog:
         self._tb = tf.summary.create_file_writer(os.path.join(out, "tensorboard"))
         self._nonfinite = _EventFile(os.path.join(out, "nonfinite.csv"), NONFINITE_COLUMNS, first_step)
         self._layers = _EventFile(os.path.join(out, "layer_norms.csv"), LAYER_COLUMNS, first_step)
+        self._rewinds = _EventFile(os.path.join(out, "rewinds.csv"), REWIND_COLUMNS, first_step)
 
     def write(self, row: Dict[str, float]) -> None:
         self.rows.append(row)
@@ -98,6 +104,12 @@ class StepLog:
                                    variables])
         with self._tb.as_default(step=record.step):
             tf.summary.text("nonfinite", describe(record))
+
+    def write_rewind(self, event: RewindEvent) -> None:
+        """A rewind (updates counted from 1) as a row in steps from 0, and its line as TensorBoard text."""
+        self._rewinds.write([event.at - 1, event.to - 1, event.skip_through - 1, int(event.stopped)])
+        with self._tb.as_default(step=event.at - 1):
+            tf.summary.text("rewind", describe_rewind(event))
 
     def write_norms(self, step: int, names: Sequence[str], norms: Sequence[float]) -> None:
         """Per-variable norms of one update, written per layer (`layer_norms`)."""
@@ -125,12 +137,14 @@ class StepLog:
         os.fsync(self._file.fileno())
         self._nonfinite.flush()
         self._layers.flush()
+        self._rewinds.flush()
         self._tb.flush()
 
     def close(self) -> None:
         self._file.close()
         self._nonfinite.close()
         self._layers.close()
+        self._rewinds.close()
         self._tb.close()
 
 

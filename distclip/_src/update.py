@@ -12,7 +12,8 @@ Per update, top to bottom (`ClipUpdate.step`):
 The first four are `distclip._src.clip.clip_synchronized`; apply is
 `distclip._src.optimizer.apply_in_lockstep`; with `accumulation_steps=k` the
 step runs on every k-th call, on the accumulated sums
-(`distclip._src.accumulation`).
+(`distclip._src.accumulation`). With `rewind=`, apply is one of five actions
+decided from the synchronized norm (`ClipUpdate.take`, `distclip._src.rewind`).
 
 Mixed precision: `LossScaleOptimizer(inner)` is the one order supported. The
 loss is multiplied by the dynamic scale S, so the synchronized gradients are S
@@ -24,7 +25,7 @@ moves as Keras's `LossScaleOptimizer` moves it (`_next_loss_scale`).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
@@ -34,12 +35,14 @@ from distclip._src.accumulation import Accumulation
 from distclip._src.checks import check_pairs
 from distclip._src.clip import ClipResult, clip_synchronized
 from distclip._src.nonfinite import skips
-from distclip._src.optimizer import apply_in_lockstep, check_optimizer, check_strategy, ensure_built
+from distclip._src.optimizer import apply_in_lockstep, check_optimizer, check_strategy, ensure_built, \
+    no_second_reduction
 from distclip._src.options import StepOptions
 from distclip._src.policies import Policy
 from distclip._src.threshold import ClipNorm, MakeVariable, Threshold, check_clip_norm
 from distclip._src.errors import ArgumentError, ContextError
-from distclip._src.lockstep import create_variables
+from distclip._src.lockstep import create_variables, run_switch
+from distclip._src.rewind import Rewind, Rewinding, RewindEvent, owned_variables
 from distclip._src.noise import NoiseEstimate, NoiseScale, NoiseState, check_replicas
 from distclip._src.variables import identical_variable, tf_variable
 
@@ -136,6 +139,36 @@ class Diagnostics:
         return self._update.state.variable_norms
 
     @property
+    def rewinds(self) -> Any:
+        """The int64 variable counting rewinds since the start, with `rewind` (else None)."""
+        rewinding = self._update.rewinding
+        return None if rewinding is None else rewinding.rewinds
+
+    def latest_rewind(self) -> Optional[RewindEvent]:
+        """The latest rewind (read eagerly), or None before the first or without `rewind`.
+
+        Returns:
+          A `distclip.RewindEvent`, in updates counted from 1 since the start, or None.
+        """
+        return self._update.latest_rewind()
+
+    def check_rewind_limit(self, save: Optional[Callable[[], Optional[str]]] = None) -> None:
+        """Raises `distclip.RewindLimitError` once the rewind limit was hit; call it between steps.
+
+        The step's variables then hold the last good snapshot; `save()` is
+        called first (write a checkpoint there and return its path). One
+        scalar is read from the device.
+
+        Args:
+          save: writes the last good state to disk and returns where, or None.
+
+        Raises:
+          RewindLimitError: the limit was hit (the message names the updates and the path).
+        """
+        if self._update.rewinding is not None:
+            self._update.rewinding.check_limit(save)
+
+    @property
     def noise(self) -> Optional[NoiseEstimate]:
         """The gradient noise scale estimates as of the latest update, with a `noise_scale` (else None)."""
         noise = self._update.state.noise
@@ -153,7 +186,7 @@ class ClipUpdate:
     """
 
     def __init__(self, optimizer: Any, clip_norm: ClipNorm, options: StepOptions, owner: str,
-                 noise_scale: Optional[NoiseScale] = None):
+                 noise_scale: Optional[NoiseScale] = None, rewind: Optional[Rewind] = None):
         check_optimizer(optimizer, options.nonfinite)
         self.optimizer = optimizer
         # The optimizer that takes the steps, and the LossScaleOptimizer around it (or None).
@@ -168,15 +201,30 @@ class ClipUpdate:
             raise ArgumentError("noise_scale with compression='fp16': the replicas' sums of squares would travel "
                                 "as float16 and overflow; use compression=None")
         self.noise_scale = noise_scale
+        if rewind is not None and not isinstance(rewind, Rewind):
+            raise ArgumentError(f"rewind must be a distclip.Rewind or None; got rewind={rewind!r}")
+        if rewind is not None and options.nonfinite != "skip":
+            raise ArgumentError(f"rewind needs nonfinite='skip' (a rewind skips updates in lockstep); "
+                                f"got nonfinite={options.nonfinite!r}")
+        self.rewind = rewind
         self.strategy = tf.distribute.get_strategy()
         steps = options.accumulation_steps
-        self.accumulation = Accumulation(steps) if steps > 1 else None
+        self.accumulation = Accumulation(steps, loss=rewind is not None) if steps > 1 else None
         self.state: StepState  # made by create_state
         self.threshold: Threshold
+        self.rewinding: Optional[Rewinding] = None
 
     def create_state(self, make_variable: MakeVariable) -> None:
         self.state = StepState(make_variable, self.noise_scale)
         self.threshold = Threshold(self.clip_norm, make_variable)
+        if self.rewind is not None:
+            self.rewinding = Rewinding(self.rewind)
+
+    def saved_state(self) -> List[Any]:
+        """distclip's own variables that a rewind restores: the policy's, the skip count, the noise scale's."""
+        noise = self.state.noise
+        return [*self.threshold.state.values(), self.state.skipped_steps,
+                *([] if noise is None else [noise.gradient_squared, noise.trace, noise.updates])]
 
     def ensure_built(self, variables: Sequence[Any], present: Optional[Sequence[bool]] = None) -> None:
         """Checks `variables`, creates the optimizer's variables and the accumulators if not yet created,
@@ -191,9 +239,13 @@ class ClipUpdate:
             self.accumulation.create(list(variables), present)
 
     def create_vectors(self, variables: Sequence[Any]) -> None:
-        """Makes the state's per-replica and per-variable variables, once (after `create_state`)."""
+        """Makes the state's per-replica and per-variable variables, and the rewind's ring, once (after
+        `create_state`, with the optimizer built)."""
         self.state.create_vectors(self.strategy, sync.replicas(self.options.backend), len(variables),
                                   self.options.variable_norms)
+        if self.rewinding is not None:
+            self.rewinding.create_ring(
+                self.strategy, owned_variables(variables, self.optimizer.variables, self.saved_state()))
 
     @property
     def pending_micro_batches(self) -> int:
@@ -205,19 +257,27 @@ class ClipUpdate:
         """Whether the next `apply` takes an update (always, without accumulation)."""
         return self.pending_micro_batches + 1 == self.options.accumulation_steps
 
-    def apply(self, grads: Sequence[Any], variables: Sequence[Any]) -> ClipResult:
+    def apply(self, grads: Sequence[Any], variables: Sequence[Any], loss: Optional[Any] = None) -> ClipResult:
         """Checks the call, builds what is missing, then runs `step` (every k-th call when accumulating)."""
         grads, variables = check_pairs(grads, variables)
+        if loss is not None:
+            loss = tf.convert_to_tensor(loss)
+            if loss.shape.rank != 0 or not loss.dtype.is_floating:
+                raise ArgumentError(f"loss must be a float scalar (this replica's loss); got loss={loss!r}")
         sync.check_replica_context(f"{self.owner}.apply")
         check_strategy(self.stepper, self.strategy, self.owner)
         self.ensure_built(variables, [g is not None for g in grads])
         if self.accumulation is None:
-            return self.step(grads, variables)
-        ran = self.accumulation.run(grads, lambda sums: self.step(sums, variables))
+            return self.step(grads, variables, loss)
+        ran = self.accumulation.run(grads, lambda sums, loss_sum: self.step(sums, variables, loss_sum), loss)
         with tf.control_dependencies([ran]):
             return self.state.latest(len(grads))
 
-    def step(self, grads: List[Any], variables: List[Any]) -> ClipResult:
+    def latest_rewind(self) -> Optional[RewindEvent]:
+        """The latest rewind (read eagerly), None before the first or without `rewind`."""
+        return None if self.rewinding is None else self.rewinding.latest_event()
+
+    def step(self, grads: List[Any], variables: List[Any], loss: Optional[tf.Tensor] = None) -> ClipResult:
         """One update: reduce, measure, decide, scale (`clip_synchronized`), then apply and record."""
         loss_scale = None if self.lso is None else tf.cast(tf.convert_to_tensor(tf_variable(self.lso.dynamic_scale)),
                                                            tf.float32)
@@ -230,16 +290,18 @@ class ClipUpdate:
             check_replicas(replicas)
         result, threshold, replica_squares = clip_synchronized(
             grads, backend, self.threshold.at(self.stepper.iterations), self.options,
-            micro_batches=self.options.accumulation_steps, loss_scale=loss_scale)
+            micro_batches=self.options.accumulation_steps, loss_scale=loss_scale, loss=loss)
+        if self.state.noise is not None and replica_squares is None:
+            raise ArgumentError("noise_scale needs float32 or float64 gradients on the wire; these travel as "
+                                "float16, whose sums of squares overflow")
+        if self.rewinding is not None:
+            return self.take(result, threshold, replica_squares, replicas, variables)
         # Nothing is written before every check of this step has passed: the
         # threshold's and, with nonfinite="raise", the norm's (both feed `scale`).
         with tf.control_dependencies([result.scale]):
             ok = tf.identity(result.finite)
             self.state.record(result, threshold)
             if self.state.noise is not None:
-                if replica_squares is None:
-                    raise ArgumentError("noise_scale needs float32 or float64 gradients on the wire; these travel as "
-                                        "float16, whose sums of squares overflow")
                 result = result._replace(
                     noise=self.state.noise.record(result.global_norm, replica_squares, replicas, result.finite))
             for var, value in () if self.lso is None else _next_loss_scale(self.lso, result.finite):
@@ -249,6 +311,53 @@ class ClipUpdate:
             assign_on_apply=self.threshold.updates(result.global_norm, result.finite),
             count_skip=self.state.skipped_steps)
         return result
+
+    def take(self, result: ClipResult, threshold: tf.Tensor, replica_squares: Optional[tf.Tensor], replicas: int,
+             variables: List[Any]) -> ClipResult:
+        """With `rewind`: `step` after the clip, as one of five actions taken on every replica together.
+
+        The action comes from the synchronized norm and loss (`Rewinding.action`);
+        what the plain step always writes (the policy's and the loss scale's next
+        values, the noise scale's averages) is written only by the actions that
+        take the update in (APPLY, NONFINITE), so a skipped update leaves no trace.
+        """
+        rewinding = self.rewinding
+        assert rewinding is not None
+        with tf.control_dependencies([result.scale]):
+            self.state.record(result, threshold)
+            action = tf.cast(rewinding.action(result.global_norm, result.finite, result.loss), tf.int32)
+        pairs = [(g, v) for g, v in zip(result.grads, variables, strict=True) if g is not None]
+        targets = [v for _, v in pairs]
+        policy = self.threshold.updates(result.global_norm, result.finite)
+        next_scale = [] if self.lso is None else _next_loss_scale(self.lso, result.finite)
+        noise = self.state.noise
+
+        def assign(pairs, values) -> None:
+            for (var, _), value in zip(pairs, values, strict=True):
+                var.assign(value)
+
+        def apply(grads, policy_values, scale_values, norm, squares, loss) -> None:
+            rewinding.before_apply()
+            with no_second_reduction(self.stepper):
+                self.stepper.apply(grads, targets)
+            assign(policy, policy_values)
+            assign(next_scale, scale_values)
+            if noise is not None:
+                noise.record(norm, squares, replicas, tf.constant(True))
+            rewinding.after_apply(norm, loss)
+
+        def nonfinite(grads, policy_values, scale_values, *_) -> None:
+            self.state.skipped_steps.assign_add(tf.ones([], tf.int64))
+            assign(next_scale, scale_values)
+            rewinding.after_nonfinite()
+
+        args = ([g for g, _ in pairs], [v for _, v in policy], [v for _, v in next_scale], result.global_norm,
+                replica_squares, result.loss)
+        done = run_switch(action, [apply, nonfinite, lambda *_: rewinding.skip_one(),
+                                   lambda *_: rewinding.rewind(stop=False), lambda *_: rewinding.rewind(stop=True)],
+                          args)
+        with tf.control_dependencies([done]):
+            return result._replace(noise=None if noise is None else noise.latest())
 
 
 def _next_loss_scale(lso: Any, finite: tf.Tensor) -> List[Tuple[Any, tf.Tensor]]:

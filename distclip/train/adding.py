@@ -13,10 +13,11 @@ import keras
 import numpy as np
 
 
-def batch(seed: int, step: int, size: int, length: int, nan: bool = False):
+def batch(seed: int, step: int, size: int, length: int, nan: bool = False, spike: bool = False):
     """The global batch for `step`: inputs `[size, length, 2]` float32 and targets `[size, 1]`.
 
     With `nan`, the last sequence's first value is NaN: the last replica's slice is poisoned.
+    With `spike`, the targets are 100 times too large: a loss and gradient spike on every replica.
     """
     rng = np.random.default_rng([seed, step])
     values = rng.uniform(0.0, 1.0, size=(size, length)).astype(np.float32)
@@ -31,6 +32,8 @@ def batch(seed: int, step: int, size: int, length: int, nan: bool = False):
         values[-1, 0] = np.nan
     x = np.stack([values, markers], axis=-1)
     y = (values[rows, first] + values[rows, second])[:, None]
+    if spike:
+        y = y * 100.0
     return x, y.astype(np.float32)
 
 

@@ -51,6 +51,27 @@ def _steps(text: str) -> Tuple[int, ...]:
     return steps
 
 
+def _rewind(text: str) -> Tuple[int, ...]:
+    try:
+        every, keep, skip = (int(s) for s in text.split(","))
+    except ValueError:
+        every = 0
+    if every < 1 or keep < 1 or skip < 0:
+        raise argparse.ArgumentTypeError(
+            f"--rewind must be EVERY,KEEP,SKIP (integers, EVERY and KEEP >= 1, SKIP >= 0); got {text!r}")
+    return every, keep, skip
+
+
+def _factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 1):
+        raise argparse.ArgumentTypeError(f"--rewind-factor must be a finite number > 1; got {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     d = Config()
     p = argparse.ArgumentParser(prog="distclip",
@@ -97,6 +118,15 @@ def parser() -> argparse.ArgumentParser:
                         "gradients; needs 2 or more replicas")
     t.add_argument("--nan-at", type=_steps, default=d.nan_at, metavar="STEP[,STEP...]",
                    help="put a NaN into the last replica's batch at these steps, to see a non-finite step named")
+    t.add_argument("--rewind", type=_rewind, default=d.rewind, metavar="EVERY,KEEP,SKIP",
+                   help="on a spike of the norm or the loss, every replica goes back to the oldest of KEEP in-memory "
+                        "snapshots taken every EVERY steps and skips the next SKIP steps (distclip.Rewind)")
+    t.add_argument("--rewind-factor", type=_factor, default=d.rewind_factor, metavar="F",
+                   help="with --rewind: a spike is a norm or loss above F times its mean over the window")
+    t.add_argument("--rewind-window", type=_int_at_least(2, "an integer >= 2"), default=d.rewind_window, metavar="N",
+                   help="with --rewind: the last N applied steps the mean is taken over (no spike before N steps)")
+    t.add_argument("--spike-at", type=_steps, default=d.spike_at, metavar="STEP[,STEP...]",
+                   help="multiply the targets of these steps' batches by 100, to see a spike (and a rewind)")
     pl = sub.add_parser(
         "plot",
         help="draw a run's metrics.csv (from distclip train or distclip.keras.ClipLogger) as a PNG",
@@ -110,7 +140,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from distclip.train.plots import plot, read_csv, read_layers
+    from distclip.train.plots import plot, read_csv, read_layers, read_rewinds
 
     path = os.path.join(args.run_dir, "metrics.csv")
     if not os.path.isfile(path):
@@ -121,7 +151,8 @@ def _plot(args: argparse.Namespace) -> int:
         print(f"distclip plot: {path} has no rows", file=sys.stderr)
         return 2
     out = args.out or os.path.join(args.run_dir, "plot.png")
-    plot(rows, out, args.title or os.path.abspath(args.run_dir), layers=read_layers(args.run_dir))
+    plot(rows, out, args.title or os.path.abspath(args.run_dir), layers=read_layers(args.run_dir),
+         rewinds=read_rewinds(args.run_dir))
     print(f"distclip plot: {len(rows)} steps -> {out}")
     return 0
 
@@ -151,7 +182,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from distclip.train.fit import run
     else:
         from distclip.train.loop import run
-    summary = run(cfg, runner)
+    from distclip._src.rewind import RewindLimitError
+
+    try:
+        summary = run(cfg, runner)
+    except RewindLimitError as e:
+        print(f"\ndistclip train: {e}", file=sys.stderr, flush=True)
+        return 3
     print(
         f"\ndistclip train: {summary['strategy']} x{summary['replicas']}, clip_norm={cfg.clip_norm}, "
         f"{cfg.steps} steps\n"
@@ -162,6 +199,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         + "".join(f"  {s['line']}\n" for s in summary["nonfinite_steps"][:10])
         + (f"  ... {len(summary['nonfinite_steps']) - 10} more in nonfinite.csv\n"
            if len(summary["nonfinite_steps"]) > 10 else "")
+        + "".join(f"  {r['line']}\n" for r in summary["rewinds"])
         + ("" if summary.get("b_simple") is None else f"  gradient noise scale B_simple: {summary['b_simple']:.4g}\n") +
         f"  outputs: {os.path.abspath(cfg.out)}/{{metrics.csv, tensorboard/, plot.png, summary.json}}",
         flush=True,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from typing import Any, Literal, Optional, Tuple
 
 
 @dataclass
@@ -24,6 +24,19 @@ class Config:
     variable_norms_every: int = 0  # write per-layer norms every N steps; 0: never
     noise_scale: bool = False  # estimate the gradient noise scale (B_simple)
     nan_at: Tuple[int, ...] = ()  # steps at which the last replica's batch gets a NaN (to see attribution)
+    rewind: Tuple[int, ...] = ()  # (every, keep, skip): rewind on a spike (distclip.Rewind); (): never
+    rewind_factor: float = 5.0  # a spike: norm or loss above this many times their mean over the window
+    rewind_window: int = 50  # applied steps the mean is taken over
+    spike_at: Tuple[int, ...] = ()  # steps whose targets are multiplied by 100 (to see a rewind)
+
+    def rewind_config(self) -> Any:
+        """The `distclip.Rewind` of `--rewind` (None without)."""
+        if not self.rewind:
+            return None
+        from distclip._src.rewind import Rewind
+
+        every, keep, skip = self.rewind
+        return Rewind(every=every, keep=keep, skip=skip, factor=self.rewind_factor, window=self.rewind_window)
 
     @property
     def nonfinite(self) -> Literal["skip", "propagate"]:

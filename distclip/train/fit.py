@@ -25,7 +25,8 @@ class AddingBatches(keras.utils.PyDataset):
 
     def __getitem__(self, i: int):
         step = self.first + i
-        x, y = adding.batch(self.cfg.seed, step, self.cfg.batch_size, self.cfg.length, nan=step in self.cfg.nan_at)
+        x, y = adding.batch(self.cfg.seed, step, self.cfg.batch_size, self.cfg.length, nan=step in self.cfg.nan_at,
+                            spike=step in self.cfg.spike_at)
         return x[self.rows], y[self.rows]
 
 
@@ -43,7 +44,8 @@ def run(cfg: Config, runner) -> dict:
         model = adding.model(cfg.length, cfg.units, cfg.seed, cfg.recurrent_gain)
         optimizer = ClipOptimizer(keras.optimizers.SGD(cfg.learning_rate, momentum=0.9), cfg.clip_norm,
                                   nonfinite=cfg.nonfinite, variable_norms=cfg.variable_norms_every > 0,
-                                  noise_scale=NoiseScale(cfg.batch_size) if cfg.noise_scale else None)
+                                  noise_scale=NoiseScale(cfg.batch_size) if cfg.noise_scale else None,
+                                  rewind=cfg.rewind_config())
         model.compile(optimizer=optimizer, loss="mse")
         optimizer.build(model.trainable_variables)
     progress = Progress()
@@ -65,7 +67,8 @@ def run(cfg: Config, runner) -> dict:
     return finish(cfg, runner, model, optimizer, final_loss=progress.final_loss(),
                   clipped=int(progress.clipped.numpy()),
                   skipped=runner.read(optimizer.skipped_steps), seconds=elapsed,
-                  rows=logger.rows if runner.chief else None, nonfinite=logger.nonfinite, noise=optimizer.noise)
+                  rows=logger.rows if runner.chief else None, nonfinite=logger.nonfinite, noise=optimizer.noise,
+                  rewinds=logger.rewinds)
 
 
 class _Checkpointing(keras.callbacks.Callback):

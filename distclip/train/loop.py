@@ -1,6 +1,7 @@
 """The training loop of `distclip train`: a custom loop with ClipStep under any strategy."""
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
@@ -9,6 +10,7 @@ import tensorflow as tf
 
 from distclip._src.attribution import describe, nonfinite, replica_places
 from distclip._src.noise import NoiseScale
+from distclip._src.rewind import describe as describe_rewind
 from distclip._src.step import ClipStep
 from distclip._src.variables import variable_name
 from distclip._src.steplog import StepLog
@@ -17,6 +19,12 @@ from distclip.train import adding
 from distclip.train.checkpoint import Checkpoints, Progress, StopOnSigterm, announce, stopped
 from distclip.train.config import Config
 from distclip.train.summary import finish
+
+
+def save_at(checkpoints: Checkpoints, done: int) -> str:
+    """Saves the state after `done` steps (every rank, as a SIGTERM checkpoint does); returns the folder."""
+    checkpoints.save(done)
+    return checkpoints.directory
 
 
 def run(cfg: Config, runner) -> dict:
@@ -28,21 +36,25 @@ def run(cfg: Config, runner) -> dict:
         optimizer = keras.optimizers.SGD(cfg.learning_rate, momentum=0.9)
         clip = ClipStep(optimizer, cfg.clip_norm, nonfinite=cfg.nonfinite,
                         variable_norms=cfg.variable_norms_every > 0,
-                        noise_scale=NoiseScale(cfg.batch_size) if cfg.noise_scale else None)
+                        noise_scale=NoiseScale(cfg.batch_size) if cfg.noise_scale else None,
+                        rewind=cfg.rewind_config())
         clip.build(model.trainable_variables)
     runner.broadcast(model.variables + optimizer.variables)
     places = replica_places(model.variables)  # every rank, together
     names = [variable_name(v) for v in model.trainable_variables]
     records = []
+    rewinds: list = []
     progress = Progress()
     checkpoints = Checkpoints(cfg, runner, model=model, optimizer=optimizer, clip=clip, progress=progress)
     first = checkpoints.restore() if cfg.resume else 0
     announce(cfg, runner, checkpoints, first)
+    seen_rewinds = runner.read(clip.rewinds) if cfg.rewind else 0  # a resumed run's earlier ones are in its log
 
     def replica_fn(x, y, loss_denominator):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(tf.square(model(x, training=True) - y)) / loss_denominator
-        return loss, clip.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        return loss, clip.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables,
+                                loss=loss if cfg.rewind else None)
 
     train_step = runner.compile(replica_fn, cfg.batch_size)
 
@@ -53,7 +65,8 @@ def run(cfg: Config, runner) -> dict:
     start = time.monotonic()
     with StopOnSigterm("distclip train") as sigterm:
         for step in range(first, cfg.steps):
-            x, y = adding.batch(cfg.seed, step, cfg.batch_size, cfg.length, nan=step in cfg.nan_at)
+            x, y = adding.batch(cfg.seed, step, cfg.batch_size, cfg.length, nan=step in cfg.nan_at,
+                                spike=step in cfg.spike_at)
             # `stop`: whether any rank was sent SIGTERM, agreed on in the step's own loss reduction.
             loss, stop, norm, scale, clipped, finite = (v.numpy() for v in train_step(x, y, sigterm.requested))
             progress.record(step, float(loss), bool(clipped))
@@ -73,6 +86,15 @@ def run(cfg: Config, runner) -> dict:
                     log.write_norms(step, names, clip.variable_norms.numpy().tolist())
                 if cfg.noise_scale:
                     log.write_noise(step, clip.noise)
+            if cfg.rewind and runner.read(clip.rewinds) > seen_rewinds:
+                seen_rewinds += 1
+                rewinds.append(clip.latest_rewind())
+                if chief:
+                    print(f"\ndistclip: {describe_rewind(rewinds[-1])}", file=sys.stderr, flush=True)
+                if log:
+                    log.write_rewind(rewinds[-1])
+                    log.flush()
+                clip.check_rewind_limit(functools.partial(save_at, checkpoints, step + 1))
             bar.update(step + 1, [("loss", float(loss)), ("norm", float(norm)), ("clip", float(clipped))])
             if checkpoints.after(step + 1, bool(stop), log.flush if log else lambda: None):
                 if log:
@@ -85,4 +107,4 @@ def run(cfg: Config, runner) -> dict:
     return finish(cfg, runner, model, optimizer, final_loss=progress.final_loss(),
                   clipped=int(progress.clipped.numpy()),
                   skipped=runner.read(clip.skipped_steps), seconds=elapsed, rows=log.rows if log else None,
-                  nonfinite=records, noise=clip.noise)
+                  nonfinite=records, noise=clip.noise, rewinds=rewinds)

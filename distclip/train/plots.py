@@ -27,6 +27,15 @@ def read_layers(run_dir: str) -> Optional[Dict[str, List[Tuple[float, float]]]]:
     return layers or None
 
 
+def read_rewinds(run_dir: str) -> List[Tuple[float, float, float]]:
+    """`rewinds.csv` of a run as [(spike step, to_step, skip_through_step), ...] (empty if it rewound never)."""
+    path = os.path.join(run_dir, "rewinds.csv")
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return [(float(r["step"]), float(r["to_step"]), float(r["skip_through_step"])) for r in csv.DictReader(f)]
+
+
 def largest_layers(layers: Dict[str, List[Tuple[float, float]]], count: int = 5) -> List[str]:
     """The `count` layers whose largest finite norm is largest, largest first."""
     def peak(points):
@@ -44,9 +53,11 @@ def _running_median(values: Sequence[float], window: int) -> List[float]:
 
 
 def plot(rows: Sequence[Dict[str, float]], path: str, title: str, baseline: Optional[Tuple[float, str]] = None,
-         layers: Optional[Dict[str, List[Tuple[float, float]]]] = None) -> None:
+         layers: Optional[Dict[str, List[Tuple[float, float]]]] = None,
+         rewinds: Sequence[Tuple[float, float, float]] = ()) -> None:
     """Global norm against the threshold (top) and loss (below) over steps, log scale; with `layers`
-    (`read_layers`), a third panel of the 5 layers with the largest norms.
+    (`read_layers`), a third panel of the 5 layers with the largest norms; each of `rewinds`
+    (`read_rewinds`) as a shaded span of the steps not learned from and a line at the spike.
 
     `baseline`: (loss, label) drawn as a dotted line under the loss.
     """
@@ -89,6 +100,13 @@ def plot(rows: Sequence[Dict[str, float]], path: str, title: str, baseline: Opti
         panel.set_yscale("log")
         panel.set_ylabel("layer gradient norm")
         panel.legend(loc="upper right", fontsize=7, title="largest 5 layers", title_fontsize=7)
+    for i, (at, to, through) in enumerate(rewinds):
+        for ax in axes:
+            ax.axvspan(to, through + 1, color="tab:orange", alpha=0.2, lw=0,
+                       label="not learned from (rewind)" if i == 0 and ax is top else None)
+            ax.axvline(at, color="tab:orange", lw=0.8)
+    if rewinds:
+        top.legend(loc="upper right", fontsize=8)
     axes[-1].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

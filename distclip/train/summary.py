@@ -10,17 +10,21 @@ import tensorflow as tf
 
 from distclip._src.attribution import Nonfinite, describe
 from distclip._src.noise import NoiseEstimate
+from distclip._src.rewind import RewindEvent
+from distclip._src.rewind import describe as describe_rewind
 from distclip.cluster.verify import verify_replicas
 from distclip.train import adding
 from distclip.train.config import Config
-from distclip.train.plots import plot, read_layers
+from distclip.train.plots import plot, read_layers, read_rewinds
 
 
 def finish(cfg: Config, runner, model, optimizer, *, final_loss: float, clipped: int, skipped: int, seconds: float,
-           rows, nonfinite: Sequence[Nonfinite] = (), noise: Optional[NoiseEstimate] = None) -> dict:
+           rows, nonfinite: Sequence[Nonfinite] = (), noise: Optional[NoiseEstimate] = None,
+           rewinds: Sequence[RewindEvent] = ()) -> dict:
     """Checks the replicas, evaluates, and (chief only, `rows` given) writes plot.png and summary.json.
 
-    `nonfinite`: the run's non-finite updates with their sources; `noise`: the latest noise scale estimates.
+    `nonfinite`: the run's non-finite updates with their sources; `noise`: the latest noise scale estimates;
+    `rewinds`: the run's rewinds (in this process's part of the run, if it was resumed).
     """
     # Raises ReplicaMismatchError naming the first variable that differs.
     checked = len(verify_replicas(model.variables + optimizer.variables))
@@ -37,6 +41,8 @@ def finish(cfg: Config, runner, model, optimizer, *, final_loss: float, clipped:
         "variables_verified_identical": checked,
         "nonfinite_steps": [{"step": r.step, "skipped": r.skipped, "replicas": [p._asdict() for p in r.replicas],
                              "variables": r.variables, "line": describe(r)} for r in nonfinite],
+        "rewinds": [{"step": r.at - 1, "to_step": r.to - 1, "skip_through_step": r.skip_through - 1,
+                     "line": describe_rewind(r)} for r in rewinds],
         "b_simple": None if noise is None else float(noise.b_simple),
         "seconds": round(seconds, 1),
         "config": asdict(cfg),
@@ -46,7 +52,7 @@ def finish(cfg: Config, runner, model, optimizer, *, final_loss: float, clipped:
             "no clipping" if cfg.clip_norm is None else f"clip_norm={cfg.clip_norm}"
         ) + (", model.fit" if cfg.fit else "")
         plot(rows, os.path.join(cfg.out, "plot.png"), title, baseline=(1 / 6, "predict the mean (MSE 0.167)"),
-             layers=read_layers(cfg.out))
+             layers=read_layers(cfg.out), rewinds=read_rewinds(cfg.out))
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary

@@ -111,8 +111,10 @@ def test_train_tpu_without_a_tpu_fails_clearly(tmp_path):
 
 
 def test_train_fit_equals_the_custom_loop(tmp_path):
-    """`distclip train --fit` (model.fit, ClipOptimizer, ClipLogger) sees the custom loop's norms and ends the same."""
-    args = ["train", "--steps", "30", "--clip-norm", "0.5", "--seed", "3"]
+    """`distclip train --fit` (model.fit, ClipOptimizer, ClipLogger) sees the custom loop's norms and ends the same,
+    a rewind included: step 25's spike goes back to the snapshot before step 15 and skips steps 26 to 28."""
+    args = ["train", "--steps", "30", "--clip-norm", "0.5", "--seed", "3", "--rewind", "5,2,3", "--rewind-window", "10",
+            "--spike-at", "25"]
     runs = {}
     for name, extra in (("loop", []), ("fit", ["--fit"])):
         r = _run([BIN] + args + extra + ["--out", str(tmp_path / name)])
@@ -129,3 +131,8 @@ def test_train_fit_equals_the_custom_loop(tmp_path):
     assert abs(fit_sum["final_loss"] - loop_sum["final_loss"]) <= 1e-4
     assert (tmp_path / "fit" / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"global_norm", "clip_norm", "scale", "skipped"} <= set(_scalars(tmp_path / "fit" / "tensorboard"))
+    line = "step 25: spike: rewound to the snapshot before step 15, steps 26 to 28 skipped; steps 15 to 28 not learned from"
+    for name, (_, summary) in runs.items():
+        assert [r["line"] for r in summary["rewinds"]] == [line], name
+        with open(tmp_path / name / "rewinds.csv") as f:
+            assert list(csv.reader(f)) == [["step", "to_step", "skip_through_step", "stopped"], ["25", "15", "28", "0"]]

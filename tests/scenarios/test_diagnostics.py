@@ -1,4 +1,5 @@
-"""Non-finite attribution and the gradient noise scale across processes: Horovod and MultiWorkerMirroredStrategy."""
+"""Non-finite attribution, the gradient noise scale and rewind across processes: Horovod and
+MultiWorkerMirroredStrategy."""
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ TOLERANCE = 0.2
 
 
 @pytest.mark.parametrize("mode", ["horovod", "multiworker"])
-def test_attribution_and_noise_scale_across_processes(tmp_path, mode):
+def test_attribution_noise_scale_and_rewind_across_processes(tmp_path, mode):
     worker = os.path.join(WORKERS, "diagnostics.py")
     if mode == "horovod":
         launcher = [os.path.join(os.path.dirname(python()), "horovodrun"), "--gloo", "-np", "2", "-H", "localhost:2"]
@@ -29,7 +30,7 @@ def test_attribution_and_noise_scale_across_processes(tmp_path, mode):
     (r,) = run_all([launcher + [python(), worker, mode, str(tmp_path)]], [env], timeout=300)
     assert r.returncode == 0, r.stdout[-4000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
-    assert ranks[0] == ranks[1]  # every process saw the same, places included
+    assert ranks[0] == ranks[1]  # every process saw the same, places and rewound weights included
     places = ranks[0]["places"]
     assert [(p[0], p[1]) for p in places] == [(0, 0), (1, 1)]  # replica r runs on worker (rank) r
     assert all(p[3] == "CPU:0" for p in places)
@@ -45,3 +46,6 @@ def test_attribution_and_noise_scale_across_processes(tmp_path, mode):
     assert g2 == pytest.approx(TRUE_G2, rel=TOLERANCE)
     assert trace == pytest.approx(TRUE_TRACE, rel=TOLERANCE)
     assert b_simple == pytest.approx(TRUE_TRACE / TRUE_G2, rel=TOLERANCE)
+    # A spike at update 10 goes back to the snapshot before update 4; bit for bit the run without updates 4-12.
+    assert ranks[0]["rewind"] == [10, 4, 12, False]
+    assert ranks[0]["rewind_equals_oracle"]

@@ -61,7 +61,7 @@ def test_result_is_a_namedtuple_usable_in_tf_function():
     r = f(tf.constant([3.0, 4.0]))
     assert isinstance(r, distclip.ClipResult)
     assert r._fields == ("grads", "global_norm", "scale", "clipped", "finite", "nonfinite_replicas",
-                         "nonfinite_variables", "variable_norms", "noise")
+                         "nonfinite_variables", "variable_norms", "noise", "loss")
     assert float(r.global_norm) == 5.0 and float(r.scale) == pytest.approx(0.4)
     assert bool(r.clipped) and bool(r.finite)
     np.testing.assert_allclose(r.grads[0].numpy(), [1.2, 1.6], rtol=1e-6)

@@ -1,5 +1,6 @@
 """One process of a 2-replica run (Horovod, or MultiWorkerMirroredStrategy under mpirun): which replica and
-variable made a step non-finite, and the gradient noise scale on a problem with a closed-form answer.
+variable made a step non-finite, the gradient noise scale on a problem with a closed-form answer, and a
+rewind on a spike against the run without the batches it discarded.
 
     diagnostics.py horovod|multiworker OUT_DIR
 
@@ -121,6 +122,34 @@ for _ in range(300):
     xs = rng.normal(size=(BATCH, D)).astype(np.float32)
     ys = (xs @ -delta + rng.normal(size=BATCH) * np.sqrt(S2)).astype(np.float32)[:, None]
     noise = noise_step(shard(xs), shard(ys))
+
+
+# 3. Rewind: batch 9's targets are 100 times too large; the oracle never calls the step on the discarded batches.
+def rewind_run(rewind, skip=()):
+    with scope():
+        net, adam = make_model(), make_optimizer("adam")
+        step = distclip.ClipStep(adam, 1.0, rewind=rewind)
+        step.build(net.trainable_variables)
+
+    @tf.function
+    def train(x, y):
+        def replica_fn(x, y):
+            with tf.GradientTape() as tape:
+                loss = local_loss(tf.square(net(x) - y), GLOBAL_BATCH)
+            return step.apply(tape.gradient(loss, net.trainable_variables), net.trainable_variables, loss=loss).finite
+        return run(replica_fn, x, y)
+
+    for i in range(16):
+        x, y = global_batch(i)
+        if i not in skip:
+            train(shard(x), shard(y * 100.0 if i == 9 else y))
+    return [np.array(v.numpy()) for v in net.trainable_variables + adam.variables], step.latest_rewind()
+
+
+got, event = rewind_run(distclip.Rewind(every=3, keep=2, skip=2, factor=4.0, window=3))
+want, _ = rewind_run(None, skip=set(range(event.to - 1, event.skip_through)))
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"places": places, "cases": cases, "noise": [float(v) for v in noise],
-               "skipped": int(clip.skipped_steps.numpy())}, f)
+               "skipped": int(clip.skipped_steps.numpy()), "rewind": list(event),
+               "rewind_equals_oracle": all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)),
+               "rewound_weights": [v.ravel().tolist() for v in got]}, f)

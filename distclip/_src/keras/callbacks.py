@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import sys
+import tempfile
 from typing import Any, Dict, List, Optional
 
 import keras
+import tensorflow as tf
 
 from distclip._src import sync
 from distclip._src.attribution import describe, nonfinite, replica_places
 from distclip._src.errors import ArgumentError, ContextError
+from distclip._src.rewind import RewindEvent
+from distclip._src.rewind import describe as describe_rewind
 from distclip._src.steplog import StepLog, require_tensorboard
 from distclip._src.variables import variable_name
 
@@ -72,6 +78,16 @@ class ClipLogger(keras.callbacks.Callback):
     only. With a `noise_scale`, `b_simple` joins `fit`'s logs and the
     estimates go to TensorBoard (`noise/...`).
 
+    With a `ClipOptimizer(..., rewind=...)`, `rewinds` joins `fit`'s logs;
+    each rewind is kept in `rewinds` (`distclip.RewindEvent`) on every rank,
+    and rank 0 prints its line ("step 130: spike: rewound to the snapshot
+    before step 100, ...") and with `log_dir` adds it to `log_dir/rewinds.csv`
+    and TensorBoard (text `rewind`). When the rewind limit is hit, every rank
+    writes the model and the optimizer (the last good snapshot) with
+    `tf.train.Checkpoint`, rank 0 to `log_dir/last_good` (a new temporary
+    folder without `log_dir`), and `fit` ends with `distclip.RewindLimitError`
+    naming it.
+
     Args:
       log_dir: the folder for metrics.csv and tensorboard/, or None (the
         logs of `fit` only).
@@ -105,6 +121,8 @@ class ClipLogger(keras.callbacks.Callback):
         self.clipped_steps = 0
         #: The non-finite updates seen (`step`, `skipped`, `replicas`, `variables`), on every rank.
         self.nonfinite: List[Any] = []
+        #: The rewinds seen (`distclip.RewindEvent`), on every rank.
+        self.rewinds: List[RewindEvent] = []
 
     def _optimizer(self):
         from distclip._src.keras.optimizer import ClipOptimizer
@@ -132,7 +150,8 @@ class ClipLogger(keras.callbacks.Callback):
         self._places = replica_places(self.model.variables)
         self._names = [variable_name(v) for v in self.model.trainable_variables]
         self._skipped = int(optimizer.skipped_steps.numpy()) if optimizer.built else 0
-        self._updates = self._skipped + int(optimizer.iterations.numpy())
+        self._updates = self._count_updates(optimizer)
+        self._rewinds = int(optimizer.rewinds.numpy()) if optimizer.rewinds is not None else 0
         self._rank = sync.current(self.model.variables).rank()
         if self.log_dir and self._rank == 0:
             self._log = StepLog(self.log_dir, first_step=self.initial_step or None)
@@ -150,7 +169,8 @@ class ClipLogger(keras.callbacks.Callback):
     def _summary(self) -> Dict[str, float]:
         means = {k: v / self._finite if self._finite else float("nan") for k, v in self._sums.items()}
         noise = {} if self._noise is None else {"b_simple": float(self._noise.b_simple)}
-        return {**means, "skipped_steps": float(self._skipped), **noise}
+        rewinds = {} if self._opt.rewinds is None else {"rewinds": float(self._rewinds)}
+        return {**means, "skipped_steps": float(self._skipped), **noise, **rewinds}
 
     @property
     def rows(self):
@@ -166,12 +186,51 @@ class ClipLogger(keras.callbacks.Callback):
         """
         optimizer = self._opt
         skipped = int(optimizer.skipped_steps.numpy())
-        updates = skipped + int(optimizer.iterations.numpy())
+        updates = self._count_updates(optimizer)
         if updates != self._updates:  # else accumulating (accumulation_steps > 1): no update yet
             self._updates = updates
             self._record(optimizer, skipped, logs)
+            if optimizer.rewinds is not None:
+                self._rewound(optimizer)
         if logs is not None:
             logs.update(self._summary())
+
+    @staticmethod
+    def _count_updates(optimizer) -> int:
+        """Updates so far: applied or skipped (a rewind counts every update it saw; `iterations` goes back)."""
+        if not optimizer.built:
+            return 0
+        rewinding = optimizer._update.rewinding
+        if rewinding is not None:
+            return int(rewinding.updates.numpy())
+        return int(optimizer.skipped_steps.numpy()) + int(optimizer.iterations.numpy())
+
+    def _rewound(self, optimizer) -> None:
+        """A rewind since the last update: logged; at the limit, the last good state saved and the error raised."""
+        count = int(optimizer.rewinds.numpy())
+        if count == self._rewinds:
+            return
+        self._rewinds = count
+        event = optimizer.latest_rewind()
+        self.rewinds.append(event)
+        if self._log is not None:
+            self._log.write_rewind(event)
+            self._log.flush()
+        if self._rank == 0:
+            print(f"distclip: {describe_rewind(event)}", file=sys.stderr, flush=True)
+        optimizer.check_rewind_limit(self._save_last_good)
+
+    def _save_last_good(self) -> str:
+        """Every rank writes the model and the optimizer (MultiWorkerMirroredStrategy's rule); rank 0's is kept."""
+        checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self._opt)
+        if self._rank == 0:
+            folder = os.path.join(self.log_dir, "last_good") if self.log_dir else tempfile.mkdtemp(prefix="distclip-")
+            return checkpoint.write(os.path.join(folder, "ckpt"))
+        scratch = tempfile.mkdtemp(prefix="distclip-scratch-")
+        try:
+            return checkpoint.write(os.path.join(scratch, "ckpt"))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def _record(self, optimizer, skipped: int, logs) -> None:
         """Takes in the latest update: epoch sums, clipped count, and (rank 0) a CSV/TensorBoard row."""

@@ -12,6 +12,7 @@ from distclip._src.errors import ArgumentError
 from distclip._src.keras import multiworker_fit
 from distclip._src.lockstep import create_variables
 from distclip._src.noise import NoiseScale
+from distclip._src.rewind import Rewind
 from distclip._src.nonfinite import Nonfinite
 from distclip._src.optimizer import optimizers_in
 from distclip._src.options import BucketMB, StepOptions
@@ -110,6 +111,9 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
       noise_scale: a `distclip.NoiseScale` to estimate the gradient noise
         scale at every update (`ClipResult.noise`; needs 2 or more replicas),
         or None.
+      rewind: a `distclip.Rewind` to rewind to an in-memory snapshot and skip
+        updates when the norm (or the loss given to `apply`) spikes, on every
+        replica together; or None. Needs `nonfinite="skip"`.
       name: the optimizer's name.
 
     Raises:
@@ -122,19 +126,21 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
                  nonfinite: Nonfinite = "skip", reduction: Reduction = "auto", backend: BackendName = "auto",
                  sparse_as_dense: bool = False, compression: Compression = None, accumulation_steps: int = 1,
                  bucket_mb: BucketMB = "auto", variable_norms: bool = False,
-                 noise_scale: Optional[NoiseScale] = None, name: Optional[str] = None) -> None:
+                 noise_scale: Optional[NoiseScale] = None, rewind: Optional[Rewind] = None,
+                 name: Optional[str] = None) -> None:
         if isinstance(optimizer, dict):
             optimizer = keras.saving.deserialize_keras_object(optimizer)
         options = StepOptions(nonfinite=nonfinite, reduction=reduction, backend=backend,
                               sparse_as_dense=sparse_as_dense, compression=compression,
                               accumulation_steps=accumulation_steps, bucket_mb=bucket_mb,
                                    variable_norms=variable_norms)
-        update = ClipUpdate(optimizer, clip_norm, options, "ClipOptimizer", noise_scale)
+        update = ClipUpdate(optimizer, clip_norm, options, "ClipOptimizer", noise_scale, rewind)
         super().__init__(learning_rate=0.0, name=name or "clip_optimizer")
         self.options = options
         self.inner_optimizer = optimizer
         self.clip_norm = clip_norm
         self.noise_scale = noise_scale
+        self.rewind = rewind
         self._update = update
         self.accumulation = update.accumulation
         self.__dict__["_complete"] = True
@@ -199,6 +205,8 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
                 self._update.ensure_built(var_list)  # checks the variables before anything is created
                 self._update.create_state(self._state_variable)
                 self._update.create_vectors(var_list)
+                if self._update.rewinding is not None:
+                    self.rewinding = self._update.rewinding  # tracked: saved by tf.train.Checkpoint
                 self.__dict__["_building"] = True  # Keras's build reads the wrapper's own use_ema, ...
                 try:
                     super(ClipOptimizer, self).build(var_list)
@@ -269,13 +277,16 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
         """
         self.inner_optimizer.finalize_variable_values(var_list)
 
-    def apply(self, grads: List[Any], trainable_variables: Optional[List[Any]] = None) -> ClipResult:
+    def apply(self, grads: List[Any], trainable_variables: Optional[List[Any]] = None,
+              loss: Optional[Any] = None) -> ClipResult:
         """Synchronizes, clips and applies `grads`; call it in the replica context (as `fit` does).
 
         Args:
           grads: this replica's gradients, one per variable.
           trainable_variables: the variables, in the order of `grads`; the
             ones the optimizer was built for if omitted.
+          loss: this replica's loss, as for `distclip.ClipStep.apply` (a
+            `train_step` of your own can pass it; `fit`'s does not).
 
         Returns:
           What `distclip.ClipStep.apply` returns.
@@ -290,7 +301,7 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
             trainable_variables = self._trainable_variables
         trainable_variables = list(trainable_variables)
         self.build(trainable_variables)
-        return self._update.apply(grads, trainable_variables)
+        return self._update.apply(grads, trainable_variables, loss)
 
     def stateless_apply(self, optimizer_variables: Any, grads: Any, trainable_variables: Any) -> NoReturn:
         """Not available: the TensorFlow backend has no stateless apply.
@@ -326,6 +337,7 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
             "clip_norm": clip_norm,
             **self.options.as_dict(),
             "noise_scale": None if self.noise_scale is None else dataclasses.asdict(self.noise_scale),
+            "rewind": None if self.rewind is None else dataclasses.asdict(self.rewind),
         }
 
     @classmethod
@@ -346,4 +358,6 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
             clip_norm = keras.saving.deserialize_keras_object(clip_norm, custom_objects=custom_objects)
         if isinstance(config.get("noise_scale"), dict):
             config["noise_scale"] = NoiseScale(**config["noise_scale"])
+        if isinstance(config.get("rewind"), dict):
+            config["rewind"] = Rewind(**config["rewind"])
         return cls(optimizer, clip_norm, **config)

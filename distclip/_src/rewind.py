@@ -1,0 +1,354 @@
+"""Rewind on a spike: a ring of in-memory snapshots, a spike detector, and what each update does with them.
+
+With `rewind=distclip.Rewind(every=K, keep=R, skip=M, ...)` a clip step decides,
+from values identical on every replica (the synchronized norm, the loss when
+given, its own counters), one action per update (`Rewinding.action`):
+
+    stopped or skipping      -> SKIP        the update is not taken; the skip count goes down by one
+    spike, ring not empty    -> REWIND      every variable the step owns goes back to the oldest snapshot,
+                                            and the next M updates are skipped
+                                (STOP       instead, if that rewind would be the (max_rewinds + 1)-th within
+                                            max_rewinds_per updates: back to the oldest snapshot, then skip
+                                            every update; the host raises `RewindLimitError`)
+    norm not finite          -> NONFINITE   the usual lockstep skip
+    else                     -> APPLY       snapshot first if K updates were applied since the last one
+                                            (or the ring is empty), then the optimizer's own apply
+
+A spike is, once the window holds `window` applied updates: a finite norm
+(or loss) above `factor * mean` or `mean + zscore * std` of the window, a
+non-finite loss, or `nonfinite_in_row` non-finite norms in a row.
+
+A snapshot holds every variable the step owns (the model's variables it
+updates, the optimizer's variables: slots, `iterations`, a loss scale, and
+distclip's state: threshold policy, skip count, noise scale) in one
+`[keep, ...]` ring variable per variable, in the host memory of each process
+(one copy per process, whatever its number of local replicas: the replicas
+are identical). The ring, the window and the counters are variables of the
+step (saved with it), so a rewind's state survives a preemption.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import numbers
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence
+
+import tensorflow as tf
+
+from distclip._src.errors import ArgumentError
+from distclip._src.lockstep import create_variables
+from distclip._src.variables import identical_variable, tf_variable, variable_name
+
+APPLY, NONFINITE, SKIP, REWIND, STOP = range(5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewind:
+    """How a clip step rewinds on a spike (pass as `rewind=` to `ClipStep` or `ClipOptimizer`).
+
+    Every `every` applied updates the step copies its state into a ring of
+    `keep` snapshots in host memory. On a spike every replica restores the
+    oldest snapshot (between `(keep - 1) * every` and `keep * every` applied
+    updates back) and skips the next `skip` updates, so the batches since the
+    snapshot, the spike's and `skip` more are not learned from.
+
+    Spike, once the window holds `window` applied updates (x the synchronized
+    global norm, and the synchronized loss when `apply` is given one; mean and
+    std over the window's values):
+
+        x > factor * mean    or    x > mean + zscore * std
+
+    or a non-finite loss, or `nonfinite_in_row` non-finite norms in a row.
+
+    Args:
+      every: K >= 1, applied updates between snapshots.
+      keep: R >= 1, snapshots in the ring; memory per process is R times the
+        step's variables (about 12 * R bytes per parameter with Adam in float32).
+      skip: M >= 0, updates skipped after each rewind.
+      factor: a number > 1, or None: no ratio test.
+      zscore: a number > 0, or None: no z-score test.
+      window: how many applied updates the mean and std are taken over (>= 2).
+      nonfinite_in_row: m >= 1, or None: non-finite norms are skipped as
+        usual and never cause a rewind.
+      max_rewinds: how many rewinds may happen within `max_rewinds_per`
+        updates; the next one stops training (`distclip.RewindLimitError`).
+      max_rewinds_per: the span, in updates, of that limit.
+
+    Raises:
+      ArgumentError: a bad value, named; or no test at all (factor, zscore
+        and nonfinite_in_row all None).
+    """
+
+    every: int
+    keep: int = 2
+    skip: int = 0
+    factor: Optional[float] = 5.0
+    zscore: Optional[float] = None
+    window: int = 50
+    nonfinite_in_row: Optional[int] = None
+    max_rewinds: int = 3
+    max_rewinds_per: int = 1000
+
+    def __post_init__(self) -> None:
+        for name, low in (("every", 1), ("keep", 1), ("skip", 0), ("window", 2), ("max_rewinds", 1),
+                          ("max_rewinds_per", 1)):
+            _integer(name, getattr(self, name), low)
+        if self.nonfinite_in_row is not None:
+            _integer("nonfinite_in_row", self.nonfinite_in_row, 1)
+        for key, bound in (("factor", 1.0), ("zscore", 0.0)):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not math.isfinite(value) or value <= bound):
+                raise ArgumentError(f"{key} must be None or a finite number > {bound:g}; got {key}={value!r}")
+        if self.factor is None and self.zscore is None and self.nonfinite_in_row is None:
+            raise ArgumentError("Rewind needs a test: factor, zscore or nonfinite_in_row; got all three None")
+
+
+def _integer(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ArgumentError(f"{name} must be an integer >= {low}; got {name}={value!r}")
+
+
+class RewindEvent(NamedTuple):
+    """The latest rewind, in updates counted from 1 since the start (applied, skipped or rewound alike).
+
+    Fields:
+      at: the update whose norm or loss was the spike (not applied).
+      to: the update the restored snapshot was taken before (its state is the state before update `to`).
+      skip_through: the last update skipped after it; updates `to` to `skip_through` are not learned from.
+      stopped: whether this was the rewind over the limit, after which training stops.
+    """
+
+    at: int
+    to: int
+    skip_through: int
+    stopped: bool
+
+
+def describe(event: RewindEvent) -> str:
+    """One line for a log, in steps from 0 (update u is step u - 1): where the spike was, where it went back to."""
+    at, to, through = event.at - 1, event.to - 1, event.skip_through - 1
+    if event.stopped:
+        return (f"step {at}: spike over the rewind limit: back to the snapshot before step {to}, training stopped")
+    skipped = f", steps {at + 1} to {through} skipped" if through > at else ""
+    return (f"step {at}: spike: rewound to the snapshot before step {to}{skipped}; "
+            f"steps {to} to {through} not learned from")
+
+
+class RewindLimitError(RuntimeError):
+    """Spikes came back more often than `Rewind.max_rewinds` within `Rewind.max_rewinds_per` updates.
+
+    The step's variables then hold the last good snapshot, and every later
+    update is skipped; the message says where it was saved, if it was.
+    """
+
+
+class Rewinding(tf.Module):
+    """The ring, the detector's window and the counters of one clip step (all saved with it)."""
+
+    def __init__(self, config: Rewind, name: str = "rewind"):
+        super().__init__(name=name)
+        self.config = config
+        w, r = config.window, config.keep
+        with self.name_scope:
+            self.updates = identical_variable("updates", (), tf.int64, 0)
+            self.history = identical_variable("history", (2, w), tf.float32, 0.0)  # norms, losses
+            self.history_count = identical_variable("history_count", (), tf.int64, 0)
+            self.since_snapshot = identical_variable("since_snapshot", (), tf.int64, 0)
+            self.ring_start = identical_variable("ring_start", (), tf.int64, 0)
+            self.ring_size = identical_variable("ring_size", (), tf.int64, 0)
+            self.snapshot_updates = identical_variable("snapshot_updates", (r,), tf.int64, 0)
+            self.skip_left = identical_variable("skip_left", (), tf.int64, 0)
+            self.stopped = identical_variable("stopped", (), tf.int64, 0)
+            self.nonfinite_run = identical_variable("nonfinite_run", (), tf.int64, 0)
+            self.rewinds = identical_variable("rewinds", (), tf.int64, 0)
+            self.skipped = identical_variable("skipped", (), tf.int64, 0)
+            self.recent = identical_variable("recent", (config.max_rewinds,), tf.int64, -(2 ** 62))
+            self.latest = identical_variable("latest", (4,), tf.int64, 0)  # RewindEvent
+        self.ring: List[Any] = []  # one [keep, ...] host variable per owned variable, made by `create_ring`
+        self._owned: List[Any] = []
+
+    def create_ring(self, strategy: tf.distribute.Strategy, owned: Sequence[Any]) -> None:
+        """Makes one `[keep, *shape]` variable in host memory per variable of `owned`, once."""
+        if self.ring:
+            return
+        owned = _distinct(owned)
+
+        def create():
+            with _on_host(strategy), self.name_scope:
+                self.ring = [tf.Variable(tf.zeros((self.config.keep, *v.shape), tf.as_dtype(v.dtype)),
+                                         trainable=False, name=f"snapshot_{i}") for i, v in enumerate(owned)]
+
+        create_variables(create)
+        self._owned = owned
+
+    def snapshot_bytes(self) -> int:
+        """Bytes one snapshot takes (the ring holds `keep` of them)."""
+        return sum(v.shape.num_elements() * v.dtype.size for v in self.ring) // self.config.keep
+
+    def action(self, norm: tf.Tensor, finite: tf.Tensor, loss: Optional[tf.Tensor]) -> tf.Tensor:
+        """This update's action (APPLY ... STOP), an int32 scalar identical on every replica; writes nothing."""
+        c = self.config
+        full = _read(self.history_count) >= c.window
+        spike = tf.logical_and(finite, tf.logical_and(full, self._beyond(norm, 0)))
+        if loss is not None:
+            loss = tf.cast(loss, tf.float32)
+            loss_spike = tf.logical_or(tf.logical_not(tf.math.is_finite(loss)),
+                                       tf.logical_and(full, self._beyond(loss, 1)))
+            spike = tf.logical_or(spike, loss_spike)
+        if c.nonfinite_in_row is not None:
+            run = _read(self.nonfinite_run) + 1
+            spike = tf.logical_or(spike, tf.logical_and(tf.logical_not(finite), run >= c.nonfinite_in_row))
+        spike = tf.logical_and(spike, _read(self.ring_size) > 0)
+        at = _read(self.updates) + 1
+        over_limit = tf.reduce_min(_read(self.recent)) > at - c.max_rewinds_per
+        skipping = tf.logical_or(_read(self.stopped) > 0, _read(self.skip_left) > 0)
+        return tf.where(skipping, SKIP, tf.where(spike, tf.where(over_limit, STOP, REWIND),
+                                                     tf.where(finite, APPLY, NONFINITE)))
+
+    def _beyond(self, x: tf.Tensor, row: int) -> tf.Tensor:
+        window = _read(self.history)[row]
+        mean = tf.reduce_mean(window)
+        out = tf.constant(False)
+        if self.config.factor is not None:
+            out = tf.logical_or(out, x > self.config.factor * mean)
+        if self.config.zscore is not None:
+            out = tf.logical_or(out, x > mean + self.config.zscore * tf.math.reduce_std(window))
+        return out
+
+    def before_apply(self) -> None:
+        """In APPLY, before the optimizer's apply: a snapshot if the ring is empty or `every` updates went by."""
+        due = tf.logical_or(_read(self.ring_size) == 0, _read(self.since_snapshot) >= self.config.every)
+        tf.cond(due, self._snapshot, lambda: tf.constant(False))
+
+    def _snapshot(self) -> tf.Tensor:
+        r = self.config.keep
+        start, size = _read(self.ring_start), _read(self.ring_size)
+        slot = tf.math.floormod(start + size, r)
+        for ring, v in zip(self.ring, self._owned, strict=True):
+            ring.scatter_update(tf.IndexedSlices(_read(v)[tf.newaxis], slot[tf.newaxis]))
+        self.snapshot_updates.assign(tf.tensor_scatter_nd_update(
+            _read(self.snapshot_updates), slot[tf.newaxis, tf.newaxis], (_read(self.updates) + 1)[tf.newaxis]))
+        full = size == r
+        self.ring_start.assign(tf.where(full, tf.math.floormod(start + 1, r), start))
+        self.ring_size.assign(tf.where(full, size, size + 1))
+        self.since_snapshot.assign(tf.zeros([], tf.int64))
+        return tf.constant(True)
+
+    def after_apply(self, norm: tf.Tensor, loss: Optional[tf.Tensor]) -> None:
+        """In APPLY, after the update: the window takes in its norm (and loss); counters move on."""
+        w = self.config.window
+        count = _read(self.history_count)
+        slot = tf.math.floormod(count, w)
+        values = tf.stack([norm, tf.zeros([]) if loss is None else tf.cast(loss, tf.float32)])
+        self.history.assign(tf.tensor_scatter_nd_update(
+            _read(self.history), tf.stack([tf.constant([0, 1], tf.int64), tf.fill([2], slot)], axis=1), values))
+        self.history_count.assign(count + 1)
+        self.since_snapshot.assign(_read(self.since_snapshot) + 1)
+        self.nonfinite_run.assign(tf.zeros([], tf.int64))
+        self._count()
+
+    def after_nonfinite(self) -> None:
+        """In NONFINITE: one more non-finite norm in a row."""
+        self.nonfinite_run.assign(_read(self.nonfinite_run) + 1)
+        self._count()
+
+    def skip_one(self) -> None:
+        """In SKIP: one skipped update (the skip count goes down, unless stopped)."""
+        self.skip_left.assign(tf.where(_read(self.stopped) > 0, _read(self.skip_left),
+                                       tf.maximum(_read(self.skip_left) - 1, 0)))
+        self.skipped.assign(_read(self.skipped) + 1)
+        self._count()
+
+    def rewind(self, stop: bool) -> None:
+        """In REWIND (or STOP): every owned variable back to the oldest snapshot; then skip M (or everything)."""
+        c = self.config
+        start = _read(self.ring_start)
+        for ring, v in zip(self.ring, self._owned, strict=True):
+            tf_variable(v).assign(tf.gather(ring, start))
+        at = _read(self.updates) + 1
+        to = tf.gather(_read(self.snapshot_updates), start)
+        self.latest.assign(tf.stack([at, to, at + c.skip, tf.constant(int(stop), tf.int64)]))
+        self.rewinds.assign(_read(self.rewinds) + 1)
+        self.skipped.assign(_read(self.skipped) + 1)
+        if stop:
+            self.stopped.assign(tf.ones([], tf.int64))
+        else:
+            self.skip_left.assign(tf.constant(c.skip, tf.int64))
+            recent = _read(self.recent)
+            self.recent.assign(tf.concat([recent[1:], at[tf.newaxis]], axis=0))
+        self.ring_size.assign(tf.ones([], tf.int64))
+        self.since_snapshot.assign(tf.zeros([], tf.int64))
+        self.nonfinite_run.assign(tf.zeros([], tf.int64))
+        self._count()
+
+    def _count(self) -> None:
+        self.updates.assign(_read(self.updates) + 1)
+
+    def latest_event(self) -> Optional[RewindEvent]:
+        """The latest rewind (read eagerly), or None before the first."""
+        if int(_read(self.rewinds).numpy()) == 0:
+            return None
+        at, to, through, stopped = (int(x) for x in _read(self.latest).numpy())
+        return RewindEvent(at=at, to=to, skip_through=through, stopped=bool(stopped))
+
+    def check_limit(self, save: Optional[Callable[[], Optional[str]]] = None) -> None:
+        """Raises `RewindLimitError` if the limit was hit (read eagerly), after `save()` (which returns a path).
+
+        Before `save()` the stop and the limit's count are cleared, so that the
+        saved state resumes training (with the rewind budget of a fresh start).
+        """
+        if not int(_read(self.stopped).numpy()):
+            return
+        event = self.latest_event()
+        assert event is not None
+        self.stopped.assign(tf.zeros([], tf.int64))
+        self.recent.assign(tf.fill([self.config.max_rewinds], tf.constant(-(2 ** 62), tf.int64)))
+        path = save() if save is not None else None
+        c = self.config
+        where = f"saved to {path}" if path else "not saved (nothing to save it with was given)"
+        raise RewindLimitError(
+            f"rewind limit hit: a spike at update {event.at} would be rewind {c.max_rewinds + 1} within "
+            f"{c.max_rewinds_per} updates (max_rewinds={c.max_rewinds}); training stopped. The variables hold the "
+            f"last good snapshot, taken before update {event.to}, {where}. Look at the data around updates "
+            f"{event.to} to {event.at}, or lower the learning rate, then resume from it")
+
+
+def owned_variables(trainable: Sequence[Any], optimizer_variables: Sequence[Any],
+                    state: Sequence[Any]) -> List[Any]:
+    """What a snapshot holds: the variables the step updates, the optimizer's, and distclip's saved state."""
+    return _distinct([*trainable, *optimizer_variables, *state])
+
+
+def _distinct(variables: Sequence[Any]) -> List[Any]:
+    seen, out = set(), []
+    for v in variables:
+        key = id(tf_variable(v))
+        if key not in seen:
+            seen.add(key)
+            out.append(v)
+    return out
+
+
+def check_owned(variables: Sequence[Any]) -> None:
+    """Refuses variables a snapshot cannot hold (unknown shape), by name."""
+    for v in variables:
+        if not tf.TensorShape(v.shape).is_fully_defined():
+            raise ArgumentError(f"rewind: variable {variable_name(v)} has shape {v.shape}, not fully known")
+
+
+def _on_host(strategy: tf.distribute.Strategy) -> Any:
+    """Where the ring goes: the host of this process (one plain variable, not one per replica)."""
+    if not tf.distribute.has_strategy():
+        return tf.device("/CPU:0")
+    # The strategy's own way to make a variable on one device (a `SingleDevice`, as for numpy input).
+    host = getattr(strategy.extended, "_host_input_device", None)
+    if host is None:
+        return contextlib.nullcontext()
+    return tf.variable_creator_scope(lambda next_creator, **kwargs: next_creator(**kwargs, colocate_with=host))
+
+
+def _read(variable: Any) -> tf.Tensor:
+    return tf.convert_to_tensor(tf_variable(variable))
+

@@ -1,0 +1,234 @@
+"""Rewind on a spike: a rewinding run equals the run in which the skipped batches' updates never happened.
+
+The oracle is distclip without `rewind`, called on the same batch stream minus the batches a rewind
+discarded (the run it must equal, bit for bit), and Keras's own `fit` on that shorter stream.
+"""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import distclip
+from common import GLOBAL_BATCH, global_batch, make_model, make_optimizer, replica_values, shard
+from graphs import HOST_ROUND_TRIPS, collectives, op_types
+
+RW = dict(every=3, keep=2, skip=2, factor=4.0, window=3)
+
+
+def batches(n=16, poison=(9,), scale=100.0, nan=()):
+    out = [global_batch(s) for s in range(n)]
+    for i in poison:
+        out[i] = (out[i][0], out[i][1] * scale)
+    for i in nan:
+        out[i] = (out[i][0], out[i][1] * np.float32(np.nan))
+    return out
+
+
+def train(strategy, stream, rewind=None, skip=(), loss=True, opt="adam", clip_norm=1.0, mixed=False,
+          accumulation=1, objects=None):
+    """ClipStep under `strategy` over `stream`, not calling the step for the batches in `skip`.
+
+    Returns (every variable on every replica: model, optimizer, clip state; the step; the traced step)."""
+    if objects is None:
+        with strategy.scope():
+            model = make_model()
+            optimizer = make_optimizer(opt)
+            if mixed:
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=2.0 ** 4)
+            clip = distclip.ClipStep(optimizer, clip_norm, rewind=rewind, accumulation_steps=accumulation)
+            clip.build(model.trainable_variables)
+    else:
+        model, optimizer, clip = objects
+
+    @tf.function
+    def step(x, y):
+        def replica_fn(x, y):
+            with tf.GradientTape() as tape:
+                value = tf.reduce_sum(tf.square(model(x) - y)) / GLOBAL_BATCH
+                scaled = optimizer.scale_loss(value) if mixed else value
+            grads = tape.gradient(scaled, model.trainable_variables)
+            return clip.apply(grads, model.trainable_variables, loss=value if loss else None).global_norm
+        return strategy.run(replica_fn, args=(x, y))
+
+    for i, (x, y) in enumerate(stream):
+        if i not in skip:
+            step(shard(strategy, x), shard(strategy, y))
+    state = [*model.trainable_variables, *optimizer.variables, *clip.policy_state.values(), clip.skipped_steps]
+    return replica_values(strategy, state), (model, optimizer, clip), step
+
+
+def assert_same(got, want):
+    for g, w in zip(got, want, strict=True):
+        for replica in g:  # every replica holds the oracle's value, bit for bit
+            np.testing.assert_array_equal(replica, w[0])
+
+
+def discarded(event, accumulation=1):
+    """The batch indices (from 0) whose updates a rewind discarded: updates `to` through `skip_through`."""
+    return set(range((event.to - 1) * accumulation, event.skip_through * accumulation))
+
+
+def test_a_rewind_equals_the_run_without_the_discarded_batches(mirrored):
+    stream = batches()
+    got, (_, _, clip), _ = train(mirrored, stream, distclip.Rewind(**RW))
+    event = clip.latest_rewind()
+    # Snapshots before updates 1, 4, 7; the spike at update 10 goes back to the oldest kept, before update 4.
+    assert event == distclip.RewindEvent(at=10, to=4, skip_through=12, stopped=False)
+    assert int(clip.rewinds.numpy()) == 1 and int(clip.rewinding.skipped.numpy()) == 3
+    want, _, _ = train(mirrored, stream, None, skip=discarded(event))
+    assert_same(got, want)
+
+
+def test_a_run_without_spikes_is_unchanged_by_rewind(mirrored):
+    stream = batches(n=10, poison=())
+    got, (_, _, clip), _ = train(mirrored, stream, distclip.Rewind(**RW))
+    want, _, _ = train(mirrored, stream, None)
+    assert_same(got, want)
+    assert clip.latest_rewind() is None
+    assert int(clip.rewinding.ring_size.numpy()) == 2  # it did take snapshots
+
+
+def test_rewind_adds_no_collective_and_the_loss_one_element(mirrored):
+    stream = batches(n=1, poison=())
+    counts = {}
+    for name, rewind, loss in (("off", None, False), ("on", distclip.Rewind(**RW), False),
+                               ("loss", distclip.Rewind(**RW), True)):
+        _, _, step = train(mirrored, stream, rewind, loss=loss)
+        x, y = stream[0]
+        graph = step.get_concrete_function(shard(mirrored, x), shard(mirrored, y)).graph
+        counts[name] = sorted(n for n, _ in collectives(graph))
+    assert counts["on"] == counts["off"]
+    assert len(counts["loss"]) == len(counts["off"]) and sum(counts["loss"]) == sum(counts["off"]) + 2  # per device
+
+
+def test_the_ring_is_in_host_memory_and_its_size_is_reported(mirrored):
+    _, (model, optimizer, clip), _ = train(mirrored, batches(n=1, poison=()), distclip.Rewind(**RW))
+    ring = clip.rewinding.ring
+    assert all("CPU:0" in v.device and not isinstance(v, tf.distribute.DistributedValues) for v in ring)
+    params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    # Adam: the weights and 2 slots in float32, plus its scalars and distclip's skip count.
+    assert clip.rewinding.snapshot_bytes() == 12 * params + 8 + 4 + 8
+
+
+def test_mixed_precision_and_accumulation_rewind_to_the_oracle(mirrored):
+    stream = batches(n=24, poison=(19,))
+    rewind = distclip.Rewind(**RW)
+    got, (_, optimizer, clip), _ = train(mirrored, stream, rewind, mixed=True, accumulation=2)
+    event = clip.latest_rewind()
+    assert event is not None and event.at == 10
+    want, _, _ = train(mirrored, stream, None, mixed=True, accumulation=2, skip=discarded(event, 2), loss=False)
+    assert_same(got, want)  # the loss scale and its counter included (LossScaleOptimizer.variables)
+
+
+def test_nonfinite_norms_in_a_row_rewind():
+    strategy = tf.distribute.get_strategy()
+    rewind = distclip.Rewind(every=2, keep=1, skip=1, factor=None, nonfinite_in_row=2)
+    got, (_, _, clip), _ = train(strategy, batches(n=10, poison=(), nan=(5, 6)), rewind, loss=False)
+    assert clip.latest_rewind() == distclip.RewindEvent(at=7, to=5, skip_through=8, stopped=False)
+    assert int(clip.skipped_steps.numpy()) == 0  # the one non-finite skip before was undone with the rest
+    want, _, _ = train(strategy, batches(n=10, poison=()), None, skip={4, 5, 6, 7}, loss=False)
+    assert_same(got, want)
+
+
+def test_the_limit_stops_training_at_the_last_good_snapshot(mirrored, tmp_path):
+    rewind = distclip.Rewind(every=3, keep=1, skip=0, factor=4.0, window=3, max_rewinds=1, max_rewinds_per=100)
+    stream = batches(n=14, poison=(6, 9))
+    got, (model, optimizer, clip), step = train(mirrored, stream, rewind)
+    event = clip.latest_rewind()
+    assert event.stopped and event.at == 10
+    # The variables hold the snapshot taken before update `to`: the oracle stopped there.
+    want, _, _ = train(mirrored, stream[:event.to - 1], None)
+    assert_same(got, want)
+    x, y = stream[0]
+    step(shard(mirrored, x), shard(mirrored, y))  # every update after the stop is skipped
+    after = replica_values(mirrored, [*model.trainable_variables, *optimizer.variables])
+    assert_same(after, want[:len(after)])
+    path = str(tmp_path / "last_good")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, clip=clip)
+    with pytest.raises(distclip.RewindLimitError, match=f"update 10 would be rewind 2 .* saved to {path}"):
+        clip.check_rewind_limit(lambda: checkpoint.write(path))
+    # What was saved resumes training: the stop is cleared (in the file too), the snapshot kept.
+    assert tf.train.load_checkpoint(path).get_tensor("clip/rewinding/stopped/.ATTRIBUTES/VARIABLE_VALUE") == 0
+    assert int(clip.rewinding.stopped.numpy()) == 0 and int(clip.rewinding.ring_size.numpy()) == 1
+
+
+def test_a_checkpoint_taken_while_skipping_resumes_the_rewind(mirrored, tmp_path):
+    stream = batches()
+    rewind = distclip.Rewind(**RW)
+    want, _, _ = train(mirrored, stream, rewind)
+    _, objects, _ = train(mirrored, stream[:11], rewind)  # rewound at update 10, one of two skips left
+    assert int(objects[2].rewinding.skip_left.numpy()) == 1
+    path = tf.train.Checkpoint(model=objects[0], optimizer=objects[1], clip=objects[2]).write(str(tmp_path / "c"))
+    _, fresh, _ = train(mirrored, [], rewind)
+    tf.train.Checkpoint(model=fresh[0], optimizer=fresh[1], clip=fresh[2]).read(path).assert_consumed()
+    got, _, _ = train(mirrored, stream[11:], rewind, objects=fresh)
+    assert_same(got, want)
+
+
+def test_rewind_compiles_with_xla_and_adds_no_host_op():
+    model, optimizer = make_model(), make_optimizer("sgd")
+    clip = distclip.ClipStep(optimizer, 1.0, rewind=distclip.Rewind(**RW))
+    clip.build(model.trainable_variables)
+
+    @tf.function(jit_compile=True)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x) - y))
+        return clip.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables, loss=loss)
+
+    for x, y in batches(n=6, poison=(5,)):
+        step(x, y)
+    assert clip.latest_rewind() == distclip.RewindEvent(at=6, to=1, skip_through=8, stopped=False)
+    graph = step.get_concrete_function(*global_batch()).graph
+    assert not set(op_types(graph)) & set(HOST_ROUND_TRIPS)
+
+
+def test_fit_rewinds_to_the_fit_without_the_discarded_batches(mirrored):
+    stream = batches(n=14, poison=(9,))
+
+    def fit(stream, rewind):
+        with mirrored.scope():
+            model = make_model()
+            optimizer = distclip.keras.ClipOptimizer(make_optimizer("adam"), 1.0, rewind=rewind)
+            model.compile(optimizer=optimizer, loss="mse")
+        x = np.concatenate([b[0] for b in stream])
+        y = np.concatenate([b[1] for b in stream])
+        model.fit(x, y, batch_size=GLOBAL_BATCH, shuffle=False, epochs=1, verbose=0)
+        return model, optimizer
+
+    model, optimizer = fit(stream, distclip.Rewind(**RW))
+    event = optimizer.latest_rewind()
+    assert event == distclip.RewindEvent(at=10, to=4, skip_through=12, stopped=False)
+    oracle, oracle_optimizer = fit([b for i, b in enumerate(stream) if i not in discarded(event)], None)
+    for got, want in zip(model.get_weights(), oracle.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    assert int(optimizer.iterations.numpy()) == int(oracle_optimizer.iterations.numpy())
+    config = optimizer.get_config()
+    assert config["rewind"]["every"] == 3
+    assert distclip.keras.ClipOptimizer.from_config(config).rewind == distclip.Rewind(**RW)
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(every=0), "every=0"), (dict(every=2, keep=1.5), "keep=1.5"), (dict(every=2, skip=-1), "skip=-1"),
+    (dict(every=2, factor=1.0), "factor=1.0"), (dict(every=2, zscore=float("nan")), "zscore=nan"),
+    (dict(every=2, window=1), "window=1"), (dict(every=2, nonfinite_in_row=0), "nonfinite_in_row=0"),
+    (dict(every=2, factor=None), "all three None"),
+])
+def test_bad_rewind_arguments_are_named(kwargs, named):
+    with pytest.raises(distclip.ArgumentError, match=named.replace("(", r"\(")):
+        distclip.Rewind(**kwargs)
+
+
+def test_rewind_is_refused_where_it_cannot_skip_and_a_bad_loss_is_named():
+    optimizer = make_optimizer("sgd")
+    with pytest.raises(distclip.ArgumentError, match="nonfinite='skip'.*nonfinite='raise'"):
+        distclip.ClipStep(optimizer, 1.0, nonfinite="raise", rewind=distclip.Rewind(every=2))
+    with pytest.raises(distclip.ArgumentError, match="rewind=3"):
+        distclip.ClipStep(optimizer, 1.0, rewind=3)
+    model = make_model()
+    clip = distclip.ClipStep(optimizer, 1.0, rewind=distclip.Rewind(every=2))
+    grads = [tf.zeros_like(v) for v in model.trainable_variables]
+    before = [v.numpy() for v in model.trainable_variables]
+    with pytest.raises(distclip.ArgumentError, match="loss must be a float scalar"):
+        clip.apply(grads, model.trainable_variables, loss=tf.zeros([2]))
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.trainable_variables))

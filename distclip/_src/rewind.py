@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from distclip._src.errors import ArgumentError
 from distclip._src.lockstep import create_variables
-from distclip._src.variables import identical_variable, tf_variable, variable_name
+from distclip._src.variables import identical_variable, tf_variable
 
 APPLY, NONFINITE, SKIP, REWIND, STOP = range(5)
 
@@ -329,13 +329,6 @@ def _distinct(variables: Sequence[Any]) -> List[Any]:
             seen.add(key)
             out.append(v)
     return out
-
-
-def check_owned(variables: Sequence[Any]) -> None:
-    """Refuses variables a snapshot cannot hold (unknown shape), by name."""
-    for v in variables:
-        if not tf.TensorShape(v.shape).is_fully_defined():
-            raise ArgumentError(f"rewind: variable {variable_name(v)} has shape {v.shape}, not fully known")
 
 
 def _on_host(strategy: tf.distribute.Strategy) -> Any:

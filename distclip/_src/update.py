@@ -150,7 +150,8 @@ class Diagnostics:
         Returns:
           A `distclip.RewindEvent`, in updates counted from 1 since the start, or None.
         """
-        return self._update.latest_rewind()
+        rewinding = self._update.rewinding
+        return None if rewinding is None else rewinding.latest_event()
 
     def check_rewind_limit(self, save: Optional[Callable[[], Optional[str]]] = None) -> None:
         """Raises `distclip.RewindLimitError` once the rewind limit was hit; call it between steps.
@@ -272,10 +273,6 @@ class ClipUpdate:
         ran = self.accumulation.run(grads, lambda sums, loss_sum: self.step(sums, variables, loss_sum), loss)
         with tf.control_dependencies([ran]):
             return self.state.latest(len(grads))
-
-    def latest_rewind(self) -> Optional[RewindEvent]:
-        """The latest rewind (read eagerly), None before the first or without `rewind`."""
-        return None if self.rewinding is None else self.rewinding.latest_event()
 
     def step(self, grads: List[Any], variables: List[Any], loss: Optional[tf.Tensor] = None) -> ClipResult:
         """One update: reduce, measure, decide, scale (`clip_synchronized`), then apply and record."""

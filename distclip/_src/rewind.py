@@ -23,7 +23,8 @@ updates, the optimizer's variables: slots, `iterations`, a loss scale, and
 distclip's state: threshold policy, skip count, noise scale) in one
 `[keep, ...]` ring variable per variable, in the host memory of each process
 (one copy per process, whatever its number of local replicas: the replicas
-are identical). The ring, the window and the counters are variables of the
+are identical), or with `placement="device"` beside the variables (one copy
+per replica, where a step compiled by XLA on an accelerator can reach it). The ring, the window and the counters are variables of the
 step (saved with it), so a rewind's state survives a preemption.
 """
 from __future__ import annotations
@@ -74,6 +75,11 @@ class Rewind:
       max_rewinds: how many rewinds may happen within `max_rewinds_per`
         updates; the next one stops training (`distclip.RewindLimitError`).
       max_rewinds_per: the span, in updates, of that limit.
+      placement: "host": the ring in the host memory of each process, one
+        copy whatever its number of local replicas; "device": beside the
+        variables, one copy per replica. A step compiled with XLA on an
+        accelerator (`jit_compile=True`, TPUStrategy) reaches the device's
+        memory only: use "device" there.
 
     Raises:
       ArgumentError: a bad value, named; or no test at all (factor, zscore
@@ -89,8 +95,11 @@ class Rewind:
     nonfinite_in_row: Optional[int] = None
     max_rewinds: int = 3
     max_rewinds_per: int = 1000
+    placement: str = "host"
 
     def __post_init__(self) -> None:
+        if self.placement not in ("host", "device"):
+            raise ArgumentError(f"placement must be 'host' or 'device'; got placement={self.placement!r}")
         for name, low in (("every", 1), ("keep", 1), ("skip", 0), ("window", 2), ("max_rewinds", 1),
                           ("max_rewinds_per", 1)):
             _integer(name, getattr(self, name), low)
@@ -176,9 +185,12 @@ class Rewinding(tf.Module):
         owned = _distinct(owned)
 
         def create():
-            with _on_host(strategy), self.name_scope:
+            where = _on_host(strategy) if self.config.placement == "host" else strategy.scope()
+            with where, self.name_scope:
                 self.ring = [tf.Variable(tf.zeros((self.config.keep, *v.shape), tf.as_dtype(v.dtype)),
-                                         trainable=False, name=f"snapshot_{i}") for i, v in enumerate(owned)]
+                                         trainable=False, name=f"snapshot_{i}",
+                                         synchronization=tf.VariableSynchronization.ON_WRITE,
+                                         aggregation=tf.VariableAggregation.NONE) for i, v in enumerate(owned)]
 
         create_variables(create)
         self._owned = owned

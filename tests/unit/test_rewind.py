@@ -68,9 +68,13 @@ def discarded(event, accumulation=1):
     return set(range((event.to - 1) * accumulation, event.skip_through * accumulation))
 
 
-def test_a_rewind_equals_the_run_without_the_discarded_batches(mirrored):
+@pytest.mark.parametrize("placement", ["host", "device"])
+def test_a_rewind_equals_the_run_without_the_discarded_batches(mirrored, placement):
     stream = batches()
-    got, (_, _, clip), _ = train(mirrored, stream, distclip.Rewind(**RW))
+    got, (_, _, clip), _ = train(mirrored, stream, distclip.Rewind(**RW, placement=placement))
+    ring = clip.rewinding.ring[0]
+    if placement == "device":  # one copy per replica, on its device
+        assert [v.device[-5:] for v in mirrored.experimental_local_results(ring)] == ["CPU:0", "CPU:1"]
     event = clip.latest_rewind()
     # Snapshots before updates 1, 4, 7; the spike at update 10 goes back to the oldest kept, before update 4.
     assert event == distclip.RewindEvent(at=10, to=4, skip_through=12, stopped=False)
@@ -212,7 +216,7 @@ def test_fit_rewinds_to_the_fit_without_the_discarded_batches(mirrored):
     (dict(every=0), "every=0"), (dict(every=2, keep=1.5), "keep=1.5"), (dict(every=2, skip=-1), "skip=-1"),
     (dict(every=2, factor=1.0), "factor=1.0"), (dict(every=2, zscore=float("nan")), "zscore=nan"),
     (dict(every=2, window=1), "window=1"), (dict(every=2, nonfinite_in_row=0), "nonfinite_in_row=0"),
-    (dict(every=2, factor=None), "all three None"),
+    (dict(every=2, factor=None), "all three None"), (dict(every=2, placement="gpu"), "placement='gpu'"),
 ])
 def test_bad_rewind_arguments_are_named(kwargs, named):
     with pytest.raises(distclip.ArgumentError, match=named.replace("(", r"\(")):

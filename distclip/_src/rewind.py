@@ -24,8 +24,9 @@ distclip's state: threshold policy, skip count, noise scale) in one
 `[keep, ...]` ring variable per variable, in the host memory of each process
 (one copy per process, whatever its number of local replicas: the replicas
 are identical), or with `placement="device"` beside the variables (one copy
-per replica, where a step compiled by XLA on an accelerator can reach it). The ring, the window and the counters are variables of the
-step (saved with it), so a rewind's state survives a preemption.
+per replica, where a step compiled by XLA on an accelerator can reach it).
+The ring, the window and the counters are variables of the step (saved with
+it), so a rewind's state survives a preemption.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Checks of the gradients and variables a step is given; each error names the argument and value."""
 from __future__ import annotations
 
+import numbers
 from typing import Any, List, Tuple
 
 import numpy as np
@@ -8,6 +9,12 @@ import tensorflow as tf
 
 from distclip._src.errors import ArgumentError
 from distclip._src.variables import variable_name
+
+
+def check_integer(name: str, value: Any, low: int) -> None:
+    """Raises ArgumentError naming `name` and `value` unless `value` is an integer (not a bool) >= `low`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ArgumentError(f"{name} must be an integer >= {low}; got {name}={value!r}")
 
 
 def short_repr(value: Any) -> str:

@@ -30,9 +30,10 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
+from distclip._src.checks import check_integer
 from distclip._src.errors import ArgumentError, ContextError
 from distclip._src.threshold import MakeVariable
-from distclip._src.variables import tf_variable
+from distclip._src.variables import read_value
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,7 @@ class NoiseScale:
     decay: float = 0.99
 
     def __post_init__(self) -> None:
-        b = self.global_batch_size
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 2:
-            raise ArgumentError(f"global_batch_size must be an integer >= 2; got global_batch_size={b!r}")
+        check_integer("global_batch_size", self.global_batch_size, 2)
         d = self.decay
         if isinstance(d, bool) or not isinstance(d, numbers.Real) or not math.isfinite(d) or not 0 <= d < 1:
             raise ArgumentError(f"decay must be a number in [0, 1); got decay={d!r}")
@@ -102,14 +101,14 @@ class NoiseState:
                              self.config.global_batch_size)
         beta = self.config.decay
         for var, x in ((self.gradient_squared, g2), (self.trace, trace)):
-            value = _read(var)
+            value = read_value(var)
             var.assign(tf.where(finite, beta * value + (1.0 - beta) * x, value))
-        self.updates.assign(_read(self.updates) + tf.cast(finite, tf.int64))
+        self.updates.assign(read_value(self.updates) + tf.cast(finite, tf.int64))
         return self.latest()
 
     def latest(self) -> NoiseEstimate:
         """The smoothed estimates as the variables hold them now."""
-        g2, trace, count = (_read(v) for v in (self.gradient_squared, self.trace, self.updates))
+        g2, trace, count = (read_value(v) for v in (self.gradient_squared, self.trace, self.updates))
         correction = 1.0 - tf.pow(tf.constant(self.config.decay, tf.float32), tf.cast(count, tf.float32))
         safe = tf.where(correction > 0, correction, 1.0)
         g2, trace = g2 / safe, trace / safe
@@ -122,6 +121,3 @@ def check_replicas(replicas: int) -> None:
         raise ContextError(f"noise_scale needs at least 2 replicas (each replica's gradient is one small batch); "
                            f"this step has {replicas}")
 
-
-def _read(variable: Any) -> tf.Tensor:
-    return tf.convert_to_tensor(tf_variable(variable))

@@ -6,6 +6,7 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Literal, Tuple, Union
 
+from distclip._src.checks import check_integer
 from distclip._src.errors import ArgumentError
 from distclip._src.nonfinite import NONFINITE, Nonfinite
 from distclip._src.sync import BACKENDS, REDUCTIONS, BackendName, Reduction
@@ -41,10 +42,8 @@ class StepOptions:
             raise ArgumentError(f"compression must be one of {COMPRESSIONS}; got compression={self.compression!r}")
         if not isinstance(self.variable_norms, bool):
             raise ArgumentError(f"variable_norms must be True or False; got variable_norms={self.variable_norms!r}")
-        steps = self.accumulation_steps
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-            raise ArgumentError(f"accumulation_steps must be an integer >= 1; got accumulation_steps={steps!r}")
-        object.__setattr__(self, "accumulation_steps", int(steps))
+        check_integer("accumulation_steps", self.accumulation_steps, 1)
+        object.__setattr__(self, "accumulation_steps", int(self.accumulation_steps))
         mb = self.bucket_mb
         if mb not in (None, "auto") and (isinstance(mb, (bool, str)) or not isinstance(mb, numbers.Real)
                                          or not math.isfinite(mb) or mb <= 0):

@@ -38,9 +38,10 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
+from distclip._src.checks import check_integer
 from distclip._src.errors import ArgumentError
 from distclip._src.lockstep import create_variables
-from distclip._src.variables import identical_variable, tf_variable
+from distclip._src.variables import identical_variable, read_value, tf_variable
 
 APPLY, NONFINITE, SKIP, REWIND, STOP = range(5)
 
@@ -103,9 +104,9 @@ class Rewind:
             raise ArgumentError(f"placement must be 'host' or 'device'; got placement={self.placement!r}")
         for name, low in (("every", 1), ("keep", 1), ("skip", 0), ("window", 2), ("max_rewinds", 1),
                           ("max_rewinds_per", 1)):
-            _integer(name, getattr(self, name), low)
+            check_integer(name, getattr(self, name), low)
         if self.nonfinite_in_row is not None:
-            _integer("nonfinite_in_row", self.nonfinite_in_row, 1)
+            check_integer("nonfinite_in_row", self.nonfinite_in_row, 1)
         for key, bound in (("factor", 1.0), ("zscore", 0.0)):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
@@ -113,11 +114,6 @@ class Rewind:
                 raise ArgumentError(f"{key} must be None or a finite number > {bound:g}; got {key}={value!r}")
         if self.factor is None and self.zscore is None and self.nonfinite_in_row is None:
             raise ArgumentError("Rewind needs a test: factor, zscore or nonfinite_in_row; got all three None")
-
-
-def _integer(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ArgumentError(f"{name} must be an integer >= {low}; got {name}={value!r}")
 
 
 class RewindEvent(NamedTuple):
@@ -176,11 +172,11 @@ class Rewinding(tf.Module):
             self.skipped = identical_variable("skipped", (), tf.int64, 0)
             self.recent = identical_variable("recent", (config.max_rewinds,), tf.int64, -(2 ** 62))
             self.latest = identical_variable("latest", (4,), tf.int64, 0)  # RewindEvent
-        self.ring: List[Any] = []  # one [keep, ...] host variable per owned variable, made by `create_ring`
+        self.ring: List[Any] = []  # one [keep, ...] variable per owned variable, made by `create_ring`
         self._owned: List[Any] = []
 
     def create_ring(self, strategy: tf.distribute.Strategy, owned: Sequence[Any]) -> None:
-        """Makes one `[keep, *shape]` variable in host memory per variable of `owned`, once."""
+        """Makes one `[keep, *shape]` variable per variable of `owned` (where `placement` says), once."""
         if self.ring:
             return
         owned = _distinct(owned)
@@ -203,7 +199,7 @@ class Rewinding(tf.Module):
     def action(self, norm: tf.Tensor, finite: tf.Tensor, loss: Optional[tf.Tensor]) -> tf.Tensor:
         """This update's action (APPLY ... STOP), an int32 scalar identical on every replica; writes nothing."""
         c = self.config
-        full = _read(self.history_count) >= c.window
+        full = read_value(self.history_count) >= c.window
         spike = tf.logical_and(finite, tf.logical_and(full, self._beyond(norm, 0)))
         if loss is not None:
             loss = tf.cast(loss, tf.float32)
@@ -211,17 +207,17 @@ class Rewinding(tf.Module):
                                        tf.logical_and(full, self._beyond(loss, 1)))
             spike = tf.logical_or(spike, loss_spike)
         if c.nonfinite_in_row is not None:
-            run = _read(self.nonfinite_run) + 1
+            run = read_value(self.nonfinite_run) + 1
             spike = tf.logical_or(spike, tf.logical_and(tf.logical_not(finite), run >= c.nonfinite_in_row))
-        spike = tf.logical_and(spike, _read(self.ring_size) > 0)
-        at = _read(self.updates) + 1
-        over_limit = tf.reduce_min(_read(self.recent)) > at - c.max_rewinds_per
-        skipping = tf.logical_or(_read(self.stopped) > 0, _read(self.skip_left) > 0)
+        spike = tf.logical_and(spike, read_value(self.ring_size) > 0)
+        at = read_value(self.updates) + 1
+        over_limit = tf.reduce_min(read_value(self.recent)) > at - c.max_rewinds_per
+        skipping = tf.logical_or(read_value(self.stopped) > 0, read_value(self.skip_left) > 0)
         return tf.where(skipping, SKIP, tf.where(spike, tf.where(over_limit, STOP, REWIND),
                                                      tf.where(finite, APPLY, NONFINITE)))
 
     def _beyond(self, x: tf.Tensor, row: int) -> tf.Tensor:
-        window = _read(self.history)[row]
+        window = read_value(self.history)[row]
         mean = tf.reduce_mean(window)
         out = tf.constant(False)
         if self.config.factor is not None:
@@ -232,17 +228,18 @@ class Rewinding(tf.Module):
 
     def before_apply(self) -> None:
         """In APPLY, before the optimizer's apply: a snapshot if the ring is empty or `every` updates went by."""
-        due = tf.logical_or(_read(self.ring_size) == 0, _read(self.since_snapshot) >= self.config.every)
+        due = tf.logical_or(read_value(self.ring_size) == 0, read_value(self.since_snapshot) >= self.config.every)
         tf.cond(due, self._snapshot, lambda: tf.constant(False))
 
     def _snapshot(self) -> tf.Tensor:
         r = self.config.keep
-        start, size = _read(self.ring_start), _read(self.ring_size)
+        start, size = read_value(self.ring_start), read_value(self.ring_size)
         slot = tf.math.floormod(start + size, r)
         for ring, v in zip(self.ring, self._owned, strict=True):
-            ring.scatter_update(tf.IndexedSlices(_read(v)[tf.newaxis], slot[tf.newaxis]))
+            ring.scatter_update(tf.IndexedSlices(read_value(v)[tf.newaxis], slot[tf.newaxis]))
+        before = read_value(self.updates) + 1  # the snapshot holds the state before this update
         self.snapshot_updates.assign(tf.tensor_scatter_nd_update(
-            _read(self.snapshot_updates), slot[tf.newaxis, tf.newaxis], (_read(self.updates) + 1)[tf.newaxis]))
+            read_value(self.snapshot_updates), slot[tf.newaxis, tf.newaxis], before[tf.newaxis]))
         full = size == r
         self.ring_start.assign(tf.where(full, tf.math.floormod(start + 1, r), start))
         self.ring_size.assign(tf.where(full, size, size + 1))
@@ -252,44 +249,44 @@ class Rewinding(tf.Module):
     def after_apply(self, norm: tf.Tensor, loss: Optional[tf.Tensor]) -> None:
         """In APPLY, after the update: the window takes in its norm (and loss); counters move on."""
         w = self.config.window
-        count = _read(self.history_count)
+        count = read_value(self.history_count)
         slot = tf.math.floormod(count, w)
         values = tf.stack([norm, tf.zeros([]) if loss is None else tf.cast(loss, tf.float32)])
         self.history.assign(tf.tensor_scatter_nd_update(
-            _read(self.history), tf.stack([tf.constant([0, 1], tf.int64), tf.fill([2], slot)], axis=1), values))
+            read_value(self.history), tf.stack([tf.constant([0, 1], tf.int64), tf.fill([2], slot)], axis=1), values))
         self.history_count.assign(count + 1)
-        self.since_snapshot.assign(_read(self.since_snapshot) + 1)
+        self.since_snapshot.assign(read_value(self.since_snapshot) + 1)
         self.nonfinite_run.assign(tf.zeros([], tf.int64))
         self._count()
 
     def after_nonfinite(self) -> None:
         """In NONFINITE: one more non-finite norm in a row."""
-        self.nonfinite_run.assign(_read(self.nonfinite_run) + 1)
+        self.nonfinite_run.assign(read_value(self.nonfinite_run) + 1)
         self._count()
 
     def skip_one(self) -> None:
         """In SKIP: one skipped update (the skip count goes down, unless stopped)."""
-        self.skip_left.assign(tf.where(_read(self.stopped) > 0, _read(self.skip_left),
-                                       tf.maximum(_read(self.skip_left) - 1, 0)))
-        self.skipped.assign(_read(self.skipped) + 1)
+        self.skip_left.assign(tf.where(read_value(self.stopped) > 0, read_value(self.skip_left),
+                                       tf.maximum(read_value(self.skip_left) - 1, 0)))
+        self.skipped.assign(read_value(self.skipped) + 1)
         self._count()
 
     def rewind(self, stop: bool) -> None:
         """In REWIND (or STOP): every owned variable back to the oldest snapshot; then skip M (or everything)."""
         c = self.config
-        start = _read(self.ring_start)
+        start = read_value(self.ring_start)
         for ring, v in zip(self.ring, self._owned, strict=True):
             tf_variable(v).assign(tf.gather(ring, start))
-        at = _read(self.updates) + 1
-        to = tf.gather(_read(self.snapshot_updates), start)
+        at = read_value(self.updates) + 1
+        to = tf.gather(read_value(self.snapshot_updates), start)
         self.latest.assign(tf.stack([at, to, at + c.skip, tf.constant(int(stop), tf.int64)]))
-        self.rewinds.assign(_read(self.rewinds) + 1)
-        self.skipped.assign(_read(self.skipped) + 1)
+        self.rewinds.assign(read_value(self.rewinds) + 1)
+        self.skipped.assign(read_value(self.skipped) + 1)
         if stop:
             self.stopped.assign(tf.ones([], tf.int64))
         else:
             self.skip_left.assign(tf.constant(c.skip, tf.int64))
-            recent = _read(self.recent)
+            recent = read_value(self.recent)
             self.recent.assign(tf.concat([recent[1:], at[tf.newaxis]], axis=0))
         self.ring_size.assign(tf.ones([], tf.int64))
         self.since_snapshot.assign(tf.zeros([], tf.int64))
@@ -297,13 +294,13 @@ class Rewinding(tf.Module):
         self._count()
 
     def _count(self) -> None:
-        self.updates.assign(_read(self.updates) + 1)
+        self.updates.assign(read_value(self.updates) + 1)
 
     def latest_event(self) -> Optional[RewindEvent]:
         """The latest rewind (read eagerly), or None before the first."""
-        if int(_read(self.rewinds).numpy()) == 0:
+        if int(read_value(self.rewinds).numpy()) == 0:
             return None
-        at, to, through, stopped = (int(x) for x in _read(self.latest).numpy())
+        at, to, through, stopped = (int(x) for x in read_value(self.latest).numpy())
         return RewindEvent(at=at, to=to, skip_through=through, stopped=bool(stopped))
 
     def check_limit(self, save: Optional[Callable[[], Optional[str]]] = None) -> None:
@@ -312,7 +309,7 @@ class Rewinding(tf.Module):
         Before `save()` the stop and the limit's count are cleared, so that the
         saved state resumes training (with the rewind budget of a fresh start).
         """
-        if not int(_read(self.stopped).numpy()):
+        if not int(read_value(self.stopped).numpy()):
             return
         event = self.latest_event()
         assert event is not None
@@ -354,7 +351,4 @@ def _on_host(strategy: tf.distribute.Strategy) -> Any:
         return contextlib.nullcontext()
     return tf.variable_creator_scope(lambda next_creator, **kwargs: next_creator(**kwargs, colocate_with=host))
 
-
-def _read(variable: Any) -> tf.Tensor:
-    return tf.convert_to_tensor(tf_variable(variable))
 

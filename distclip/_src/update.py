@@ -44,7 +44,7 @@ from distclip._src.errors import ArgumentError, ContextError
 from distclip._src.lockstep import create_variables, run_switch
 from distclip._src.rewind import Rewind, Rewinding, RewindEvent, owned_variables
 from distclip._src.noise import NoiseEstimate, NoiseScale, NoiseState, check_replicas
-from distclip._src.variables import identical_variable, tf_variable
+from distclip._src.variables import identical_variable, read_value, tf_variable
 
 
 class StepState:
@@ -100,19 +100,16 @@ class StepState:
 
     def latest(self, n: int) -> ClipResult:
         """The latest update's result, read back (its gradients are not kept: `None`)."""
-        norm, threshold, scale, finite = [_read(v) for v in
+        norm, threshold, scale, finite = [read_value(v) for v in
                                           (self.global_norm, self.clip_norm, self.clip_scale, self.finite)]
         finite = tf.cast(finite, tf.bool)
         return ClipResult(grads=[None] * n, global_norm=norm, scale=scale,
                           clipped=tf.logical_and(finite, norm > threshold), finite=finite,
-                          nonfinite_replicas=tf.cast(_read(self.nonfinite_replicas), tf.bool),
-                          nonfinite_variables=tf.cast(_read(self.nonfinite_variables), tf.bool),
-                          variable_norms=None if self.variable_norms is None else _read(self.variable_norms),
+                          nonfinite_replicas=tf.cast(read_value(self.nonfinite_replicas), tf.bool),
+                          nonfinite_variables=tf.cast(read_value(self.nonfinite_variables), tf.bool),
+                          variable_norms=None if self.variable_norms is None else read_value(self.variable_norms),
                           noise=None if self.noise is None else self.noise.latest())
 
-
-def _read(variable: Any) -> tf.Tensor:
-    return tf.convert_to_tensor(tf_variable(variable))
 
 
 class Diagnostics:

@@ -16,6 +16,11 @@ def tf_variable(variable: Any) -> Any:
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
+def read_value(variable: Any) -> tf.Tensor:
+    """The value of `variable` (Keras or TensorFlow) as a tensor: this replica's copy inside a replica function."""
+    return tf.convert_to_tensor(tf_variable(variable))
+
+
 def variable_name(variable: Any) -> str:
     """A variable's Keras path, or its TensorFlow name, for messages."""
     return getattr(variable, "path", None) or getattr(variable, "name", None) or repr(variable)

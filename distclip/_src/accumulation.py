@@ -64,15 +64,22 @@ class Accumulation(tf.Module):
             return 0
         return int(tf.convert_to_tensor(self.micro_steps.read_value()).numpy()) % self.steps
 
-    def _trackable_children(self, save_type="checkpoint", **kwargs):
-        # A checkpoint between updates would hold this replica's partial sums only: restored on
-        # every replica (Horovod: rank 0's file) or merged across replicas (MirroredStrategy reads
-        # ON_READ sums as their total) they resume wrong. So it is refused, naming the way out.
-        if tf.executing_eagerly() and self.pending():
+    def check_no_pending(self) -> None:
+        """Raises ArgumentError when micro-batches are accumulated but not applied (read eagerly).
+
+        A checkpoint between updates would hold this replica's partial sums only: restored on
+        every replica (Horovod: rank 0's file) or merged across replicas (MirroredStrategy reads
+        ON_READ sums as their total) they resume wrong. So it is refused, naming the way out.
+        """
+        if self.pending():
             raise ArgumentError(
                 f"a checkpoint was taken between updates: {self.pending()} of accumulation_steps={self.steps} "
                 "micro-batches are accumulated but not applied, and each replica holds its own partial sums. "
                 "Save right after a call that applied, when pending_micro_batches is 0")
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        if tf.executing_eagerly():
+            self.check_no_pending()
         return super()._trackable_children(save_type, **kwargs)
 
     def run(self, grads: Sequence[Optional[Any]], step_fn: Callable[..., Any],

@@ -11,10 +11,16 @@ from distclip._src.errors import ArgumentError
 from distclip._src.variables import variable_name
 
 
-def check_integer(name: str, value: Any, low: int) -> None:
-    """Raises ArgumentError naming `name` and `value` unless `value` is an integer (not a bool) >= `low`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ArgumentError(f"{name} must be an integer >= {low}; got {name}={value!r}")
+#: The largest count, period or step an integer argument takes: distclip counts updates in int64, and sums a
+#: count with an update number, so 2**62 leaves headroom (about 1.5e11 years at one update per millisecond).
+LARGEST = 2 ** 62
+
+
+def check_integer(name: str, value: Any, low: int, high: int = LARGEST) -> None:
+    """Raises ArgumentError naming `name`, `value` and the range unless `value` is an integer (not a bool) in
+    [`low`, `high`]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= int(value) <= high:
+        raise ArgumentError(f"{name} must be an integer from {low} to {high}; got {name}={short_repr(value)}")
 
 
 def short_repr(value: Any) -> str:

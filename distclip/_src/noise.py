@@ -43,18 +43,20 @@ class NoiseScale:
     Args:
       global_batch_size: B, the examples in one update over all replicas (and
         all micro-batches, with `accumulation_steps`); each replica's share
-        B/n is the small batch.
+        B/n is the small batch, so B must be a multiple of the n replicas
+        (checked when the step is built).
       decay: the moving averages' decay, in [0, 1): each update weighs 1 - decay.
 
     Raises:
-      ArgumentError: a non-positive batch size or a decay outside [0, 1).
+      ArgumentError: a batch size outside 2 to 2**53 or a decay outside [0, 1); when the step is built, a
+        batch size the replicas cannot share equally.
     """
 
     global_batch_size: int
     decay: float = 0.99
 
     def __post_init__(self) -> None:
-        check_integer("global_batch_size", self.global_batch_size, 2)
+        check_integer("global_batch_size", self.global_batch_size, 2, 2 ** 53)  # exact as a float64
         d = self.decay
         if isinstance(d, bool) or not isinstance(d, numbers.Real) or not math.isfinite(d) or not 0 <= d < 1:
             raise ArgumentError(f"decay must be a number in [0, 1); got decay={d!r}")
@@ -115,9 +117,15 @@ class NoiseState:
         return NoiseEstimate(gradient_squared=g2, trace=trace, b_simple=trace / g2)
 
 
-def check_replicas(replicas: int) -> None:
-    """Raises ContextError unless there are at least 2 replicas."""
+def check_replicas(replicas: int, config: NoiseScale) -> None:
+    """Raises ContextError unless there are at least 2 replicas, and ArgumentError unless they share
+    `config.global_batch_size` equally."""
     if replicas < 2:
         raise ContextError(f"noise_scale needs at least 2 replicas (each replica's gradient is one small batch); "
                            f"this step has {replicas}")
+    if config.global_batch_size % replicas:
+        raise ArgumentError(
+            f"NoiseScale(global_batch_size={config.global_batch_size}) is not a multiple of the {replicas} replicas: "
+            "each replica's gradient is taken over global_batch_size / replicas examples. Pass the real global "
+            "batch (over all replicas and micro-batches)")
 

@@ -42,7 +42,7 @@ class StepOptions:
             raise ArgumentError(f"compression must be one of {COMPRESSIONS}; got compression={self.compression!r}")
         if not isinstance(self.variable_norms, bool):
             raise ArgumentError(f"variable_norms must be True or False; got variable_norms={self.variable_norms!r}")
-        check_integer("accumulation_steps", self.accumulation_steps, 1)
+        check_integer("accumulation_steps", self.accumulation_steps, 1, 2 ** 31 - 1)
         object.__setattr__(self, "accumulation_steps", int(self.accumulation_steps))
         mb = self.bucket_mb
         if mb not in (None, "auto") and (isinstance(mb, (bool, str)) or not isinstance(mb, numbers.Real)

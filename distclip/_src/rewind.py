@@ -33,17 +33,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import numbers
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
-from distclip._src.checks import check_integer
+from distclip._src.checks import LARGEST, check_integer
 from distclip._src.errors import ArgumentError
 from distclip._src.lockstep import create_variables
 from distclip._src.variables import identical_variable, read_value, tf_variable
 
 APPLY, NONFINITE, SKIP, REWIND, STOP = range(5)
+MAX_KEEP = 2 ** 16  # snapshots in a ring (each a copy of every variable the step owns)
+MAX_WINDOW = 2 ** 20  # values in the detector's window, and rewinds counted toward the limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,18 +68,20 @@ class Rewind:
     or a non-finite loss, or `nonfinite_in_row` non-finite norms in a row.
 
     Args:
-      every: K >= 1, applied updates between snapshots.
-      keep: R >= 1, snapshots in the ring; memory per process is R times the
-        step's variables (about 12 * R bytes per parameter with Adam in float32).
-      skip: M >= 0, updates skipped after each rewind.
+      every: K, 1 to 2**62, applied updates between snapshots.
+      keep: R, 1 to 2**16, snapshots in the ring; memory per process is R times
+        the step's variables (about 12 * R bytes per parameter with Adam in
+        float32), refused when building if more than this machine's memory.
+      skip: M, 0 to 2**62, updates skipped after each rewind.
       factor: a number > 1, or None: no ratio test.
       zscore: a number > 0, or None: no z-score test.
-      window: how many applied updates the mean and std are taken over (>= 2).
-      nonfinite_in_row: m >= 1, or None: non-finite norms are skipped as
-        usual and never cause a rewind.
-      max_rewinds: how many rewinds may happen within `max_rewinds_per`
-        updates; the next one stops training (`distclip.RewindLimitError`).
-      max_rewinds_per: the span, in updates, of that limit.
+      window: how many applied updates the mean and std are taken over (2 to 2**20).
+      nonfinite_in_row: m, 1 to 2**62, or None: non-finite norms are skipped
+        as usual and never cause a rewind.
+      max_rewinds: how many rewinds (1 to 2**20) may happen within
+        `max_rewinds_per` updates; the next one stops training
+        (`distclip.RewindLimitError`).
+      max_rewinds_per: the span, in updates (1 to 2**62), of that limit.
       placement: "host": the ring in the host memory of each process, one
         copy whatever its number of local replicas; "device": beside the
         variables, one copy per replica. A step compiled with XLA on an
@@ -84,8 +89,8 @@ class Rewind:
         memory only: use "device" there.
 
     Raises:
-      ArgumentError: a bad value, named; or no test at all (factor, zscore
-        and nonfinite_in_row all None).
+      ArgumentError: a bad value, named with its range; or no test at all
+        (factor, zscore and nonfinite_in_row all None).
     """
 
     every: int
@@ -102,9 +107,12 @@ class Rewind:
     def __post_init__(self) -> None:
         if self.placement not in ("host", "device"):
             raise ArgumentError(f"placement must be 'host' or 'device'; got placement={self.placement!r}")
-        for name, low in (("every", 1), ("keep", 1), ("skip", 0), ("window", 2), ("max_rewinds", 1),
-                          ("max_rewinds_per", 1)):
-            check_integer(name, getattr(self, name), low)
+        # keep, window and max_rewinds size variables ([keep, ...], [2, window], [max_rewinds]); the memory
+        # the ring needs is checked against this machine's once the variables are known (`create_ring`).
+        for name, low, high in (("every", 1, LARGEST), ("keep", 1, MAX_KEEP), ("skip", 0, LARGEST),
+                                ("window", 2, MAX_WINDOW), ("max_rewinds", 1, MAX_WINDOW),
+                                ("max_rewinds_per", 1, LARGEST)):
+            check_integer(name, getattr(self, name), low, high)
         if self.nonfinite_in_row is not None:
             check_integer("nonfinite_in_row", self.nonfinite_in_row, 1)
         for key, bound in (("factor", 1.0), ("zscore", 0.0)):
@@ -122,7 +130,8 @@ class RewindEvent(NamedTuple):
     Fields:
       at: the update whose norm or loss was the spike (not applied).
       to: the update the restored snapshot was taken before (its state is the state before update `to`).
-      skip_through: the last update skipped after it; updates `to` to `skip_through` are not learned from.
+      skip_through: the last update skipped after it; updates `to` to `skip_through` are not learned from
+        (`at` for a stopped one: every later update is skipped until the host stops).
       stopped: whether this was the rewind over the limit, after which training stops.
     """
 
@@ -180,6 +189,8 @@ class Rewinding(tf.Module):
         if self.ring:
             return
         owned = _distinct(owned)
+        check_ring_memory(self.config.keep, sum(tf.TensorShape(v.shape).num_elements() * tf.as_dtype(v.dtype).size
+                                                for v in owned))
 
         def create():
             where = _on_host(strategy) if self.config.placement == "host" else strategy.scope()
@@ -191,6 +202,13 @@ class Rewinding(tf.Module):
 
         create_variables(create)
         self._owned = owned
+
+    def state(self) -> List[Any]:
+        """Every variable of the rewind, in a fixed order: the counters, the window, then the ring (what a
+        `tf.train.Checkpoint` of the step saves, and `ClipOptimizer` puts into a `.keras` file)."""
+        return [self.updates, self.history, self.history_count, self.since_snapshot, self.ring_start,
+                self.ring_size, self.snapshot_updates, self.skip_left, self.stopped, self.nonfinite_run,
+                self.rewinds, self.skipped, self.recent, self.latest, *self.ring]
 
     def snapshot_bytes(self) -> int:
         """Bytes one snapshot takes (the ring holds `keep` of them)."""
@@ -279,7 +297,7 @@ class Rewinding(tf.Module):
             tf_variable(v).assign(tf.gather(ring, start))
         at = read_value(self.updates) + 1
         to = tf.gather(read_value(self.snapshot_updates), start)
-        self.latest.assign(tf.stack([at, to, at + c.skip, tf.constant(int(stop), tf.int64)]))
+        self.latest.assign(tf.stack([at, to, at if stop else at + c.skip, tf.constant(int(stop), tf.int64)]))
         self.rewinds.assign(read_value(self.rewinds) + 1)
         self.skipped.assign(read_value(self.skipped) + 1)
         if stop:
@@ -304,7 +322,8 @@ class Rewinding(tf.Module):
         return RewindEvent(at=at, to=to, skip_through=through, stopped=bool(stopped))
 
     def check_limit(self, save: Optional[Callable[[], Optional[str]]] = None) -> None:
-        """Raises `RewindLimitError` if the limit was hit (read eagerly), after `save()` (which returns a path).
+        """Raises `RewindLimitError` if the limit was hit (read eagerly), after `save()` (which returns the path
+        it wrote, or None where another process writes it).
 
         Before `save()` the stop and the limit's count are cleared, so that the
         saved state resumes training (with the rewind budget of a fresh start).
@@ -317,12 +336,26 @@ class Rewinding(tf.Module):
         self.recent.assign(tf.fill([self.config.max_rewinds], tf.constant(-(2 ** 62), tf.int64)))
         path = save() if save is not None else None
         c = self.config
-        where = f"saved to {path}" if path else "not saved (nothing to save it with was given)"
+        where = (f"saved to {path}" if path else "not saved (nothing to save it with was given)" if save is None
+                 else "saved by another process (rank 0 names where)")
         raise RewindLimitError(
             f"rewind limit hit: a spike at update {event.at} would be rewind {c.max_rewinds + 1} within "
             f"{c.max_rewinds_per} updates (max_rewinds={c.max_rewinds}); training stopped. The variables hold the "
             f"last good snapshot, taken before update {event.to}, {where}. Look at the data around updates "
             f"{event.to} to {event.at}, or lower the learning rate, then resume from it")
+
+
+def check_ring_memory(keep: int, snapshot: int) -> None:
+    """Raises ArgumentError if `keep` snapshots of `snapshot` bytes exceed this machine's physical memory."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this platform: nothing to compare with
+        return
+    if keep * snapshot > memory:
+        raise ArgumentError(
+            f"keep={keep} snapshots of {snapshot:,} bytes each (every variable the step owns) need "
+            f"{keep * snapshot / 2 ** 30:.1f} GiB for the ring, more than this machine's "
+            f"{memory / 2 ** 30:.1f} GiB of memory; the most that fits is keep={max(memory // max(snapshot, 1), 0)}")
 
 
 def owned_variables(trainable: Sequence[Any], optimizer_variables: Sequence[Any],

@@ -76,7 +76,7 @@ class ClipStep(Diagnostics, tf.Module):
         all-reduce instead of all-gathering them.
       compression: None or "fp16": float32/float64 gradients travel as float16;
         the norm is computed on the decompressed values.
-      accumulation_steps: k >= 1. Each call adds this replica's gradients to
+      accumulation_steps: k, 1 to 2**31 - 1. Each call adds this replica's gradients to
         local sums; every k-th call reduces them once, clips their mean and
         applies it (one step on a k-times-larger batch); `apply` then returns
         the latest update's result, with `grads` of `None`.

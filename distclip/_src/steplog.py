@@ -3,8 +3,11 @@
 One row per update, in `metrics.csv` with the columns of `COLUMNS`:
 `step` (from 0), `loss`, `global_norm` (synchronized, before clipping, in the
 gradients' units), `scale` (the clip factor applied), `clip_norm` (the
-threshold used; inf for `clip_norm=None`), `clipped` and `skipped` (0 or 1).
-The same scalars go to TensorBoard event files under `tensorboard/`.
+threshold used; inf for `clip_norm=None`), `clipped` (1: applied, clipped),
+`skipped` (1: not applied, whatever the reason) and `action` (`ACTIONS`:
+applied, nonfinite, skipped, rewound or stopped). The same scalars go to
+TensorBoard event files under `tensorboard/`. (A metrics.csv of distclip 0.2.0
+has no `action`; a resumed run adds it to the kept rows.)
 
 Besides, as they happen: each non-finite update to `nonfinite.csv` (one row
 per replica whose own gradients were non-finite: step, skipped, replica,
@@ -13,7 +16,10 @@ text `nonfinite`; per-layer norms to `layer_norms.csv` (step, layer, norm)
 and TensorBoard (`layer_norm/<layer>` scalars, a `variable_norms`
 histogram); the noise scale to TensorBoard (`noise/...`); each rewind to
 `rewinds.csv` (step of the spike, `to_step` the snapshot was taken before,
-`skip_through_step`, `stopped`) and as a TensorBoard text `rewind`.
+`skip_through_step` or "stopped" for the rewind over the limit, `stopped`)
+and as a TensorBoard text `rewind`. A resumed log keeps the earlier rows of
+each file, and reads the earlier events back (`earlier_nonfinite`,
+`earlier_rewinds`) so that a run's summary covers the whole run.
 """
 from __future__ import annotations
 
@@ -22,16 +28,20 @@ import importlib.util
 import io
 import math
 import os
-from typing import IO, Any, Dict, List, Optional, Sequence
+from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from distclip._src.attribution import describe
+from distclip._src.attribution import Nonfinite, ReplicaPlace, describe
 from distclip._src.errors import ContextError
 from distclip._src.rewind import RewindEvent
+from distclip._src.variables import read_value
 from distclip._src.rewind import describe as describe_rewind
 
-COLUMNS = ("step", "loss", "global_norm", "scale", "clip_norm", "clipped", "skipped")
+COLUMNS = ("step", "loss", "global_norm", "scale", "clip_norm", "clipped", "skipped", "action")
+#: What an update did (the `action` column): applied; skipped for a non-finite norm (or applied as it was, with
+#: nonfinite="propagate"); skipped after a rewind; rewound on a spike; stopped at the rewind limit.
+ACTIONS = ("applied", "nonfinite", "skipped", "rewound", "stopped")
 NONFINITE_COLUMNS = ("step", "skipped", "replica", "worker", "host", "device", "variables")
 LAYER_COLUMNS = ("step", "layer", "norm")
 REWIND_COLUMNS = ("step", "to_step", "skip_through_step", "stopped")
@@ -76,8 +86,11 @@ class StepLog:
             with open(self.csv_path, newline="") as f:
                 rows = list(csv.reader(f))[1:first_step + 1]
             # Rows after the checkpoint (and a line cut short by a kill) go; those before it were flushed whole.
-            kept = [r for i, r in enumerate(rows) if len(r) == len(COLUMNS) and r[0] == str(i)]
-        self.rows: List[Dict[str, float]] = [{c: float(v) for c, v in zip(COLUMNS, r, strict=True)} for r in kept]
+            # A row of distclip 0.2.0 (no action) gets the action its `skipped` meant then.
+            kept = [r + [ACTIONS[1] if r[6] == "1" else ACTIONS[0]] if len(r) == len(COLUMNS) - 1 else r
+                    for i, r in enumerate(rows) if len(COLUMNS) - 1 <= len(r) <= len(COLUMNS) and r[0] == str(i)]
+            kept = [r for r in kept if len(r) == len(COLUMNS) and r[-1] in ACTIONS]
+        self.rows: List[Dict[str, Any]] = [_row(r) for r in kept]
         text = io.StringIO(newline="")
         csv.writer(text).writerows([COLUMNS, *kept])
         write_atomically(self.csv_path, text.getvalue())
@@ -88,7 +101,10 @@ class StepLog:
         self._layers = _EventFile(os.path.join(out, "layer_norms.csv"), LAYER_COLUMNS, first_step)
         self._rewinds = _EventFile(os.path.join(out, "rewinds.csv"), REWIND_COLUMNS, first_step)
 
-    def write(self, row: Dict[str, float]) -> None:
+    def write(self, row: Dict[str, Any]) -> None:
+        """One update's row (the keys of `COLUMNS`; `action` one of `ACTIONS`)."""
+        if row["action"] not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}; got {row['action']!r}")
         self.rows.append(row)
         self._csv.writerow([row[c] for c in COLUMNS])
         with self._tb.as_default(step=int(row["step"])):
@@ -107,9 +123,27 @@ class StepLog:
 
     def write_rewind(self, event: RewindEvent) -> None:
         """A rewind (updates counted from 1) as a row in steps from 0, and its line as TensorBoard text."""
-        self._rewinds.write([event.at - 1, event.to - 1, event.skip_through - 1, int(event.stopped)])
+        self._rewinds.write([event.at - 1, event.to - 1, "stopped" if event.stopped else event.skip_through - 1,
+                             int(event.stopped)])
         with self._tb.as_default(step=event.at - 1):
             tf.summary.text("rewind", describe_rewind(event))
+
+    def earlier_nonfinite(self) -> List[Any]:
+        """The non-finite updates of the run before a resume (from the kept rows of nonfinite.csv)."""
+        records: Dict[int, Any] = {}
+        for r in self._nonfinite.kept:
+            step, skipped, replica, worker, host, device, variables = r
+            record = records.setdefault(int(step), Nonfinite(int(step), skipped == "1", [],
+                                                             variables.split(";") if variables else []))
+            if replica != "":
+                record.replicas.append(ReplicaPlace(int(replica), int(worker), host, device))
+        return [records[s] for s in sorted(records)]
+
+    def earlier_rewinds(self) -> List[RewindEvent]:
+        """The rewinds of the run before a resume (from the kept rows of rewinds.csv), in updates from 1."""
+        return [RewindEvent(at=int(step) + 1, to=int(to) + 1,
+                            skip_through=int(step) + 1 if stopped == "1" else int(through) + 1, stopped=stopped == "1")
+                for step, to, through, stopped in self._rewinds.kept]
 
     def write_norms(self, step: int, names: Sequence[str], norms: Sequence[float]) -> None:
         """Per-variable norms of one update, written per layer (`layer_norms`)."""
@@ -148,6 +182,44 @@ class StepLog:
         self._tb.close()
 
 
+def _row(values: Sequence[str]) -> Dict[str, Any]:
+    """A metrics.csv row as written: numbers as floats, the action as its name."""
+    return {c: v if c == "action" else float(v) for c, v in zip(COLUMNS, values, strict=True)}
+
+
+class Actions:
+    """What each update of a clip step did (`ACTIONS`), told apart on the host by the step's counters.
+
+    With `rewind`, two int64 scalars are read per update (the rewind's count and its skipped count); without,
+    nothing: the update was applied, or non-finite.
+    """
+
+    def __init__(self, rewinding: Any, skip_nonfinite: bool):
+        self.rewinding = rewinding
+        self.skip_nonfinite = skip_nonfinite
+        self._counts = self._read()
+
+    def _read(self) -> Tuple[int, int]:
+        if self.rewinding is None:
+            return 0, 0
+        return (int(read_value(self.rewinding.rewinds).numpy()), int(read_value(self.rewinding.skipped).numpy()))
+
+    def latest(self, finite: bool) -> str:
+        """The action of the update just taken (call once per update)."""
+        counts = self._read()
+        before, self._counts = self._counts, counts
+        if counts[0] > before[0]:
+            event = self.rewinding.latest_event()
+            return "stopped" if event is not None and event.stopped else "rewound"
+        if counts[1] > before[1]:
+            return "skipped"
+        return "applied" if finite else "nonfinite"
+
+    def skipped(self, action: str) -> bool:
+        """Whether `action` left the variables as they were (a non-finite update is applied under "propagate")."""
+        return action != "applied" and (action != "nonfinite" or self.skip_nonfinite)
+
+
 def layer_of(name: str) -> str:
     """The layer a variable belongs to: its path without the last part ("dense_2/kernel" -> "dense_2")."""
     return name.rsplit("/", 1)[0] if "/" in name else name
@@ -172,6 +244,7 @@ class _EventFile:
             with open(path, newline="") as f:
                 kept = [r for r in list(csv.reader(f))[1:]
                         if len(r) == len(columns) and r[0].isdigit() and int(r[0]) < first_step]
+        self.kept = kept  # the earlier rows, as read
         if kept or os.path.exists(path):
             text = io.StringIO(newline="")
             csv.writer(text).writerows([columns, *kept])

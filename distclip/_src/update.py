@@ -158,7 +158,8 @@ class Diagnostics:
         scalar is read from the device.
 
         Args:
-          save: writes the last good state to disk and returns where, or None.
+          save: writes the last good state to disk and returns the path it wrote (None from a process whose
+            copy is not kept, such as a MultiWorkerMirroredStrategy worker other than the chief); or None.
 
         Raises:
           RewindLimitError: the limit was hit (the message names the updates and the path).
@@ -239,8 +240,10 @@ class ClipUpdate:
     def create_vectors(self, variables: Sequence[Any]) -> None:
         """Makes the state's per-replica and per-variable variables, and the rewind's ring, once (after
         `create_state`, with the optimizer built)."""
-        self.state.create_vectors(self.strategy, sync.replicas(self.options.backend), len(variables),
-                                  self.options.variable_norms)
+        replicas = sync.replicas(self.options.backend)
+        if self.noise_scale is not None:  # before anything is created: when building, not at the first step
+            check_replicas(replicas, self.noise_scale)
+        self.state.create_vectors(self.strategy, replicas, len(variables), self.options.variable_norms)
         if self.rewinding is not None:
             self.rewinding.create_ring(
                 self.strategy, owned_variables(variables, self.optimizer.variables, self.saved_state()))
@@ -280,8 +283,8 @@ class ClipUpdate:
         if replicas != self.state.nonfinite_replicas.shape[0]:
             raise ContextError(f"{self.owner} was built for {self.state.nonfinite_replicas.shape[0]} replicas and "
                                f"now runs on {replicas}: create it under the strategy (or Horovod) it runs under")
-        if self.state.noise is not None:
-            check_replicas(replicas)
+        if self.noise_scale is not None:
+            check_replicas(replicas, self.noise_scale)
         result, threshold, replica_squares = clip_synchronized(
             grads, backend, self.threshold.at(self.stepper.iterations), self.options,
             micro_batches=self.options.accumulation_steps, loss_scale=loss_scale, loss=loss)

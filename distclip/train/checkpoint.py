@@ -45,15 +45,11 @@ import numpy as np
 import tensorflow as tf
 
 from distclip._src.steplog import write_atomically
-from distclip.train.config import Config
+from distclip.train.config import Config, changed_on_resume, describe_changes
 
 #: Exit status of a run stopped by SIGTERM after its checkpoint was written.
 STOPPED = 128 + signal.SIGTERM
 TAIL = 100  # the summary's final loss is the mean of the last TAIL losses
-
-# What may change between a run and its resumption; anything else must match the checkpoint.
-# (variable_norms_every changes what is logged, not what is trained or saved.)
-_MAY_CHANGE = {"steps", "out", "strategy", "replicas", "resume", "checkpoint_every", "variable_norms_every"}
 
 
 class Progress(tf.Module):
@@ -129,7 +125,8 @@ class Checkpoints:
         else:
             raise SystemExit(f"distclip train --resume: no checkpoint in {self.directory} can be read:\n  "
                              + "\n  ".join(damaged)
-                             + "\nMove them away to start again from step 0, or give another --out.")
+                             + "\nThey were left as they are (nothing was moved or deleted): put back a readable copy "
+                             "and --resume again, or start a new run with another --out.")
         step = int(self.checkpoint.progress.step.numpy())
         if step > self.cfg.steps:
             raise SystemExit(f"distclip train --resume: the checkpoint in {self.directory} is at step {step}, "
@@ -205,15 +202,13 @@ class Checkpoints:
                 "them. Restore it, or give another --out."
             ) from None
         now = json.loads(json.dumps(asdict(self.cfg)))  # as saved: a tuple (--nan-at) reads back as a list
-        differ = sorted(k for k in now if k not in _MAY_CHANGE and k in saved and saved[k] != now[k])
+        differ = changed_on_resume(saved, now)
         if differ:
             raise SystemExit(
-                f"distclip train --resume: the checkpoint in {self.directory} was written with "
-                + ", ".join(f"--{k.replace('_', '-')}={saved[k]!r}" for k in differ)
-                + "; this run has " + ", ".join(f"--{k.replace('_', '-')}={now[k]!r}" for k in differ)
-                + ". Resume with the same settings, or give another --out."
-            )
-
+                f"distclip train --resume: the checkpoint in {self.directory} was written with other settings "
+                f"(config.json):\n{describe_changes(saved, now, differ)}\n"
+                "Resume with the settings the run was started with, or start a new run with another --out. "
+                "The checkpoints are fine and were not touched.")
 
 def announce(cfg: Config, runner, checkpoints: Checkpoints, first: int) -> None:
     """Says (chief only) where a `--resume` run starts."""

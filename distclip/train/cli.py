@@ -24,21 +24,22 @@ def _clip_norm(text: str) -> Optional[float]:
     return value
 
 
-def _int_at_least(low: int, rule: str):
-    """An argparse type: an integer >= `low`, else an error saying `rule`."""
+#: The largest step number, count or period a flag takes (the step counters are int64; 2**62 leaves headroom).
+LARGEST = 2 ** 62
+
+
+def _int_in(low: int, high: int, name: str = ""):
+    """An argparse type: an integer in [low, high], else a usage error naming the value and the range."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be {rule}; got {text!r}")
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name + ' ' if name else ''}must be an integer from {low} to {high}; "
+                                             f"got {text!r}")
         return value
     return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _steps(text: str) -> Tuple[int, ...]:
@@ -46,19 +47,17 @@ def _steps(text: str) -> Tuple[int, ...]:
         steps = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         steps = (-1,)
-    if any(s < 0 for s in steps):
-        raise argparse.ArgumentTypeError(f"expected step numbers >= 0 separated by commas, got {text!r}")
+    if any(not 0 <= s <= LARGEST for s in steps):
+        raise argparse.ArgumentTypeError(f"expected step numbers from 0 to {LARGEST} separated by commas, got {text!r}")
     return steps
 
 
 def _rewind(text: str) -> Tuple[int, ...]:
+    """EVERY,KEEP,SKIP as three integers; their ranges are `distclip.Rewind`'s, checked in `main`."""
     try:
         every, keep, skip = (int(s) for s in text.split(","))
     except ValueError:
-        every = 0
-    if every < 1 or keep < 1 or skip < 0:
-        raise argparse.ArgumentTypeError(
-            f"--rewind must be EVERY,KEEP,SKIP (integers, EVERY and KEEP >= 1, SKIP >= 0); got {text!r}")
+        raise argparse.ArgumentTypeError(f"--rewind must be EVERY,KEEP,SKIP (three integers); got {text!r}") from None
     return every, keep, skip
 
 
@@ -88,29 +87,32 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy", choices=STRATEGIES + ("horovod",), default=d.strategy,
                    help="auto: multiworker if TF_CONFIG names several workers, else mirrored; "
                    "horovod: one replica per process, launched with horovodrun, mpirun or srun")
-    t.add_argument("--replicas", type=_positive_int, default=d.replicas,
+    t.add_argument("--replicas", type=_int_in(1, 4096), default=d.replicas,
                    help="replicas for --strategy mirrored (GPUs, or logical CPU devices)")
     t.add_argument("--clip-norm", type=_clip_norm, default=d.clip_norm,
                    help="global-norm threshold, or 'none' to train without clipping")
-    t.add_argument("--steps", type=_positive_int, default=d.steps)
-    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+    t.add_argument("--steps", type=_int_in(1, LARGEST), default=d.steps)
+    t.add_argument("--batch-size", type=_int_in(1, 2 ** 20), default=d.batch_size,
                    help="global batch size, split over the replicas")
-    t.add_argument("--length", type=_positive_int, default=d.length, help="sequence length of the adding problem")
-    t.add_argument("--units", type=_positive_int, default=d.units, help="RNN hidden units")
+    t.add_argument("--length", type=_int_in(2, 2 ** 16), default=d.length, help="sequence length of the adding problem")
+    t.add_argument("--units", type=_int_in(1, 2 ** 14), default=d.units, help="RNN hidden units")
     t.add_argument("--recurrent-gain", type=float, default=d.recurrent_gain,
                    help="gain of the orthogonal recurrent initializer")
     t.add_argument("--learning-rate", type=float, default=d.learning_rate, help="SGD learning rate (momentum 0.9)")
-    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--seed", type=_int_in(0, 2 ** 63 - 1), default=d.seed)
     t.add_argument("--out", default=d.out, help="output directory")
-    t.add_argument("--checkpoint-every", type=_non_negative_int, default=d.checkpoint_every, metavar="N",
+    t.add_argument("--checkpoint-every", type=_int_in(0, LARGEST), default=d.checkpoint_every, metavar="N",
                    help="write OUT/checkpoints every N steps (0: only at the end and on SIGTERM); on SIGTERM the run "
                    "checkpoints after the current step on every rank and exits with status 143")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in OUT/checkpoints (start at step 0 if there is none)")
+    t.add_argument("--move-aside", action="store_true",
+                   help="a new run (without --resume) into an OUT that holds an earlier run's outputs moves them into "
+                        "OUT/aside-N/ (nothing is deleted); without it, such a run is refused")
     t.add_argument("--fit", action="store_true",
                    help="train with model.fit and distclip.keras.ClipOptimizer (+ ClipLogger) "
                         "instead of the custom loop")
-    t.add_argument("--variable-norms-every", type=_non_negative_int, default=d.variable_norms_every, metavar="N",
+    t.add_argument("--variable-norms-every", type=_int_in(0, LARGEST), default=d.variable_norms_every, metavar="N",
                    help="write per-layer gradient norms to OUT/layer_norms.csv and TensorBoard every N steps "
                         "(0: never); distclip plot then draws the largest")
     t.add_argument("--noise-scale", action="store_true",
@@ -121,10 +123,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--rewind", type=_rewind, default=d.rewind, metavar="EVERY,KEEP,SKIP",
                    help="on a spike of the norm or the loss, every replica goes back to the oldest of KEEP in-memory "
                         "snapshots taken every EVERY steps and skips the next SKIP steps (distclip.Rewind)")
-    t.add_argument("--rewind-factor", type=_factor, default=d.rewind_factor, metavar="F",
-                   help="with --rewind: a spike is a norm or loss above F times its mean over the window")
-    t.add_argument("--rewind-window", type=_int_at_least(2, "an integer >= 2"), default=d.rewind_window, metavar="N",
-                   help="with --rewind: the last N applied steps the mean is taken over (no spike before N steps)")
+    t.add_argument("--rewind-factor", type=_factor, default=None, metavar="F",
+                   help=f"with --rewind: a spike is a norm or loss above F times its mean over the window "
+                        f"(with --rewind, None means {d.rewind_factor:g})")
+    t.add_argument("--rewind-window", type=_int_in(2, 2 ** 20), default=None, metavar="N",
+                   help="with --rewind: the last N applied steps the mean is taken over (no spike before N steps; "
+                        f"with --rewind, None means {d.rewind_window})")
     t.add_argument("--spike-at", type=_steps, default=d.spike_at, metavar="STEP[,STEP...]",
                    help="multiply the targets of these steps' batches by 100, to see a spike (and a rewind)")
     pl = sub.add_parser(
@@ -164,25 +168,82 @@ def _require(modules: List[str], command: str) -> None:
         sys.exit(f"distclip {command} needs {' and '.join(missing)}: pip install 'distclip[train]'")
 
 
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    """The settings, with every flag that would be ignored or out of range refused as a usage error."""
+    d = Config()
+    if not args.rewind:
+        given = [f for f, v in (("--rewind-factor", args.rewind_factor), ("--rewind-window", args.rewind_window))
+                 if v is not None]
+        if given:
+            p.error(f"{' and '.join(given)} set how --rewind detects a spike; without --rewind nothing would use them")
+    args.rewind_factor = d.rewind_factor if args.rewind_factor is None else args.rewind_factor
+    args.rewind_window = d.rewind_window if args.rewind_window is None else args.rewind_window
+    for name in ("nan_at", "spike_at"):
+        beyond = [s for s in getattr(args, name) if s >= args.steps]
+        if beyond:
+            p.error(f"--{name.replace('_', '-')} {','.join(map(str, beyond))}: beyond --steps {args.steps} "
+                    f"(steps are numbered 0 to {args.steps - 1}), so it would never happen")
+    if args.move_aside and args.resume:
+        p.error("--move-aside moves an earlier run's outputs away for a new run; --resume continues that run")
+    cfg = Config(**{k: v for k, v in vars(args).items() if k != "command"})
+    if cfg.rewind:
+        from distclip import ArgumentError
+
+        try:
+            cfg.rewind_config()
+        except ArgumentError as e:
+            p.error(f"--rewind {','.join(map(str, cfg.rewind))} (with --rewind-factor {cfg.rewind_factor:g}, "
+                    f"--rewind-window {cfg.rewind_window}): {e}")
+    return cfg
+
+
+def _hold_output_folder(cfg: Config, runner) -> Optional[object]:
+    """The chief takes OUT (`distclip.train.outdir`) before anything is written; every rank learns whether it
+    could (one collective), and all exit together if not. Returns the held folder (chief) or None."""
+    from distclip.train.outdir import OutputFolder, OutputFolderError
+
+    folder, refused = None, ""
+    if runner.chief:
+        folder = OutputFolder(cfg.out)
+        try:
+            folder.acquire()
+            aside = None if cfg.resume else folder.check_new_run(cfg.move_aside)
+            if aside:
+                print(f"distclip train: moved the earlier run's outputs into {aside}", file=sys.stderr, flush=True)
+        except OutputFolderError as e:
+            folder.release()
+            refused = str(e)
+    _, any_refused = runner.agree(0.0, bool(refused))
+    if any_refused:
+        raise SystemExit(f"distclip train: {refused}" if refused else
+                         "distclip train: rank 0 refused the output folder (its message says why)")
+    return folder
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if args.command == "plot":
         _require(["matplotlib"], "plot")
         return _plot(args)
     _require(["matplotlib", "tensorboard"], "train")
+    cfg = _check(p, args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # The strategy must be created before anything else touches TensorFlow.
     from distclip.train.runners import make_runner
 
-    runner = make_runner(args.strategy, args.replicas)
-    cfg = Config(**{k: v for k, v in vars(args).items() if k != "command"})
+    runner = make_runner(cfg.strategy, cfg.replicas)
     if cfg.batch_size % runner.replicas:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {runner.replicas} replicas")
+        p.error(f"--batch-size {cfg.batch_size} must be divisible by the {runner.replicas} replicas")
+    if cfg.noise_scale and runner.replicas < 2:
+        p.error(f"--noise-scale needs 2 or more replicas (each replica's gradient is one small batch); this run has "
+                f"{runner.replicas}")
+    held = _hold_output_folder(cfg, runner)  # noqa: F841 (held until the process ends)
     if cfg.fit:
         from distclip.train.fit import run
     else:
         from distclip.train.loop import run
-    from distclip._src.rewind import RewindLimitError
+    from distclip import RewindLimitError
 
     try:
         summary = run(cfg, runner)
@@ -195,13 +256,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"  final loss (mean training MSE, last 100 steps): {summary['final_loss']:.4g}\n"
         f"  held-out MSE (1024 sequences):                  {summary['eval_mse']:.4g}\n"
         f"  steps clipped: {summary['steps_clipped']}   steps skipped (non-finite norm): {summary['steps_skipped']}\n"
+        + (f"  steps not learned from after a spike (rewound or skipped): {summary['steps_skipped_by_rewind']}\n"
+           if cfg.rewind else "") +
         f"  replicas identical: {summary['variables_verified_identical']} variables checked (verify_replicas)\n"
         + "".join(f"  {s['line']}\n" for s in summary["nonfinite_steps"][:10])
         + (f"  ... {len(summary['nonfinite_steps']) - 10} more in nonfinite.csv\n"
            if len(summary["nonfinite_steps"]) > 10 else "")
         + "".join(f"  {r['line']}\n" for r in summary["rewinds"])
         + ("" if summary.get("b_simple") is None else f"  gradient noise scale B_simple: {summary['b_simple']:.4g}\n") +
-        f"  outputs: {os.path.abspath(cfg.out)}/{{metrics.csv, tensorboard/, plot.png, summary.json}}",
+        (f"  outputs: {os.path.abspath(cfg.out)}/{{metrics.csv, tensorboard/, plot.png, summary.json}}"
+         if runner.chief else "  outputs: written by rank 0"),
         flush=True,
     )
     return 0

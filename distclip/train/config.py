@@ -1,8 +1,9 @@
 """The configuration of `distclip train` (no TensorFlow import, so `distclip --help` is fast)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal, Optional, Tuple
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Config:
     fit: bool = False
     checkpoint_every: int = 1000  # steps between checkpoints; 0: only on SIGTERM and at the end
     resume: bool = False
+    move_aside: bool = False  # a new run moves an earlier run's outputs in OUT into OUT/aside-N/
     variable_norms_every: int = 0  # write per-layer norms every N steps; 0: never
     noise_scale: bool = False  # estimate the gradient noise scale (B_simple)
     nan_at: Tuple[int, ...] = ()  # steps at which the last replica's batch gets a NaN (to see attribution)
@@ -34,12 +36,67 @@ class Config:
         """The `distclip.Rewind` of `--rewind` (None without)."""
         if not self.rewind:
             return None
-        from distclip._src.rewind import Rewind
+        import distclip
 
         every, keep, skip = self.rewind
-        return Rewind(every=every, keep=keep, skip=skip, factor=self.rewind_factor, window=self.rewind_window)
+        return distclip.Rewind(every=every, keep=keep, skip=skip, factor=self.rewind_factor,
+                               window=self.rewind_window)
 
     @property
     def nonfinite(self) -> Literal["skip", "propagate"]:
         """Without clipping the run is plain SGD (a non-finite step applies NaN, as it would); with it, skipped."""
         return "propagate" if self.clip_norm is None else "skip"
+
+
+#: What may change between a run and its `--resume`, and why; every other setting must be as the run was
+#: started (docs/guide/preemption.md lists the same). A setting missing from an older run's config.json is
+#: taken at its default, which is how that older version ran.
+MAY_CHANGE = {
+    "steps": "how far to train",
+    "out": "where the run is (it is the folder being resumed)",
+    "strategy": "how the same replicas are placed (the checkpoint is the same under any strategy)",
+    "replicas": "the number of replicas (--batch-size stays the global batch)",
+    "resume": "the flag itself",
+    "move_aside": "what a new run does with an earlier run's outputs (refused with --resume)",
+    "checkpoint_every": "how often to checkpoint",
+    "variable_norms_every": "what is logged, not what is trained or saved",
+}
+
+#: Settings that add state to the checkpoint: they cannot be added or changed on --resume (the checkpoint
+#: does not hold their state), so a change is refused with that reason.
+ADDS_STATE = {"rewind": "--rewind", "noise_scale": "--noise-scale", "rewind_window": "--rewind-window"}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def changed_on_resume(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+    """The settings of `now` (as JSON reads them back) that differ from `saved` and may not change, sorted.
+
+    A key `saved` lacks (written by an older distclip) counts as its default.
+    """
+    defaults: Dict[str, Any] = json.loads(json.dumps(asdict(Config())))  # as saved: a tuple reads back as a list
+    old = {k: saved.get(k, defaults[k]) for k in now}
+    return sorted(k for k in now if k not in MAY_CHANGE and old[k] != now[k])
+
+
+def describe_changes(saved: Dict[str, Any], now: Dict[str, Any], keys: List[str]) -> str:
+    """Why `keys` (from `changed_on_resume`) refuse the resume, one setting per line."""
+    defaults = asdict(Config())
+
+    def show(value: Any) -> str:  # as given on the command line
+        if isinstance(value, (list, tuple)):
+            return ",".join(map(str, value)) if value else "(not set)"
+        return str(value)
+
+    lines = []
+    for k in keys:
+        line = f"  {flag(k)}: the run was started with {show(saved.get(k, defaults[k]))}" + (
+            "" if k in saved else " (not in its config.json: an older distclip, which ran with the default)"
+        ) + f", this run has {show(now[k])}"
+        if k in ADDS_STATE:
+            line += (f"; {ADDS_STATE[k]} adds state to the checkpoint that the run being resumed does not hold "
+                     "in that shape, so it cannot change on --resume")
+        lines.append(line)
+    return "\n".join(lines)

@@ -5,7 +5,7 @@ import time
 
 import keras
 
-from distclip._src.noise import NoiseScale
+from distclip import NoiseScale
 from distclip.keras import BroadcastCallback, ClipLogger, ClipOptimizer
 from distclip.train import adding
 from distclip.train.checkpoint import Checkpoints, Progress, StopOnSigterm, announce, stopped
@@ -34,11 +34,12 @@ def run(cfg: Config, runner) -> dict:
     """Trains per `cfg` with `model.fit` and `ClipOptimizer`; returns the summary, the same on every rank.
 
     One epoch of the remaining steps, so the batches are those of the custom
-    loop (and so are the norms). `final_loss` is the mean training MSE over the
-    last `min(100, steps)` steps, each step's loss taken from `fit`'s running
-    means (and averaged over ranks under Horovod). Checkpoints, SIGTERM and `--resume` as in the custom loop
-    (`distclip.train.checkpoint`); metrics.csv's `loss` is `fit`'s running mean
-    since the (resumed) `fit` began.
+    loop (and so are the norms). Each step's loss is that step's alone: the
+    loss tracker whose mean `fit` logs is reset after every step (so a NaN step
+    does not make every later loss NaN), averaged over ranks under Horovod.
+    `final_loss` is the mean of the finite ones over the last `min(100, steps)`
+    steps, as in the custom loop. Checkpoints, SIGTERM and `--resume` as in the custom loop
+    (`distclip.train.checkpoint`).
     """
     with runner.scope():
         model = adding.model(cfg.length, cfg.units, cfg.seed, cfg.recurrent_gain)
@@ -65,10 +66,15 @@ def run(cfg: Config, runner) -> dict:
         checkpoints.save(cfg.steps)
     elapsed = time.monotonic() - start
     return finish(cfg, runner, model, optimizer, final_loss=progress.final_loss(),
-                  clipped=int(progress.clipped.numpy()),
-                  skipped=runner.read(optimizer.skipped_steps), seconds=elapsed,
+                  clipped=int(progress.clipped.numpy()), skipped=runner.read(optimizer.skipped_steps),
+                  skipped_by_rewind=_skipped_by_rewind(runner, optimizer), seconds=elapsed,
                   rows=logger.rows if runner.chief else None, nonfinite=logger.nonfinite, noise=optimizer.noise,
                   rewinds=logger.rewinds)
+
+
+def _skipped_by_rewind(runner, optimizer: ClipOptimizer) -> int:
+    rewinding = optimizer._update.rewinding
+    return 0 if rewinding is None else runner.read(rewinding.skipped)
 
 
 class _Checkpointing(keras.callbacks.Callback):
@@ -80,14 +86,17 @@ class _Checkpointing(keras.callbacks.Callback):
         super().__init__()
         self.runner, self.checkpoints, self.progress = runner, checkpoints, progress
         self.logger, self.sigterm, self.first = logger, sigterm, first
-        self.previous_mean, self.clipped = 0.0, 0
+        self.clipped = 0
         self.stopped_after = None
+
+    def on_train_begin(self, logs=None) -> None:
+        # The Mean that `fit` logs as "loss" (Keras 3 puts it first in model.metrics, named "loss").
+        self.tracker = next(m for m in self.model.metrics if m.name == "loss")
 
     def on_train_batch_end(self, batch, logs=None) -> None:
         step = self.first + batch
-        mean = float(logs["loss"])
-        loss = (batch + 1) * mean - batch * self.previous_mean  # the running mean's newest term
-        self.previous_mean = mean
+        loss = float(logs["loss"])  # this step's own: the tracker is reset after each step (below)
+        self.tracker.reset_state()
         # This rank's loss (under Horovod) averaged over ranks; whether any rank was sent SIGTERM.
         loss, stop = self.runner.agree(loss, self.sigterm.requested)
         clipped, self.clipped = self.logger.clipped_steps - self.clipped, self.logger.clipped_steps

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from typing import Optional
 
 import keras
 import tensorflow as tf
@@ -13,7 +14,7 @@ from distclip._src.noise import NoiseScale
 from distclip._src.rewind import describe as describe_rewind
 from distclip._src.step import ClipStep
 from distclip._src.variables import variable_name
-from distclip._src.steplog import StepLog
+from distclip._src.steplog import Actions, StepLog
 from distclip._src.threshold import resolve_clip_norm
 from distclip.train import adding
 from distclip.train.checkpoint import Checkpoints, Progress, StopOnSigterm, announce, stopped
@@ -21,10 +22,11 @@ from distclip.train.config import Config
 from distclip.train.summary import finish
 
 
-def save_at(checkpoints: Checkpoints, done: int) -> str:
-    """Saves the state after `done` steps (every rank, as a SIGTERM checkpoint does); returns the folder."""
+def save_at(checkpoints: Checkpoints, done: int) -> Optional[str]:
+    """Saves the state after `done` steps (every rank, as a SIGTERM checkpoint does); returns the folder the
+    chief wrote (None on the other ranks: the folder is the chief's)."""
     checkpoints.save(done)
-    return checkpoints.directory
+    return checkpoints.directory if checkpoints.runner.chief else None
 
 
 def run(cfg: Config, runner) -> dict:
@@ -48,7 +50,6 @@ def run(cfg: Config, runner) -> dict:
     checkpoints = Checkpoints(cfg, runner, model=model, optimizer=optimizer, clip=clip, progress=progress)
     first = checkpoints.restore() if cfg.resume else 0
     announce(cfg, runner, checkpoints, first)
-    seen_rewinds = runner.read(clip.rewinds) if cfg.rewind else 0  # a resumed run's earlier ones are in its log
 
     def replica_fn(x, y, loss_denominator):
         with tf.GradientTape() as tape:
@@ -59,6 +60,9 @@ def run(cfg: Config, runner) -> dict:
     train_step = runner.compile(replica_fn, cfg.batch_size)
 
     log = StepLog(cfg.out, first_step=first if cfg.resume else None) if chief else None
+    if log:  # the run before a resume: its events are in the files the log kept
+        records, rewinds = log.earlier_nonfinite(), log.earlier_rewinds()
+    actions = Actions(clip.rewinding, skip_nonfinite=cfg.nonfinite == "skip")
     bar = keras.utils.Progbar(cfg.steps, stateful_metrics=["norm", "clip"],
                               interval=0.1 if sys.stdout.isatty() else 10.0, verbose=1 if chief else 0)
     threshold = float(resolve_clip_norm(cfg.clip_norm))  # inf for clip_norm=None
@@ -69,25 +73,26 @@ def run(cfg: Config, runner) -> dict:
                                 spike=step in cfg.spike_at)
             # `stop`: whether any rank was sent SIGTERM, agreed on in the step's own loss reduction.
             loss, stop, norm, scale, clipped, finite = (v.numpy() for v in train_step(x, y, sigterm.requested))
-            progress.record(step, float(loss), bool(clipped))
+            action = actions.latest(bool(finite))
+            clipped = bool(clipped) and action == "applied"
+            progress.record(step, float(loss), clipped)
             if log:
                 log.write(dict(step=step, loss=float(loss), global_norm=float(norm), scale=float(scale),
-                               clip_norm=threshold, clipped=int(clipped),
-                               skipped=int(not finite and cfg.nonfinite == "skip")))
-            if not finite:
+                               clip_norm=threshold, clipped=int(clipped), skipped=int(actions.skipped(action)),
+                               action=action))
+            if action == "nonfinite":
                 records.append(nonfinite(step, cfg.nonfinite == "skip", clip.nonfinite_replicas.numpy(),
                                          clip.nonfinite_variables.numpy(), places, names))
                 if chief:
                     print(f"\ndistclip: {describe(records[-1])}", file=sys.stderr, flush=True)
             if log:
-                if not finite:
+                if action == "nonfinite":
                     log.write_nonfinite(records[-1])
                 if cfg.variable_norms_every and step % cfg.variable_norms_every == 0:
                     log.write_norms(step, names, clip.variable_norms.numpy().tolist())
                 if cfg.noise_scale:
                     log.write_noise(step, clip.noise)
-            if cfg.rewind and runner.read(clip.rewinds) > seen_rewinds:
-                seen_rewinds += 1
+            if action in ("rewound", "stopped"):
                 rewinds.append(clip.latest_rewind())
                 if chief:
                     print(f"\ndistclip: {describe_rewind(rewinds[-1])}", file=sys.stderr, flush=True)
@@ -105,6 +110,7 @@ def run(cfg: Config, runner) -> dict:
         log.close()
     elapsed = time.monotonic() - start
     return finish(cfg, runner, model, optimizer, final_loss=progress.final_loss(),
-                  clipped=int(progress.clipped.numpy()),
-                  skipped=runner.read(clip.skipped_steps), seconds=elapsed, rows=log.rows if log else None,
-                  nonfinite=records, noise=clip.noise, rewinds=rewinds)
+                  clipped=int(progress.clipped.numpy()), skipped=runner.read(clip.skipped_steps),
+                  skipped_by_rewind=0 if clip.rewinding is None else runner.read(clip.rewinding.skipped),
+                  seconds=elapsed, rows=log.rows if log else None, nonfinite=records, noise=clip.noise,
+                  rewinds=rewinds)

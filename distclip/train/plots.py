@@ -11,8 +11,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 
 def read_csv(path: str) -> List[Dict[str, float]]:
+    """metrics.csv's numeric columns as floats (the `action` column, a name, is left out)."""
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: float(v) for k, v in r.items() if k != "action"} for r in csv.DictReader(f)]
 
 
 def read_layers(run_dir: str) -> Optional[Dict[str, List[Tuple[float, float]]]]:
@@ -33,7 +34,10 @@ def read_rewinds(run_dir: str) -> List[Tuple[float, float, float]]:
     if not os.path.isfile(path):
         return []
     with open(path, newline="") as f:
-        return [(float(r["step"]), float(r["to_step"]), float(r["skip_through_step"])) for r in csv.DictReader(f)]
+        # A stopped rewind skips every step after it: its span ends at the spike.
+        return [(float(r["step"]), float(r["to_step"]),
+                 float(r["step"]) if r["skip_through_step"] == "stopped" else float(r["skip_through_step"]))
+                for r in csv.DictReader(f)]
 
 
 def largest_layers(layers: Dict[str, List[Tuple[float, float]]], count: int = 5) -> List[str]:

@@ -20,11 +20,13 @@ from distclip.train.plots import plot, read_layers, read_rewinds
 
 def finish(cfg: Config, runner, model, optimizer, *, final_loss: float, clipped: int, skipped: int, seconds: float,
            rows, nonfinite: Sequence[Nonfinite] = (), noise: Optional[NoiseEstimate] = None,
-           rewinds: Sequence[RewindEvent] = ()) -> dict:
+           rewinds: Sequence[RewindEvent] = (), skipped_by_rewind: int = 0) -> dict:
     """Checks the replicas, evaluates, and (chief only, `rows` given) writes plot.png and summary.json.
 
     `nonfinite`: the run's non-finite updates with their sources; `noise`: the latest noise scale estimates;
-    `rewinds`: the run's rewinds (in this process's part of the run, if it was resumed).
+    `rewinds`: the run's rewinds (the whole run's on the chief, whose log reads a resumed run's earlier ones
+    back; this process's part of the run on the others); `skipped_by_rewind`: the updates a rewind did not
+    learn from (the spike's and the ones skipped after it).
     """
     # Raises ReplicaMismatchError naming the first variable that differs.
     checked = len(verify_replicas(model.variables + optimizer.variables))
@@ -37,11 +39,13 @@ def finish(cfg: Config, runner, model, optimizer, *, final_loss: float, clipped:
         "final_loss": final_loss,
         "eval_mse": float(tf.reduce_mean(tf.square(model(x) - y))),
         "steps_clipped": clipped,
-        "steps_skipped": skipped,  # counted by the clip step, identically on every replica
+        "steps_skipped": skipped,  # non-finite; counted by the clip step, identically on every replica
+        "steps_skipped_by_rewind": skipped_by_rewind,
         "variables_verified_identical": checked,
         "nonfinite_steps": [{"step": r.step, "skipped": r.skipped, "replicas": [p._asdict() for p in r.replicas],
                              "variables": r.variables, "line": describe(r)} for r in nonfinite],
-        "rewinds": [{"step": r.at - 1, "to_step": r.to - 1, "skip_through_step": r.skip_through - 1,
+        "rewinds": [{"step": r.at - 1, "to_step": r.to - 1,
+                     "skip_through_step": None if r.stopped else r.skip_through - 1, "stopped": r.stopped,
                      "line": describe_rewind(r)} for r in rewinds],
         "b_simple": None if noise is None else float(noise.b_simple),
         "seconds": round(seconds, 1),

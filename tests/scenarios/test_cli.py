@@ -3,8 +3,10 @@ import csv
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import tensorflow as tf
@@ -38,7 +40,8 @@ def test_train_writes_csv_tensorboard_plot_and_summary(tmp_path):
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == list(range(40))
-    assert set(rows[0]) == {"step", "loss", "global_norm", "scale", "clip_norm", "clipped", "skipped"}
+    assert set(rows[0]) == {"step", "loss", "global_norm", "scale", "clip_norm", "clipped", "skipped", "action"}
+    assert {r["action"] for r in rows} == {"applied"}
     for row in rows:
         norm, scale = float(row["global_norm"]), float(row["scale"])
         assert scale == min(1.0, 0.5 / norm) or abs(scale - min(1.0, 0.5 / norm)) < 1e-6
@@ -78,7 +81,8 @@ def test_train_multiworker_two_processes(tmp_path, fit):
     sys.path.insert(0, TESTS)
     from procs import free_ports, run_all
 
-    args = ["train", "--steps", "15", "--clip-norm", "0.5", "--nan-at", "5"] + (["--fit"] if fit else [])
+    # --noise-scale: under --fit ClipLogger checks its batch against what fit fed each worker (x2 workers).
+    args = ["train", "--steps", "15", "--clip-norm", "0.5", "--nan-at", "5", "--noise-scale"] + (["--fit"] if fit else [])
     workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     commands, envs = [], []
     for i in range(2):
@@ -91,6 +95,8 @@ def test_train_multiworker_two_processes(tmp_path, fit):
     summaries = [r.stdout[r.stdout.index("distclip train:"):].splitlines()[:5] for r in results]
     assert summaries[0] == summaries[1]
     assert "MultiWorkerMirroredStrategy x2" in summaries[0][0]
+    assert "gradient noise scale B_simple:" in results[0].stdout
+    assert "outputs: written by rank 0" in results[1].stdout  # worker 1's --out was never made
     # Worker 0 names worker 1's replica as the source of step 5's NaN (its batch's last rows).
     assert "step 5 skipped: non-finite gradients from replica 1 (worker 1, host " in results[0].stdout
     assert (tmp_path / "w0" / "metrics.csv").exists() and not (tmp_path / "w1").exists()
@@ -125,7 +131,13 @@ def test_train_fit_equals_the_custom_loop(tmp_path):
     assert [r["step"] for r in fit_rows] == [r["step"] for r in loop_rows]
     for a, b in zip(loop_rows, fit_rows):
         assert abs(float(a["global_norm"]) - float(b["global_norm"])) <= 1e-4 * float(a["global_norm"])
-        assert a["clipped"] == b["clipped"] and a["skipped"] == b["skipped"]
+        assert a["clipped"] == b["clipped"] and a["skipped"] == b["skipped"] and a["action"] == b["action"]
+        assert abs(float(a["loss"]) - float(b["loss"])) <= 1e-4 * max(1.0, float(a["loss"]))  # each step's own
+    # The spike and the steps skipped after it are marked, and neither counts as clipped.
+    assert [(r["action"], r["skipped"], r["clipped"]) for r in loop_rows[24:30]] == [
+        ("applied", "0", loop_rows[24]["clipped"]), ("rewound", "1", "0"), ("skipped", "1", "0"),
+        ("skipped", "1", "0"), ("skipped", "1", "0"), ("applied", "0", loop_rows[29]["clipped"])]
+    assert loop_sum["steps_skipped_by_rewind"] == fit_sum["steps_skipped_by_rewind"] == 4
     assert fit_sum["steps_clipped"] == loop_sum["steps_clipped"] > 0
     assert abs(fit_sum["eval_mse"] - loop_sum["eval_mse"]) <= 1e-4
     assert abs(fit_sum["final_loss"] - loop_sum["final_loss"]) <= 1e-4
@@ -136,3 +148,59 @@ def test_train_fit_equals_the_custom_loop(tmp_path):
         assert [r["line"] for r in summary["rewinds"]] == [line], name
         with open(tmp_path / name / "rewinds.csv") as f:
             assert list(csv.reader(f)) == [["step", "to_step", "skip_through_step", "stopped"], ["25", "15", "28", "0"]]
+
+
+TINY = ["train", "--length", "5", "--units", "4", "--batch-size", "8"]
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_run_never_clobbers_another_runs_folder(tmp_path):
+    """A run holds --out while it lives: a second run on it is refused at once, naming the holder's process id.
+    A new run into a finished run's folder is refused before it writes anything (every file byte-identical);
+    with --move-aside it moves the old outputs, unchanged, into OUT/aside-1/. (SIGKILL, then --resume:
+    tests/scenarios/test_resume.py.)"""
+    out = tmp_path / "run"
+    first = subprocess.Popen([BIN, *TINY, "--steps", "60", "--out", str(out)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.csv").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)  # mid-run, holding the folder, however fast this machine is
+        try:
+            second = _run([BIN, *TINY, "--steps", "60", "--out", str(out)])
+        finally:
+            first.send_signal(signal.SIGCONT)
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, stderr[-3000:]
+    assert second.returncode == 1
+    assert f"--out {out} is in use by another distclip train run (process {first.pid})" in second.stderr, \
+        second.stderr[-2000:]
+    assert "outputs:" not in second.stdout
+
+    finished = _files(out)
+    assert {"metrics.csv", "summary.json", "checkpoints/ckpt-60.index", "checkpoints/config.json"} <= set(finished)
+    again = _run([BIN, *TINY, "--steps", "20", "--seed", "4", "--out", str(out)])
+    assert again.returncode == 1 and f"--out {out} holds another run's outputs (checkpoints, metrics.csv" in \
+        again.stderr and "--resume, give another --out, or pass --move-aside" in again.stderr, again.stderr[-2000:]
+    assert _files(out) == finished
+
+    aside = _run([BIN, *TINY, "--steps", "20", "--seed", "4", "--out", str(out), "--move-aside"])
+    assert aside.returncode == 0, aside.stderr[-3000:]
+    assert f"moved the earlier run's outputs into {out / 'aside-1'}" in aside.stderr
+    assert _files(out / "aside-1") == {k: v for k, v in finished.items() if k != ".distclip.lock"}
+    with open(out / "metrics.csv") as f:
+        assert len(list(csv.DictReader(f))) == 20
+
+
+def test_settings_that_would_be_ignored_or_cannot_work_are_refused_before_training(tmp_path):
+    r = _run([BIN, *TINY, "--steps", "3", "--noise-scale", "--replicas", "1", "--out", str(tmp_path / "noise")])
+    assert r.returncode == 2 and "--noise-scale needs 2 or more replicas" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "noise").exists()

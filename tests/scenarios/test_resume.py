@@ -6,6 +6,7 @@ resumed run's final checkpoint (weights, optimizer slots and `iterations`,
 the ClipStep counters) must equal the uninterrupted run's bit for bit, and so
 must metrics.csv.
 """
+import json
 import os
 import random
 import re
@@ -174,6 +175,8 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, backend, how, uninter
     else:
         assert code == -signal.SIGKILL
         at = EVERY
+        # The killed run's lock died with it; the file it leaves does not block --resume (nor should it).
+        assert (resumed / ".distclip.lock").exists()
     assert "resuming" not in output
 
     r = _run(_command(backend, resumed, "--resume"), env)
@@ -182,15 +185,32 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, backend, how, uninter
 
 
 def test_resume_refuses_other_settings_and_starts_fresh_without_a_checkpoint(tmp_path):
+    """Every changed setting is refused by name before a checkpoint is read, also when the run's config.json was
+    written by an older distclip that lacked the key (0.2.0 had no --rewind, --nan-at, --noise-scale: they count as
+    off); with the same settings such a run resumes."""
     env = _env(tmp_path)
     out = tmp_path / "run"
-    r = subprocess.run([BIN, "train", "--steps", "3", "--length", "5", "--units", "4", "--out", str(out), "--resume"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    job = ["train", "--length", "5", "--units", "4", "--out", str(out), "--resume"]
+    r = subprocess.run([BIN, *job, "--steps", "3"], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and f"no checkpoint in {out / 'checkpoints'}; starting at step 0" in r.stderr
-    r = subprocess.run([BIN, "train", "--steps", "5", "--length", "5", "--units", "6", "--out", str(out), "--resume"],
+    config = json.loads((out / "checkpoints" / "config.json").read_text())
+    for key in ("rewind", "rewind_factor", "rewind_window", "nan_at", "spike_at", "noise_scale", "move_aside"):
+        del config[key]  # as distclip 0.2.0 wrote it
+    (out / "checkpoints" / "config.json").write_text(json.dumps(config))
+    before = _files(out)
+    r = subprocess.run([BIN, *job, "--steps", "5", "--units", "6", "--rewind", "2,1,0", "--nan-at", "4"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode != 0
-    assert "was written with --units=4; this run has --units=6" in r.stderr, r.stderr[-2000:]
+    assert "was written with other settings (config.json):\n" \
+           "  --nan-at: the run was started with (not set) (not in its config.json: an older distclip, which ran " \
+           "with the default), this run has 4\n" \
+           "  --rewind: the run was started with (not set) (not in its config.json: an older distclip, which ran " \
+           "with the default), this run has 2,1,0; --rewind adds state to the checkpoint" in r.stderr, r.stderr[-2000:]
+    assert "  --units: the run was started with 4, this run has 6\n" in r.stderr
+    assert "The checkpoints are fine and were not touched" in r.stderr and "can be read" not in r.stderr
+    assert _files(out) == before
+    r = subprocess.run([BIN, *job, "--steps", "5"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and f"resuming at step 3 from {out / 'checkpoints'}" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("script, strategy", [("multiworker.sh", "multiworker"), ("horovodrun.sh", "horovod")])
@@ -235,6 +255,10 @@ def _copy_of_run_at_200(short_runs, tmp_path):
     assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint", "ckpt-100.data-00000-of-00001", "ckpt-100.index",
                                                        "ckpt-200.data-00000-of-00001", "ckpt-200.index", "config.json"]
     return out
+
+
+def _files(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def _truncate(path):

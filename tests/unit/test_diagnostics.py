@@ -211,11 +211,26 @@ def test_noise_scale_needs_two_replicas_and_checks_its_arguments():
         distclip.ClipStep(make_optimizer("sgd"), 1.0, noise_scale=True)
     with pytest.raises(distclip.ArgumentError, match="compression='fp16'"):
         distclip.ClipStep(make_optimizer("sgd"), 1.0, noise_scale=distclip.NoiseScale(8), compression="fp16")
+    with pytest.raises(distclip.ArgumentError, match=f"global_batch_size must be an integer from 2 to {2 ** 53}"):
+        distclip.NoiseScale(global_batch_size=2 ** 64)
     clip = distclip.ClipStep(make_optimizer("sgd"), 1.0, noise_scale=distclip.NoiseScale(8))
     model = make_model()
+    # Refused when building (before the first step), and by the step itself if it was never built.
+    with pytest.raises(distclip.ContextError, match="at least 2 replicas"):
+        clip.build(model.trainable_variables)
     with pytest.raises(distclip.ContextError, match="at least 2 replicas"):
         clip.apply([tf.zeros_like(v) for v in model.trainable_variables], model.trainable_variables)
     assert int(clip.optimizer.iterations.numpy()) == 0
+
+
+def test_a_noise_scale_batch_the_replicas_cannot_share_is_refused_when_building(mirrored):
+    with mirrored.scope():
+        model = make_model()
+        clip = distclip.ClipStep(make_optimizer("sgd"), 1.0, noise_scale=distclip.NoiseScale(7))
+        with pytest.raises(distclip.ArgumentError, match=r"NoiseScale\(global_batch_size=7\) is not a multiple of "
+                                                         "the 2 replicas"):
+            clip.build(model.trainable_variables)
+    assert clip.nonfinite_replicas is None  # nothing was made
 
 
 def test_attribution_with_accumulation_names_the_micro_batch_source(mirrored):
@@ -234,3 +249,22 @@ def test_attribution_with_accumulation_names_the_micro_batch_source(mirrored):
     for v in mirrored.experimental_local_results(result.nonfinite_variables):
         assert v.numpy().tolist() == [False, True, False, False]
     assert int(clip.skipped_steps.numpy()) == 1 and int(optimizer.iterations.numpy()) == 0
+
+
+def test_a_keras_file_keeps_the_noise_scale_averages(mirrored, tmp_path):
+    """`model.save` / `keras.saving.load_model` with a `ClipOptimizer(noise_scale=...)`: the moving averages come
+    back as they were (the noise scale's state is among the optimizer's variables Keras saves)."""
+    from fitting import data
+
+    x, y = data(3)
+    with mirrored.scope():
+        model = make_model()
+        model.compile(optimizer=distclip.keras.ClipOptimizer(keras.optimizers.Adam(0.05), 1.0,
+                                                             noise_scale=distclip.NoiseScale(GLOBAL_BATCH)),
+                      loss="mse")
+    model.fit(x, y, batch_size=GLOBAL_BATCH, shuffle=False, verbose=0)
+    model.save(tmp_path / "m.keras")
+    with mirrored.scope():
+        loaded = keras.saving.load_model(tmp_path / "m.keras")
+    want = [float(v) for v in model.optimizer.noise]
+    assert want[0] != 0.0 and [float(v) for v in loaded.optimizer.noise] == want

@@ -20,7 +20,7 @@ def test_bad_choices(kwarg, value):
 
 
 def test_accumulation_steps_must_be_a_positive_integer():
-    for bad in (0, -1, 1.5, True, "2"):
+    for bad in (0, -1, 1.5, True, "2", 2 ** 31, 2 ** 64):
         with pytest.raises(distclip.ArgumentError, match="accumulation_steps"):
             distclip.ClipStep(keras.optimizers.SGD(0.1), 1.0, accumulation_steps=bad)
         with pytest.raises(distclip.ArgumentError, match="accumulation_steps"):

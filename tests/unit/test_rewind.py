@@ -217,10 +217,25 @@ def test_fit_rewinds_to_the_fit_without_the_discarded_batches(mirrored):
     (dict(every=2, factor=1.0), "factor=1.0"), (dict(every=2, zscore=float("nan")), "zscore=nan"),
     (dict(every=2, window=1), "window=1"), (dict(every=2, nonfinite_in_row=0), "nonfinite_in_row=0"),
     (dict(every=2, factor=None), "all three None"), (dict(every=2, placement="gpu"), "placement='gpu'"),
+    # Past int64, or past what the counters can add to an update number, or what a ring can hold:
+    (dict(every=2 ** 63), f"every must be an integer from 1 to {2 ** 62}; got every={2 ** 63}"),
+    (dict(every=2, skip=2 ** 63 - 1), f"skip must be an integer from 0 to {2 ** 62}; got skip={2 ** 63 - 1}"),
+    (dict(every=2, max_rewinds_per=2 ** 64), f"max_rewinds_per must be an integer from 1 to {2 ** 62}"),
+    (dict(every=2, keep=10 ** 12), f"keep must be an integer from 1 to {2 ** 16}; got keep={10 ** 12}"),
 ])
 def test_bad_rewind_arguments_are_named(kwargs, named):
     with pytest.raises(distclip.ArgumentError, match=named.replace("(", r"\(")):
         distclip.Rewind(**kwargs)
+
+
+def test_a_ring_larger_than_memory_is_refused_when_building_before_anything_is_made():
+    model = keras.Sequential([keras.Input((1000,)), keras.layers.Dense(1000)])
+    clip = distclip.ClipStep(make_optimizer("adam"), 1.0, rewind=distclip.Rewind(every=2, keep=2 ** 16))
+    # 1,001,000 parameters with Adam's two slots: 12,012,xxx bytes a snapshot, 65,536 of them.
+    with pytest.raises(distclip.ArgumentError, match=r"keep=65536 snapshots of 12,01\d,\d+ bytes each .* need "
+                                                     r"7\d\d\.\d GiB for the ring, more than this machine's"):
+        clip.build(model.trainable_variables)
+    assert clip.rewinding.ring == []
 
 
 def test_rewind_is_refused_where_it_cannot_skip_and_a_bad_loss_is_named():
@@ -236,3 +251,69 @@ def test_rewind_is_refused_where_it_cannot_skip_and_a_bad_loss_is_named():
     with pytest.raises(distclip.ArgumentError, match="loss must be a float scalar"):
         clip.apply(grads, model.trainable_variables, loss=tf.zeros([2]))
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.trainable_variables))
+
+
+def test_a_keras_file_keeps_the_rewind_and_continues_as_the_uninterrupted_fit(tmp_path):
+    """`model.save` / `keras.saving.load_model` at three points (the window not yet full, in the skip phase after
+    a rewind, and after the limit stopped the rewinds), then `fit` on the rest of the stream: equal to the
+    uninterrupted `fit`, bit for bit (the oracle: Keras's own saving and `fit`)."""
+    rewind = distclip.Rewind(every=3, keep=1, skip=2, factor=4.0, window=3, max_rewinds=1, max_rewinds_per=100)
+    stream = batches(n=16, poison=(6, 11))
+    x = np.concatenate([b[0] for b in stream])
+    y = np.concatenate([b[1] for b in stream])
+    rows = GLOBAL_BATCH
+
+    def fit(model, first, last):
+        model.fit(x[first * rows:last * rows], y[first * rows:last * rows], batch_size=rows, shuffle=False,
+                  epochs=1, verbose=0)
+
+    model = make_model()
+    model.compile(optimizer=distclip.keras.ClipOptimizer(make_optimizer("adam"), 1.0, rewind=rewind), loss="mse")
+    fit(model, 0, 16)
+    assert model.optimizer.latest_rewind() == distclip.RewindEvent(at=12, to=4, skip_through=12, stopped=True)
+    want = [v.numpy() for v in [*model.variables, *model.optimizer.variables, *model.optimizer.rewinding.state()]]
+    for cut, state in ((2, "history_count"), (8, "skip_left"), (13, "stopped")):
+        part = make_model()
+        part.compile(optimizer=distclip.keras.ClipOptimizer(make_optimizer("adam"), 1.0, rewind=rewind), loss="mse")
+        fit(part, 0, cut)
+        assert int(getattr(part.optimizer.rewinding, state).numpy()) > 0 or state == "history_count"
+        part.save(tmp_path / f"at-{cut}.keras")
+        loaded = keras.saving.load_model(tmp_path / f"at-{cut}.keras")
+        for a, b in zip(part.optimizer.rewinding.state(), loaded.optimizer.rewinding.state(), strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        fit(loaded, cut, 16)
+        got = [v.numpy() for v in [*loaded.variables, *loaded.optimizer.variables,
+                                   *loaded.optimizer.rewinding.state()]]
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_fit_at_the_limit_saves_last_good_where_and_as_the_docs_say(tmp_path):
+    """ClipLogger at the limit: `log_dir/last_good/ckpt` holds the last good snapshot as
+    `tf.train.Checkpoint(model=model, optimizer=optimizer)`, and restoring it the documented way into a fresh
+    model and optimizer gives the same variables, the stop cleared."""
+    rewind = distclip.Rewind(every=3, keep=1, skip=0, factor=4.0, window=3, max_rewinds=1, max_rewinds_per=100)
+    stream = batches(n=14, poison=(6, 9))
+    x = np.concatenate([b[0] for b in stream])
+    y = np.concatenate([b[1] for b in stream])
+
+    def compiled():
+        model = make_model()
+        model.compile(optimizer=distclip.keras.ClipOptimizer(make_optimizer("adam"), 1.0, rewind=rewind), loss="mse")
+        return model
+
+    model = compiled()
+    path = str(tmp_path / "last_good" / "ckpt")
+    with pytest.raises(distclip.RewindLimitError, match=f"saved to {path}"):
+        model.fit(x, y, batch_size=GLOBAL_BATCH, shuffle=False, verbose=0,
+                  callbacks=[distclip.keras.ClipLogger(str(tmp_path))])
+    fresh = compiled()
+    fresh.optimizer.build(fresh.trainable_variables)
+    tf.train.Checkpoint(model=fresh, optimizer=fresh.optimizer).read(path).assert_existing_objects_matched()
+    for got, want in zip([*fresh.variables, *fresh.optimizer.variables, *fresh.optimizer.rewinding.state()],
+                         [*model.variables, *model.optimizer.variables, *model.optimizer.rewinding.state()],
+                         strict=True):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert int(fresh.optimizer.rewinding.stopped.numpy()) == 0
+    with open(tmp_path / "rewinds.csv") as f:
+        assert f.read().splitlines() == ["step,to_step,skip_through_step,stopped", "6,3,6,0", "9,3,stopped,1"]

@@ -13,11 +13,12 @@ import tensorflow as tf
 
 from distclip._src import sync
 from distclip._src.attribution import describe, nonfinite, replica_places
+from distclip._src.checks import check_integer
 from distclip._src.errors import ArgumentError, ContextError
 from distclip._src.rewind import RewindEvent
 from distclip._src.rewind import describe as describe_rewind
-from distclip._src.steplog import StepLog, require_tensorboard
-from distclip._src.variables import variable_name
+from distclip._src.steplog import Actions, StepLog, require_tensorboard
+from distclip._src.variables import tf_variable, variable_name
 
 
 class BroadcastCallback(keras.callbacks.Callback):
@@ -56,7 +57,8 @@ class ClipLogger(keras.callbacks.Callback):
 
     With `log_dir`, the process of rank 0 only (`distclip._src.sync.current(model.variables).rank()`) writes a row
     per step to `log_dir/metrics.csv` (step, loss, global_norm before clipping,
-    scale, clip_norm, clipped, skipped; steps count from 0; loss is `fit`'s
+    scale, clip_norm, clipped, skipped, action: applied, nonfinite, skipped,
+    rewound or stopped; steps count from 0; loss is `fit`'s logged loss, a
     running mean over the epoch; what `distclip plot log_dir` draws) and
     the same scalars to TensorBoard under `log_dir/tensorboard`. It reads the
     optimizer's variables at each batch end `fit` reports (every
@@ -76,37 +78,42 @@ class ClipLogger(keras.callbacks.Callback):
     `log_dir/layer_norms.csv` and TensorBoard (`layer_norm/<layer>`, and a
     `variable_norms` histogram): one read of the norms on those updates
     only. With a `noise_scale`, `b_simple` joins `fit`'s logs and the
-    estimates go to TensorBoard (`noise/...`).
+    estimates go to TensorBoard (`noise/...`); at the first batch its
+    `global_batch_size` is checked against the examples `fit` fed
+    (`ArgumentError` if they differ; the noise scale changes no update).
 
     With a `ClipOptimizer(..., rewind=...)`, `rewinds` joins `fit`'s logs;
     each rewind is kept in `rewinds` (`distclip.RewindEvent`) on every rank,
     and rank 0 prints its line ("step 130: spike: rewound to the snapshot
     before step 100, ...") and with `log_dir` adds it to `log_dir/rewinds.csv`
-    and TensorBoard (text `rewind`). When the rewind limit is hit, every rank
-    writes the model and the optimizer (the last good snapshot) with
-    `tf.train.Checkpoint`, rank 0 to `log_dir/last_good` (a new temporary
-    folder without `log_dir`), and `fit` ends with `distclip.RewindLimitError`
-    naming it.
+    and TensorBoard (text `rewind`). When the rewind limit is hit, the last
+    good snapshot is saved as `tf.train.Checkpoint(model=model,
+    optimizer=optimizer)` (not a `.keras` file) to `log_dir/last_good/ckpt`
+    (a new temporary folder without `log_dir`), by rank 0 (every rank writes,
+    MultiWorkerMirroredStrategy's rule; the others' copies are discarded), and
+    `fit` ends with `distclip.RewindLimitError` naming that path on rank 0.
+    Restore it into the same model and optimizer with
+    `tf.train.Checkpoint(model=model, optimizer=optimizer).read(path)` (the
+    pair of the `write` that saved it), then `fit` again.
 
     Args:
       log_dir: the folder for metrics.csv and tensorboard/, or None (the
         logs of `fit` only).
-      initial_step: the number of the first step logged, for a run resumed
+      initial_step: the number of the first step logged (0 to 2**62), for a run resumed
         from a checkpoint taken after that many steps; metrics.csv then keeps
         its rows of the steps before it and drops the rest (0: a new file).
-      variable_norms_every: N >= 1 to write per-layer norms every N updates
+      variable_norms_every: N, 1 to 2**62, to write per-layer norms every N updates
         (needs `log_dir`), or 0 (never).
 
     Raises:
-      ArgumentError: a negative or non-integer `initial_step` or `variable_norms_every`.
+      ArgumentError: an `initial_step` or `variable_norms_every` that is not an integer from 0 to 2**62.
       ContextError: a `log_dir` where the tensorboard package is not installed.
     """
 
     def __init__(self, log_dir: Optional[str] = None, initial_step: int = 0, variable_norms_every: int = 0) -> None:
         super().__init__()
-        for name, value in (("initial_step", initial_step), ("variable_norms_every", variable_norms_every)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ArgumentError(f"{name} must be an integer >= 0; got {name}={value!r}")
+        check_integer("initial_step", initial_step, 0)
+        check_integer("variable_norms_every", variable_norms_every, 0)
         if variable_norms_every and log_dir is None:
             raise ArgumentError(f"variable_norms_every={variable_norms_every} writes to a log_dir; got log_dir=None")
         if log_dir is not None:
@@ -115,6 +122,7 @@ class ClipLogger(keras.callbacks.Callback):
         self.initial_step = initial_step
         self._log: Optional[StepLog] = None
         self._step = initial_step
+        self._batch_checked = False
         self._skipped = 0
         self.variable_norms_every = variable_norms_every
         #: Steps whose norm exceeded the threshold, counted on every rank.
@@ -143,6 +151,7 @@ class ClipLogger(keras.callbacks.Callback):
           ContextError: the model's optimizer is not a `ClipOptimizer`.
         """
         self._opt = optimizer = self._optimizer()
+        self._batch_checked = False
         if self.variable_norms_every and not optimizer.options.variable_norms:
             raise ContextError(f"ClipLogger(variable_norms_every={self.variable_norms_every}) needs "
                                "ClipOptimizer(..., variable_norms=True)")
@@ -153,8 +162,12 @@ class ClipLogger(keras.callbacks.Callback):
         self._updates = self._count_updates(optimizer)
         self._rewinds = int(optimizer.rewinds.numpy()) if optimizer.rewinds is not None else 0
         self._rank = sync.current(self.model.variables).rank()
+        self._actions = Actions(optimizer._update.rewinding if optimizer.built else None,
+                                skip_nonfinite=optimizer.options.nonfinite == "skip")
         if self.log_dir and self._rank == 0:
             self._log = StepLog(self.log_dir, first_step=self.initial_step or None)
+            # A resumed run's earlier events, from the files the log kept.
+            self.nonfinite, self.rewinds = self._log.earlier_nonfinite(), self._log.earlier_rewinds()
 
     def on_epoch_begin(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         """Starts the epoch's means of `global_norm` and `clip_scale`.
@@ -187,13 +200,40 @@ class ClipLogger(keras.callbacks.Callback):
         optimizer = self._opt
         skipped = int(optimizer.skipped_steps.numpy())
         updates = self._count_updates(optimizer)
+        if self._actions.rewinding is None and optimizer._update.rewinding is not None:  # built by fit itself
+            self._actions = Actions(optimizer._update.rewinding, skip_nonfinite=optimizer.options.nonfinite == "skip")
+        if not self._batch_checked:
+            self._batch_checked = True
+            self._check_noise_batch(optimizer, batch)
         if updates != self._updates:  # else accumulating (accumulation_steps > 1): no update yet
             self._updates = updates
-            self._record(optimizer, skipped, logs)
-            if optimizer.rewinds is not None:
+            norm = float(optimizer.global_norm.numpy())
+            action = self._actions.latest(math.isfinite(norm))
+            self._record(optimizer, norm, skipped, action, logs)
+            if action in ("rewound", "stopped"):
                 self._rewound(optimizer)
         if logs is not None:
             logs.update(self._summary())
+
+    def _check_noise_batch(self, optimizer, batch: int) -> None:
+        """With a `noise_scale`, at the first batch `fit` reports: its `global_batch_size` must be the examples
+        of one update (the global batch times `accumulation_steps`). `fit`'s loss tracker counts the examples
+        (each process its own replicas'); the noise scale influences no update, so nothing trained is wrong."""
+        noise = optimizer.noise_scale
+        tracker = next((m for m in self.model.metrics if m.name == "loss"), None)
+        if noise is None or tracker is None:
+            return
+        count = tf_variable(tracker.count)
+        parts = count.values if isinstance(count, tf.distribute.DistributedValues) else (count,)
+        local = sum(float(p.numpy()) for p in parts)
+        per_update = local * sync.current(self.model.variables).size() / (batch + 1) * \
+            optimizer.options.accumulation_steps
+        if per_update != noise.global_batch_size:
+            raise ArgumentError(
+                f"NoiseScale(global_batch_size={noise.global_batch_size}) does not match the data fit measures: "
+                f"{per_update:g} examples per update ({per_update / optimizer.options.accumulation_steps:g} per "
+                f"batch over all replicas, times accumulation_steps={optimizer.options.accumulation_steps}). "
+                f"Pass NoiseScale(global_batch_size={per_update:g})")
 
     @staticmethod
     def _count_updates(optimizer) -> int:
@@ -206,11 +246,8 @@ class ClipLogger(keras.callbacks.Callback):
         return int(optimizer.skipped_steps.numpy()) + int(optimizer.iterations.numpy())
 
     def _rewound(self, optimizer) -> None:
-        """A rewind since the last update: logged; at the limit, the last good state saved and the error raised."""
-        count = int(optimizer.rewinds.numpy())
-        if count == self._rewinds:
-            return
-        self._rewinds = count
+        """A rewind in the latest update: logged; at the limit, the last good state saved and the error raised."""
+        self._rewinds = int(optimizer.rewinds.numpy())
         event = optimizer.latest_rewind()
         self.rewinds.append(event)
         if self._log is not None:
@@ -220,34 +257,37 @@ class ClipLogger(keras.callbacks.Callback):
             print(f"distclip: {describe_rewind(event)}", file=sys.stderr, flush=True)
         optimizer.check_rewind_limit(self._save_last_good)
 
-    def _save_last_good(self) -> str:
-        """Every rank writes the model and the optimizer (MultiWorkerMirroredStrategy's rule); rank 0's is kept."""
+    def _save_last_good(self) -> Optional[str]:
+        """Every rank writes the model and the optimizer (MultiWorkerMirroredStrategy's rule); rank 0's is kept,
+        as `tf.train.Checkpoint(model=model, optimizer=optimizer)` at the path returned (None on other ranks)."""
         checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self._opt)
         if self._rank == 0:
             folder = os.path.join(self.log_dir, "last_good") if self.log_dir else tempfile.mkdtemp(prefix="distclip-")
             return checkpoint.write(os.path.join(folder, "ckpt"))
         scratch = tempfile.mkdtemp(prefix="distclip-scratch-")
         try:
-            return checkpoint.write(os.path.join(scratch, "ckpt"))
+            checkpoint.write(os.path.join(scratch, "ckpt"))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        return None
 
-    def _record(self, optimizer, skipped: int, logs) -> None:
+    def _record(self, optimizer, norm: float, skipped: int, action: str, logs) -> None:
         """Takes in the latest update: epoch sums, clipped count, and (rank 0) a CSV/TensorBoard row."""
-        norm, scale = float(optimizer.global_norm.numpy()), float(optimizer.clip_scale.numpy())
+        scale = float(optimizer.clip_scale.numpy())
         if math.isfinite(norm):
             self._finite += 1
             self._sums["global_norm"] += norm
             self._sums["clip_scale"] += scale
         threshold = float(optimizer.clip_norm_used.numpy())
-        clipped = int(math.isfinite(norm) and norm > threshold)
+        clipped = int(action == "applied" and norm > threshold)
         self.clipped_steps += clipped
         if self._log is not None:
             self._log.write({
                 "step": self._step, "loss": float((logs or {}).get("loss", math.nan)), "global_norm": norm,
-                "scale": scale, "clip_norm": threshold, "clipped": clipped, "skipped": skipped - self._skipped,
+                "scale": scale, "clip_norm": threshold, "clipped": clipped,
+                "skipped": int(self._actions.skipped(action)), "action": action,
             })
-        if not math.isfinite(norm):
+        if action == "nonfinite":
             self._nonfinite(optimizer, skipped > self._skipped)
         self._noise = optimizer.noise  # read once per update: the logs and TensorBoard share it
         if self._log is not None and self._noise is not None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import warnings
 from typing import Any, Dict, List, NoReturn, Optional, Union
 
 import keras
@@ -100,7 +101,7 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
       sparse_as_dense: send `tf.IndexedSlices` as dense tensors in the packed
         all-reduce instead of all-gathering them.
       compression: None or "fp16": float32/float64 gradients travel as float16.
-      accumulation_steps: k >= 1: every k-th call reduces the local sums of k
+      accumulation_steps: k, 1 to 2**31 - 1: every k-th call reduces the local sums of k
         micro-batches' gradients once, clips their mean and applies it
         (`iterations` counts the updates).
       bucket_mb: "auto", None or a size in megabytes, as for
@@ -316,6 +317,63 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
         """
         raise NotImplementedError("ClipOptimizer.stateless_apply: ClipOptimizer runs on the TensorFlow backend, "
                                   "which has no stateless_apply; call apply")
+
+    def save_own_variables(self, store: Any) -> None:
+        """Keras's saving (`model.save("x.keras")`): the optimizers' variables, then the rewind's state.
+
+        Keras's own `save_own_variables` writes `self.variables` (the inner
+        optimizer's and distclip's: policy, skip count, noise scale) under
+        "0", "1", ...; with `rewind`, its counters, window and ring follow under
+        "rewind_0", "rewind_1", ..., so a loaded model continues as the
+        uninterrupted run would, a rewind included.
+
+        Args:
+          store: Keras's store for this optimizer.
+
+        Raises:
+          ArgumentError: micro-batches are accumulated but not applied (as for `tf.train.Checkpoint`).
+        """
+        if self.accumulation is not None:
+            self.accumulation.check_no_pending()
+        super().save_own_variables(store)
+        for i, variable in enumerate(self._rewind_state()):
+            store[f"rewind_{i}"] = variable.numpy()
+
+    def load_own_variables(self, store: Any) -> None:
+        """Keras's loading: what `save_own_variables` wrote, back into a built `ClipOptimizer`.
+
+        A file without the rewind's state (written by distclip 0.2.0 or without
+        `rewind`) loads with the rewind starting fresh, and a warning says so.
+
+        Args:
+          store: Keras's store for this optimizer.
+
+        Raises:
+          ValueError: the file's rewind state does not fit this optimizer's (another `Rewind`).
+        """
+        keys = list(store.keys())
+        super().load_own_variables({k: store[k] for k in keys if not k.startswith("rewind_")})
+        state = self._rewind_state()
+        saved = sorted((k for k in keys if k.startswith("rewind_")), key=lambda k: int(k.split("_")[1]))
+        if state and not saved:
+            warnings.warn(
+                f"{self.name}: the file holds no rewind state (saved without rewind, or by distclip 0.2.0): the "
+                "rewind starts fresh (empty ring and window, counters at 0), so this model may rewind where the "
+                "run it was saved from would not", stacklevel=2)
+            return
+        if len(saved) != len(state):
+            raise ValueError(f"{self.name}: the file holds {len(saved)} rewind variables, this optimizer's "
+                             f"rewind={self.rewind!r} has {len(state)}")
+        for key, variable in zip(saved, state, strict=True):
+            value = store[key]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(f"{self.name}: the file's rewind state {key} has shape {tuple(value.shape)}, this "
+                                 f"optimizer's rewind={self.rewind!r} needs {tuple(variable.shape)}")
+            variable.assign(value)
+
+    def _rewind_state(self) -> List[Any]:
+        rewinding = self._update.rewinding
+        return [] if rewinding is None or not self.built else rewinding.state()
 
     def get_config(self) -> Dict[str, Any]:
         """The configuration that `from_config` rebuilds this optimizer from (saved in `.keras` files).

@@ -56,8 +56,25 @@ def test_clip_logger_names_the_replica_writes_layer_norms_and_the_noise_scale(mi
     with open(tmp_path / "metrics.csv", newline="") as f:
         metrics = list(csv.DictReader(f))
     assert np.sqrt(sum(v ** 2 for v in last.values())) == pytest.approx(float(metrics[2]["global_norm"]), rel=1e-5)
+    assert [(r["action"], r["skipped"], r["clipped"]) for r in metrics][1] == ("nonfinite", "1", "0")
+    assert {r["action"] for i, r in enumerate(metrics) if i != 1} == {"applied"}
     assert norms.shape == (len(names),)
     logger_tb = read_tensorboard(str(tmp_path / "tensorboard"))
     assert {f"layer_norm/{n}" for n in layer_names} <= set(logger_tb)
     assert {"noise/gradient_squared", "noise/trace", "noise/b_simple"} <= set(logger_tb)
     assert "b_simple" in history.history
+
+
+def test_clip_logger_refuses_a_noise_scale_batch_that_is_not_the_batch_fit_feeds(mirrored):
+    """NoiseScale's global_batch_size is checked against the examples fit's loss tracker counted (over both
+    replicas) at the first batch, before a second update."""
+    x, y = data(3)
+    with mirrored.scope():
+        model = make_model()
+        optimizer = distclip.keras.ClipOptimizer(keras.optimizers.SGD(0.05), 1.0,
+                                                 noise_scale=distclip.NoiseScale(2 * GLOBAL_BATCH))
+        model.compile(optimizer=optimizer, loss="mse")
+    with pytest.raises(distclip.ArgumentError, match=rf"NoiseScale\(global_batch_size={2 * GLOBAL_BATCH}\) does not "
+                                                     rf"match the data fit measures: {GLOBAL_BATCH} examples per update"):
+        model.fit(x, y, batch_size=GLOBAL_BATCH, shuffle=False, verbose=0, callbacks=[distclip.keras.ClipLogger()])
+    assert int(optimizer.iterations.numpy()) == 1

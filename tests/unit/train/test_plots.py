@@ -2,7 +2,9 @@
 import math
 import os
 
+from distclip import RewindEvent
 from distclip._src.steplog import StepLog
+from distclip.train.plots import read_rewinds
 from distclip.train import cli
 
 
@@ -12,8 +14,13 @@ def test_distclip_plot_draws_a_log_with_and_without_a_threshold(tmp_path):
         for step in range(50):
             norm = 0.5 + (step % 7)
             log.write(dict(step=step, loss=1.0 / (step + 1), global_norm=norm, scale=min(1.0, threshold / norm),
-                           clip_norm=threshold, clipped=int(norm > threshold), skipped=int(step == 9)))
+                           clip_norm=threshold, clipped=int(norm > threshold and step != 9), skipped=int(step == 9),
+                           action="nonfinite" if step == 9 else "applied"))
+        # A rewind, and one over the limit (its rewinds.csv row says "stopped": drawn up to its spike).
+        log.write_rewind(RewindEvent(at=21, to=11, skip_through=24, stopped=False))
+        log.write_rewind(RewindEvent(at=41, to=31, skip_through=41, stopped=True))
         log.close()
+        assert read_rewinds(str(tmp_path / name)) == [(20.0, 10.0, 23.0), (40.0, 30.0, 40.0)]
         assert cli.main(["plot", str(tmp_path / name)]) == 0
         assert os.path.getsize(tmp_path / name / "plot.png") > 10_000
     assert cli.main(["plot", str(tmp_path / "clipped" / "tensorboard")]) == 2  # no metrics.csv there
@@ -26,7 +33,8 @@ def test_distclip_plot_draws_the_largest_layers(tmp_path):
     names = [f"layer_{i}/kernel" for i in range(7)] + [f"layer_{i}/bias" for i in range(7)]
     for step in range(30):
         norm = 1.0 + step % 3
-        log.write(dict(step=step, loss=1.0, global_norm=norm, scale=1.0, clip_norm=10.0, clipped=0, skipped=0))
+        log.write(dict(step=step, loss=1.0, global_norm=norm, scale=1.0, clip_norm=10.0, clipped=0, skipped=0,
+                       action="applied"))
         if step % 5 == 0:
             log.write_norms(step, names, [float(i) for i in range(7)] + [1.0] * 7)
     log.close()

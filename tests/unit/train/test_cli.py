@@ -1,0 +1,33 @@
+"""`distclip train`'s flags: every integer has a range, and a flag that would be ignored is refused, as argparse
+usage errors (status 2) before TensorFlow starts anything. The command itself runs in tests/scenarios/test_cli.py."""
+import pytest
+
+from distclip.train import cli
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rewind-factor", "3"], "--rewind-factor set how --rewind detects a spike; without --rewind nothing would use"),
+    (["--rewind-window", "10"], "--rewind-window set how --rewind detects a spike"),
+    (["--steps", "40", "--nan-at", "5,999999"], "--nan-at 999999: beyond --steps 40 (steps are numbered 0 to 39)"),
+    (["--steps", "40", "--spike-at", "40"], "--spike-at 40: beyond --steps 40"),
+    (["--rewind", "99999999999999999999,2,1"],
+     f"every must be an integer from 1 to {2 ** 62}; got every=99999999999999999999"),
+    (["--rewind", "5,1000000000000,1"], f"keep must be an integer from 1 to {2 ** 16}; got keep=1000000000000"),
+    (["--rewind", "5,2,1", "--rewind-window", "1"], "--rewind-window: must be an integer from 2 to"),
+    (["--rewind", "5,x,1"], "--rewind must be EVERY,KEEP,SKIP (three integers); got '5,x,1'"),
+    (["--steps", "99999999999999999999"], f"--steps: must be an integer from 1 to {2 ** 62}; got '99999999999999999999'"),
+    (["--seed", "-1"], f"--seed: must be an integer from 0 to {2 ** 63 - 1}; got '-1'"),
+    (["--length", "1"], "--length: must be an integer from 2 to 65536; got '1'"),
+    (["--batch-size", "0"], "--batch-size: must be an integer from 1 to"),
+    (["--replicas", "100000"], "--replicas: must be an integer from 1 to 4096"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every: must be an integer from 0 to"),
+    (["--variable-norms-every", "1e3"], "--variable-norms-every: must be an integer from 0 to"),
+    (["--nan-at", "-3"], f"expected step numbers from 0 to {2 ** 62} separated by commas, got '-3'"),
+    (["--resume", "--move-aside"], "--move-aside moves an earlier run's outputs away for a new run; --resume"),
+])
+def test_bad_or_ignored_flags_are_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err

@@ -28,7 +28,7 @@ def _clip_norm(text: str) -> Optional[float]:
 LARGEST = 2 ** 62
 
 
-def _int_in(low: int, high: int, name: str = ""):
+def _int_in(low: int, high: int):
     """An argparse type: an integer in [low, high], else a usage error naming the value and the range."""
     def parse(text: str) -> int:
         try:
@@ -36,8 +36,7 @@ def _int_in(low: int, high: int, name: str = ""):
         except ValueError:
             value = None
         if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{name + ' ' if name else ''}must be an integer from {low} to {high}; "
-                                             f"got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}; got {text!r}")
         return value
     return parse
 

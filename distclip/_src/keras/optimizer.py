@@ -352,24 +352,23 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
           ValueError: the file's rewind state does not fit this optimizer's (another `Rewind`).
         """
         keys = list(store.keys())
-        super().load_own_variables({k: store[k] for k in keys if not k.startswith("rewind_")})
         state = self._rewind_state()
         saved = sorted((k for k in keys if k.startswith("rewind_")), key=lambda k: int(k.split("_")[1]))
+        if saved and len(saved) != len(state):  # checked before anything is assigned
+            raise ValueError(f"{self.name}: the file holds {len(saved)} rewind variables, this optimizer's "
+                             f"rewind={self.rewind!r} has {len(state)}")
+        for key, variable in zip(saved, state, strict=True):
+            if tuple(store[key].shape) != tuple(variable.shape):
+                raise ValueError(f"{self.name}: the file's rewind state {key} has shape {tuple(store[key].shape)}, "
+                                 f"this optimizer's rewind={self.rewind!r} needs {tuple(variable.shape)}")
+        super().load_own_variables({k: store[k] for k in keys if not k.startswith("rewind_")})
         if state and not saved:
             warnings.warn(
                 f"{self.name}: the file holds no rewind state (saved without rewind, or by distclip 0.2.0): the "
                 "rewind starts fresh (empty ring and window, counters at 0), so this model may rewind where the "
                 "run it was saved from would not", stacklevel=2)
-            return
-        if len(saved) != len(state):
-            raise ValueError(f"{self.name}: the file holds {len(saved)} rewind variables, this optimizer's "
-                             f"rewind={self.rewind!r} has {len(state)}")
         for key, variable in zip(saved, state, strict=True):
-            value = store[key]
-            if tuple(value.shape) != tuple(variable.shape):
-                raise ValueError(f"{self.name}: the file's rewind state {key} has shape {tuple(value.shape)}, this "
-                                 f"optimizer's rewind={self.rewind!r} needs {tuple(variable.shape)}")
-            variable.assign(value)
+            variable.assign(store[key])
 
     def _rewind_state(self) -> List[Any]:
         rewinding = self._update.rewinding

@@ -28,7 +28,7 @@ import importlib.util
 import io
 import math
 import os
-from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
@@ -89,7 +89,7 @@ class StepLog:
             # A row of distclip 0.2.0 (no action) gets the action its `skipped` meant then.
             kept = [r + [ACTIONS[1] if r[6] == "1" else ACTIONS[0]] if len(r) == len(COLUMNS) - 1 else r
                     for i, r in enumerate(rows) if len(COLUMNS) - 1 <= len(r) <= len(COLUMNS) and r[0] == str(i)]
-            kept = [r for r in kept if len(r) == len(COLUMNS) and r[-1] in ACTIONS]
+            kept = [r for r in kept if r[-1] in ACTIONS]
         self.rows: List[Dict[str, Any]] = [_row(r) for r in kept]
         text = io.StringIO(newline="")
         csv.writer(text).writerows([COLUMNS, *kept])
@@ -190,30 +190,32 @@ def _row(values: Sequence[str]) -> Dict[str, Any]:
 class Actions:
     """What each update of a clip step did (`ACTIONS`), told apart on the host by the step's counters.
 
-    With `rewind`, two int64 scalars are read per update (the rewind's count and its skipped count); without,
-    nothing: the update was applied, or non-finite.
+    With `rewind`, one int64 scalar is read per update (the rewind's count of updates not learned from), and
+    a second only when it moved (to tell a rewind from a skip); without, nothing: the update was applied, or
+    non-finite.
     """
 
     def __init__(self, rewinding: Any, skip_nonfinite: bool):
         self.rewinding = rewinding
         self.skip_nonfinite = skip_nonfinite
-        self._counts = self._read()
+        self._skipped = self._read("skipped")
+        self._rewinds = self._read("rewinds")
 
-    def _read(self) -> Tuple[int, int]:
-        if self.rewinding is None:
-            return 0, 0
-        return (int(read_value(self.rewinding.rewinds).numpy()), int(read_value(self.rewinding.skipped).numpy()))
+    def _read(self, counter: str) -> int:
+        return 0 if self.rewinding is None else int(read_value(getattr(self.rewinding, counter)).numpy())
 
     def latest(self, finite: bool) -> str:
         """The action of the update just taken (call once per update)."""
-        counts = self._read()
-        before, self._counts = self._counts, counts
-        if counts[0] > before[0]:
-            event = self.rewinding.latest_event()
-            return "stopped" if event is not None and event.stopped else "rewound"
-        if counts[1] > before[1]:
+        skipped = self._read("skipped")
+        if skipped == self._skipped:  # SKIP and REWIND (or STOP) each count one
+            return "applied" if finite else "nonfinite"
+        self._skipped = skipped
+        rewinds = self._read("rewinds")
+        if rewinds == self._rewinds:
             return "skipped"
-        return "applied" if finite else "nonfinite"
+        self._rewinds = rewinds
+        event = self.rewinding.latest_event()
+        return "stopped" if event is not None and event.stopped else "rewound"
 
     def skipped(self, action: str) -> bool:
         """Whether `action` left the variables as they were (a non-finite update is applied under "propagate")."""

@@ -65,16 +65,9 @@ def run(cfg: Config, runner) -> dict:
             stopped(cfg, runner, checkpoints, keeper.stopped_after)
         checkpoints.save(cfg.steps)
     elapsed = time.monotonic() - start
-    return finish(cfg, runner, model, optimizer, final_loss=progress.final_loss(),
-                  clipped=int(progress.clipped.numpy()), skipped=runner.read(optimizer.skipped_steps),
-                  skipped_by_rewind=_skipped_by_rewind(runner, optimizer), seconds=elapsed,
-                  rows=logger.rows if runner.chief else None, nonfinite=logger.nonfinite, noise=optimizer.noise,
-                  rewinds=logger.rewinds)
-
-
-def _skipped_by_rewind(runner, optimizer: ClipOptimizer) -> int:
-    rewinding = optimizer._update.rewinding
-    return 0 if rewinding is None else runner.read(rewinding.skipped)
+    return finish(cfg, runner, model, optimizer, optimizer, final_loss=progress.final_loss(),
+                  clipped=int(progress.clipped.numpy()), seconds=elapsed, rows=logger.rows if runner.chief else None,
+                  nonfinite=logger.nonfinite, rewinds=logger.rewinds)
 
 
 class _Checkpointing(keras.callbacks.Callback):

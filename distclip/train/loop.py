@@ -109,8 +109,6 @@ def run(cfg: Config, runner) -> dict:
     if log:
         log.close()
     elapsed = time.monotonic() - start
-    return finish(cfg, runner, model, optimizer, final_loss=progress.final_loss(),
-                  clipped=int(progress.clipped.numpy()), skipped=runner.read(clip.skipped_steps),
-                  skipped_by_rewind=0 if clip.rewinding is None else runner.read(clip.rewinding.skipped),
-                  seconds=elapsed, rows=log.rows if log else None, nonfinite=records, noise=clip.noise,
-                  rewinds=rewinds)
+    return finish(cfg, runner, model, optimizer, clip, final_loss=progress.final_loss(),
+                  clipped=int(progress.clipped.numpy()), seconds=elapsed, rows=log.rows if log else None,
+                  nonfinite=records, rewinds=rewinds)

@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
-from typing import Optional, Sequence
+from typing import Sequence
 
 import tensorflow as tf
 
 from distclip._src.attribution import Nonfinite, describe
-from distclip._src.noise import NoiseEstimate
 from distclip._src.rewind import RewindEvent
 from distclip._src.rewind import describe as describe_rewind
 from distclip.cluster.verify import verify_replicas
@@ -18,16 +17,17 @@ from distclip.train.config import Config
 from distclip.train.plots import plot, read_layers, read_rewinds
 
 
-def finish(cfg: Config, runner, model, optimizer, *, final_loss: float, clipped: int, skipped: int, seconds: float,
-           rows, nonfinite: Sequence[Nonfinite] = (), noise: Optional[NoiseEstimate] = None,
-           rewinds: Sequence[RewindEvent] = (), skipped_by_rewind: int = 0) -> dict:
+def finish(cfg: Config, runner, model, optimizer, step, *, final_loss: float, clipped: int, seconds: float,
+           rows, nonfinite: Sequence[Nonfinite] = (), rewinds: Sequence[RewindEvent] = ()) -> dict:
     """Checks the replicas, evaluates, and (chief only, `rows` given) writes plot.png and summary.json.
 
-    `nonfinite`: the run's non-finite updates with their sources; `noise`: the latest noise scale estimates;
-    `rewinds`: the run's rewinds (the whole run's on the chief, whose log reads a resumed run's earlier ones
-    back; this process's part of the run on the others); `skipped_by_rewind`: the updates a rewind did not
-    learn from (the spike's and the ones skipped after it).
+    `step`: the run's `ClipStep` or `ClipOptimizer`, whose counters (non-finite skips, updates a rewind did not
+    learn from) and latest noise scale estimates the summary reports; `nonfinite`: the run's non-finite updates
+    with their sources; `rewinds`: the run's rewinds (the whole run's on the chief, whose log reads a resumed
+    run's earlier ones back; this process's part of the run on the others).
     """
+    rewinding = step._update.rewinding
+    noise = step.noise
     # Raises ReplicaMismatchError naming the first variable that differs.
     checked = len(verify_replicas(model.variables + optimizer.variables))
     x, y = adding.batch(cfg.seed + 10_000, 0, 1024, cfg.length)
@@ -39,8 +39,10 @@ def finish(cfg: Config, runner, model, optimizer, *, final_loss: float, clipped:
         "final_loss": final_loss,
         "eval_mse": float(tf.reduce_mean(tf.square(model(x) - y))),
         "steps_clipped": clipped,
-        "steps_skipped": skipped,  # non-finite; counted by the clip step, identically on every replica
-        "steps_skipped_by_rewind": skipped_by_rewind,
+        # Counted by the clip step, identically on every replica: non-finite skips; updates a rewind did not learn
+        # from (the spike's and the ones skipped after it).
+        "steps_skipped": runner.read(step.skipped_steps),
+        "steps_skipped_by_rewind": 0 if rewinding is None else runner.read(rewinding.skipped),
         "variables_verified_identical": checked,
         "nonfinite_steps": [{"step": r.step, "skipped": r.skipped, "replicas": [p._asdict() for p in r.replicas],
                              "variables": r.variables, "line": describe(r)} for r in nonfinite],

@@ -3,6 +3,7 @@
     result = distclip.sync_and_clip(grads, clip_norm=1.0)      # inside strategy.run
     step = distclip.ClipStep(optimizer, clip_norm=1.0)          # under strategy.scope()
     result = step.apply(grads, model.trainable_variables)       # inside strategy.run
+    reporter = distclip.ClipReporter(step, model.trainable_variables, log_dir="run")  # then report() per step
     model.compile(optimizer=distclip.keras.ClipOptimizer(optimizer, clip_norm=1.0), ...)
 
 The public API is what `distclip`, `distclip.keras` and `distclip.cluster`
@@ -30,6 +31,9 @@ _EXPORTS = {
     "sync_and_clip": "distclip._src.clip",
     "ClipStep": "distclip._src.step",
     "ClipResult": "distclip._src.clip",
+    "ClipReporter": "distclip._src.reporter",
+    "NonfiniteUpdate": "distclip._src.attribution",
+    "ReplicaPlace": "distclip._src.attribution",
     "broadcast_from_root": "distclip._src.sync",
     "verify_replicas": "distclip.cluster.verify",
     "ReplicaMismatchError": "distclip.cluster.verify",
@@ -47,10 +51,12 @@ __all__ = sorted(_EXPORTS) + ["cluster", "keras", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from distclip import cluster, keras  # noqa: F401
+    from distclip._src.attribution import NonfiniteUpdate, ReplicaPlace  # noqa: F401
     from distclip._src.clip import ClipResult, sync_and_clip  # noqa: F401
     from distclip._src.errors import ArgumentError, ContextError  # noqa: F401
     from distclip._src.noise import NoiseEstimate, NoiseScale  # noqa: F401
     from distclip._src.policies import AutoClip, SpikeClip  # noqa: F401
+    from distclip._src.reporter import ClipReporter  # noqa: F401
     from distclip._src.rewind import Rewind, RewindEvent, RewindLimitError  # noqa: F401
     from distclip._src.step import ClipStep  # noqa: F401
     from distclip._src.sync import broadcast_from_root  # noqa: F401

@@ -20,6 +20,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import tensorflow as tf
 
 from distclip._src.errors import ArgumentError
+from distclip._src.internals import CheckedOnSave
 from distclip._src.lockstep import create_variables, run_if
 
 
@@ -31,7 +32,7 @@ def _local_variable(name: str, shape, dtype) -> tf.Variable:
                        else tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
 
-class Accumulation(tf.Module):
+class Accumulation(CheckedOnSave):
     """Per-replica gradient sums and a micro-batch counter (saved by `tf.train.Checkpoint`)."""
 
     def __init__(self, steps: int, loss: bool = False, name: str = "accumulation"):
@@ -77,10 +78,8 @@ class Accumulation(tf.Module):
                 "micro-batches are accumulated but not applied, and each replica holds its own partial sums. "
                 "Save right after a call that applied, when pending_micro_batches is 0")
 
-    def _trackable_children(self, save_type="checkpoint", **kwargs):
-        if tf.executing_eagerly():
-            self.check_no_pending()
-        return super()._trackable_children(save_type, **kwargs)
+    def check_on_save(self) -> None:
+        self.check_no_pending()
 
     def run(self, grads: Sequence[Optional[Any]], step_fn: Callable[..., Any],
             loss: Optional[tf.Tensor] = None) -> tf.Tensor:

@@ -33,7 +33,7 @@ class ReplicaPlace(NamedTuple):
     device: str
 
 
-class Nonfinite(NamedTuple):
+class NonfiniteUpdate(NamedTuple):
     """One non-finite update: its step, whether it was skipped, the replicas whose own gradients were
     non-finite (`ReplicaPlace`s), and the variables whose synchronized gradients were (names)."""
 
@@ -41,6 +41,46 @@ class Nonfinite(NamedTuple):
     skipped: bool
     replicas: List[ReplicaPlace]
     variables: List[str]
+
+    @classmethod
+    def from_flags(cls, step: int, skipped: bool, replica_flags: np.ndarray, variable_flags: np.ndarray,
+                   places: Sequence[ReplicaPlace], names: Sequence[str]) -> "NonfiniteUpdate":
+        """The record of one update, from the step's 0/1 flag vectors.
+
+        Args:
+          step: the update's step number.
+          skipped: whether the update was skipped.
+          replica_flags: 1 per replica whose own gradients held an inf or a NaN.
+          variable_flags: 1 per variable whose synchronized gradient held one.
+          places: every replica's place (`distclip._src.attribution.replica_places`).
+          names: the variables' names, in the order of `variable_flags`.
+
+        Returns:
+          The `NonfiniteUpdate`.
+        """
+        return cls(step=step, skipped=skipped,
+                   replicas=[places[int(r)] for r in np.flatnonzero(np.asarray(replica_flags))],
+                   variables=[names[int(i)] for i in np.flatnonzero(np.asarray(variable_flags))])
+
+    def line(self, most: int = 8) -> str:
+        """The one-line account of the update, as `distclip.ClipReporter` prints it.
+
+        Args:
+          most: the most variables named (the rest counted).
+
+        Returns:
+          The line, such as "step 12 skipped: non-finite gradients from replica 1 (worker 0, host node-3,
+          CPU:1) in dense/kernel".
+        """
+        what = "skipped" if self.skipped else "not finite"
+        if self.replicas:
+            source = "from " + ("replica " if len(self.replicas) == 1 else "replicas ") + ", ".join(
+                f"{p.replica} (worker {p.worker}, host {p.host}, {p.device})" for p in self.replicas)
+        else:
+            source = "after the all-reduce (each replica's own gradients were finite)"
+        names = ", ".join(self.variables[:most]) + (
+            f" and {len(self.variables) - most} more" if len(self.variables) > most else "")
+        return f"step {self.step} {what}: non-finite gradients {source}" + (f" in {names}" if names else "")
 
 
 def _short(device: str) -> str:
@@ -79,23 +119,3 @@ def _decode(row: np.ndarray) -> List[str]:
     host, _, device = text.partition("\0")
     return [host, device.rstrip("\0")]
 
-
-def nonfinite(step: int, skipped: bool, replica_flags: np.ndarray, variable_flags: np.ndarray,
-              places: Sequence[ReplicaPlace], names: Sequence[str]) -> Nonfinite:
-    """The `Nonfinite` record of one update, from the state's flag vectors."""
-    return Nonfinite(step=step, skipped=skipped,
-                     replicas=[places[int(r)] for r in np.flatnonzero(np.asarray(replica_flags))],
-                     variables=[names[int(i)] for i in np.flatnonzero(np.asarray(variable_flags))])
-
-
-def describe(record: Nonfinite, most: int = 8) -> str:
-    """The one-line account of a non-finite update (at most `most` variables named)."""
-    what = "skipped" if record.skipped else "not finite"
-    if record.replicas:
-        source = "from " + ("replica " if len(record.replicas) == 1 else "replicas ") + ", ".join(
-            f"{p.replica} (worker {p.worker}, host {p.host}, {p.device})" for p in record.replicas)
-    else:
-        source = "after the all-reduce (each replica's own gradients were finite)"
-    names = ", ".join(record.variables[:most]) + (
-        f" and {len(record.variables) - most} more" if len(record.variables) > most else "")
-    return f"step {record.step} {what}: non-finite gradients {source}" + (f" in {names}" if names else "")

@@ -9,9 +9,10 @@ itself as `MultiOptimizer` does), with two changes of context:
     across replicas in one hook, `_all_reduce_sum_gradients`, which returns
     them unchanged when there is no replica context. While distclip applies,
     that hook is the identity on the optimizer and every optimizer it wraps
-    (`no_second_reduction`). It is the only Keras internal distclip relies on,
-    checked when an optimizer is accepted; the op-count tests fail if a
-    reduction ever comes back.
+    (`no_second_reduction`), checked when an optimizer is accepted; the
+    op-count tests fail if a reduction ever comes back. It and the other
+    private Keras and TensorFlow names distclip uses are in
+    `distclip._src.internals`.
   * a lockstep skip: the whole `apply` (slots, `iterations`, per-step state
     such as Nadam's `u_product`) sits in one branch taken on every replica
     from a predicate that is identical everywhere (`distclip._src.lockstep`).
@@ -28,11 +29,10 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 import keras
 import tensorflow as tf
 
+from distclip._src import internals
 from distclip._src.variables import variable_name
 from distclip._src.errors import ArgumentError, ContextError
 from distclip._src.lockstep import create_variables, run_if
-
-_REDUCTION_HOOK = "_all_reduce_sum_gradients"
 
 
 def optimizers_in(optimizer: Any) -> List[Any]:
@@ -63,9 +63,9 @@ def check_optimizer(optimizer: Any, nonfinite: str) -> None:
         raise ArgumentError(f"optimizer must be a Keras 3 optimizer (keras.optimizers.Optimizer); got {optimizer!r}")
     for opt in optimizers_in(optimizer):
         name = type(opt).__name__
-        if not callable(getattr(type(opt), _REDUCTION_HOOK, None)):
+        if not internals.has_reduction_hook(opt):
             raise ArgumentError(
-                f"optimizer {name} has no {_REDUCTION_HOOK}: distclip needs Keras 3 on the TensorFlow backend "
+                f"optimizer {name} has no {internals.REDUCTION_HOOK}: distclip needs Keras 3 on the TensorFlow backend "
                 f"(keras {keras.__version__}, backend {keras.backend.backend()})")
         if getattr(opt, "_distclip_wrapper", False):
             raise ArgumentError(
@@ -80,7 +80,7 @@ def check_optimizer(optimizer: Any, nonfinite: str) -> None:
                 f"optimizer {name} has gradient_accumulation_steps={opt.gradient_accumulation_steps!r}, which would "
                 "accumulate after distclip's clip: use distclip's accumulation_steps instead (it clips the mean "
                 "of the accumulated, synchronized gradients)")
-        if getattr(opt, "ema_overwrite_frequency", None) and _strategy_merges():
+        if getattr(opt, "ema_overwrite_frequency", None) and internals.strategy_merges():
             raise ArgumentError(
                 f"optimizer {name} has ema_overwrite_frequency={opt.ema_overwrite_frequency!r} under "
                 f"{type(tf.distribute.get_strategy()).__name__}, where Keras's own apply fails too (it overwrites "
@@ -100,11 +100,6 @@ def check_optimizer(optimizer: Any, nonfinite: str) -> None:
             raise ArgumentError(f"optimizer.inner_optimizer is a {type(inner).__name__}: wrap the plain optimizer only")
 
 
-def _strategy_merges() -> bool:
-    """Whether the current strategy steps through `merge_call` (MirroredStrategy and MWMS on CPU do)."""
-    return tf.distribute.has_strategy() and not tf.__internal__.distribute.strategy_supports_no_merge_call()
-
-
 def check_variables(optimizer: Any, variables: Sequence[Any]) -> None:
     """Variables that Keras would overwrite with their gradient (float8 training) are refused, by name."""
     for v in variables:
@@ -119,11 +114,11 @@ def check_known(optimizer: Any, variables: Sequence[Any]) -> None:
     """Every variable must be one the built optimizer was built for (Keras's own check), named if not."""
     for i, v in enumerate(variables):
         try:
-            optimizer._check_variables_are_known([v])
+            internals.check_variables_are_known(optimizer, [v])
         except ValueError:
             raise ArgumentError(
                 f"trainable_variables[{i}] ({variable_name(v)}) is not one of the "
-                f"{len(optimizer._trainable_variables)} variables {type(optimizer).__name__} was built for: an "
+                f"{len(internals.built_variables(optimizer))} variables {type(optimizer).__name__} was built for: an "
                 "optimizer (and the ClipStep or ClipOptimizer around it) serves one set of variables; create new "
                 "ones for another model") from None
 
@@ -131,7 +126,7 @@ def check_known(optimizer: Any, variables: Sequence[Any]) -> None:
 def check_strategy(optimizer: Any, owner_strategy: tf.distribute.Strategy, owner: str) -> None:
     """The optimizer and its distclip owner must belong to the strategy that is running."""
     current = tf.distribute.get_strategy()
-    for what, expected in (("optimizer", getattr(optimizer, "_distribution_strategy", current)),
+    for what, expected in (("optimizer", internals.optimizer_strategy(optimizer)),
                            (owner, owner_strategy)):
         if expected is not current:
             raise ContextError(
@@ -168,7 +163,7 @@ def no_second_reduction(optimizer: Any) -> Iterator[None]:
     with _lock:
         for opt in opts:
             if _depth.get(id(opt), 0) == 0:
-                setattr(opt, _REDUCTION_HOOK, _identity)
+                internals.set_reduction(opt, _identity)
             _depth[id(opt)] = _depth.get(id(opt), 0) + 1
     try:
         yield
@@ -178,7 +173,7 @@ def no_second_reduction(optimizer: Any) -> Iterator[None]:
                 _depth[id(opt)] -= 1
                 if not _depth[id(opt)]:
                     del _depth[id(opt)]
-                    opt.__dict__.pop(_REDUCTION_HOOK, None)
+                    internals.restore_reduction(opt)
 
 
 def apply_in_lockstep(optimizer: Any, grads: Sequence[Any], variables: Sequence[Any], ok: tf.Tensor, *,

@@ -40,6 +40,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 import tensorflow as tf
 
 from distclip._src.checks import LARGEST, check_integer
+from distclip._src import internals
 from distclip._src.errors import ArgumentError
 from distclip._src.lockstep import create_variables
 from distclip._src.variables import identical_variable, read_value, tf_variable
@@ -140,15 +141,19 @@ class RewindEvent(NamedTuple):
     skip_through: int
     stopped: bool
 
+    def line(self) -> str:
+        """One line for a log: where the spike was, where it went back to.
 
-def describe(event: RewindEvent) -> str:
-    """One line for a log, in steps from 0 (update u is step u - 1): where the spike was, where it went back to."""
-    at, to, through = event.at - 1, event.to - 1, event.skip_through - 1
-    if event.stopped:
-        return (f"step {at}: spike over the rewind limit: back to the snapshot before step {to}, training stopped")
-    skipped = f", steps {at + 1} to {through} skipped" if through > at else ""
-    return (f"step {at}: spike: rewound to the snapshot before step {to}{skipped}; "
-            f"steps {to} to {through} not learned from")
+        Returns:
+          The line, in steps from 0 (update u is step u - 1), such as "step 130: spike: rewound to the
+          snapshot before step 100, ...".
+        """
+        at, to, through = self.at - 1, self.to - 1, self.skip_through - 1
+        if self.stopped:
+            return f"step {at}: spike over the rewind limit: back to the snapshot before step {to}, training stopped"
+        skipped = f", steps {at + 1} to {through} skipped" if through > at else ""
+        return (f"step {at}: spike: rewound to the snapshot before step {to}{skipped}; "
+                f"steps {to} to {through} not learned from")
 
 
 class RewindLimitError(RuntimeError):
@@ -379,7 +384,7 @@ def _on_host(strategy: tf.distribute.Strategy) -> Any:
     if not tf.distribute.has_strategy():
         return tf.device("/CPU:0")
     # The strategy's own way to make a variable on one device (a `SingleDevice`, as for numpy input).
-    host = getattr(strategy.extended, "_host_input_device", None)
+    host = internals.host_input_device(strategy)
     if host is None:
         return contextlib.nullcontext()
     return tf.variable_creator_scope(lambda next_creator, **kwargs: next_creator(**kwargs, colocate_with=host))

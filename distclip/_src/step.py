@@ -3,24 +3,19 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional, Sequence, Tuple
 
-import keras
 import tensorflow as tf
 
 from distclip._src.checks import split_pairs
 from distclip._src.clip import ClipResult
-from distclip._src.noise import NoiseScale
-from distclip._src.rewind import Rewind
-from distclip._src.nonfinite import Nonfinite
-from distclip._src.options import BucketMB, StepOptions
-from distclip._src.sync import BackendName, Reduction
-from distclip._src.sync.wire import Compression
-from distclip._src.threshold import ClipNorm
-from distclip._src.update import ClipUpdate, Diagnostics
+from distclip._src.base import StepBase
+from distclip._src.update import ClipUpdate
 from distclip._src.variables import identical_variable
 
 
-class ClipStep(Diagnostics, tf.Module):
+class ClipStep(StepBase, tf.Module):
     """A training step's gradient path: all-reduce, global-norm clip, one optimizer update.
+
+    `distclip.keras.ClipOptimizer` takes the same options, documented here.
 
     Create it under the strategy's scope, like the model and the optimizer, and
     call `apply` inside `strategy.run` (or with no strategy):
@@ -93,53 +88,33 @@ class ClipStep(Diagnostics, tf.Module):
       rewind: a `distclip.Rewind` to rewind to an in-memory snapshot and skip
         updates when the norm (or the loss given to `apply`) spikes, on every
         replica together; or None. Needs `nonfinite="skip"`.
-      name: the module's name (and its variables' name scope).
+      name: the module's name and its variables' name scope (None: "clip_step").
 
     Raises:
       ArgumentError: a bad argument, named with its value.
     """
 
-    def __init__(self, optimizer: keras.optimizers.Optimizer, clip_norm: ClipNorm, *,
-                 nonfinite: Nonfinite = "skip", reduction: Reduction = "auto", backend: BackendName = "auto",
-                 sparse_as_dense: bool = False, compression: Compression = None, accumulation_steps: int = 1,
-                 bucket_mb: BucketMB = "auto", variable_norms: bool = False,
-                 noise_scale: Optional[NoiseScale] = None, rewind: Optional[Rewind] = None,
-                 name: str = "clip_step") -> None:
-        super().__init__(name=name)
-        self.options = StepOptions(nonfinite=nonfinite, reduction=reduction, backend=backend,
-                                   sparse_as_dense=sparse_as_dense, compression=compression,
-                                   accumulation_steps=accumulation_steps, bucket_mb=bucket_mb,
-                                   variable_norms=variable_norms)
-        self._update = ClipUpdate(optimizer, clip_norm, self.options, "ClipStep", noise_scale, rewind)
-        with tf.name_scope(name):
-            self._update.create_state(identical_variable)
+    def _start(self, optimizer: Any, name: Optional[str]) -> Any:
+        tf.Module.__init__(self, name=name or "clip_step")
+        return optimizer
+
+    def _create_update(self, optimizer: Any) -> ClipUpdate:
+        with tf.name_scope(self.name):
+            update = ClipUpdate(optimizer, self.clip_norm, self.options, "ClipStep", identical_variable,
+                                self.noise_scale, self.rewind)
         self.optimizer = optimizer
-        self.clip_norm = clip_norm
         #: Steps skipped because the synchronized global norm was not finite.
-        self.skipped_steps = self._update.state.skipped_steps
-        self.accumulation = self._update.accumulation
+        self.skipped_steps = update.state.skipped_steps
+        self.accumulation = update.accumulation
         #: The policy's state variables by name (empty unless `clip_norm` is a policy).
-        self.policy_state = self._update.threshold.state
-        noise = self._update.state.noise
+        self.policy_state = update.threshold.state
+        noise = update.state.noise
         #: The noise scale's moving averages by name (empty without a `noise_scale`), saved with the step.
         self.noise_state = {} if noise is None else {
             "gradient_squared": noise.gradient_squared, "trace": noise.trace, "updates": noise.updates}
         #: The rewind's ring, window and counters (None without `rewind`), saved with the step.
-        self.rewinding = self._update.rewinding
-
-    @property
-    def pending_micro_batches(self) -> int:
-        """Micro-batches accumulated since the latest update (always 0 without accumulation).
-
-        Take checkpoints when it is 0: between updates each replica holds its own
-        partial sums, and a `tf.train.Checkpoint` of this object then raises.
-        """
-        return self._update.pending_micro_batches
-
-    @property
-    def applies_next(self) -> bool:
-        """Whether the next `apply` call takes an update (always True without accumulation)."""
-        return self._update.applies_next
+        self.rewinding = update.rewinding
+        return update
 
     def build(self, trainable_variables: Sequence[Any]) -> None:
         """Creates the optimizer's variables, the accumulators and the step's per-variable state now.

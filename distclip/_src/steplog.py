@@ -32,11 +32,10 @@ from typing import IO, Any, Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
-from distclip._src.attribution import Nonfinite, ReplicaPlace, describe
+from distclip._src.attribution import NonfiniteUpdate, ReplicaPlace
 from distclip._src.errors import ContextError
 from distclip._src.rewind import RewindEvent
 from distclip._src.variables import read_value
-from distclip._src.rewind import describe as describe_rewind
 
 COLUMNS = ("step", "loss", "global_norm", "scale", "clip_norm", "clipped", "skipped", "action")
 #: What an update did (the `action` column): applied; skipped for a non-finite norm (or applied as it was, with
@@ -112,28 +111,27 @@ class StepLog:
                 if math.isfinite(row[name]):
                     tf.summary.scalar(name, row[name])
 
-    def write_nonfinite(self, record: Any) -> None:
-        """A non-finite update (`distclip._src.attribution.Nonfinite`): its rows, and its line as TensorBoard text."""
+    def write_nonfinite(self, record: NonfiniteUpdate) -> None:
+        """A non-finite update (`distclip.NonfiniteUpdate`): its rows, and its line as TensorBoard text."""
         variables = ";".join(record.variables)
-        for p in record.replicas or [None]:
-            self._nonfinite.write([record.step, int(record.skipped), *(("", "", "", "") if p is None else p),
-                                   variables])
+        for place in [tuple(p) for p in record.replicas] or [("", "", "", "")]:
+            self._nonfinite.write([record.step, int(record.skipped), *place, variables])
         with self._tb.as_default(step=record.step):
-            tf.summary.text("nonfinite", describe(record))
+            tf.summary.text("nonfinite", record.line())
 
     def write_rewind(self, event: RewindEvent) -> None:
         """A rewind (updates counted from 1) as a row in steps from 0, and its line as TensorBoard text."""
         self._rewinds.write([event.at - 1, event.to - 1, "stopped" if event.stopped else event.skip_through - 1,
                              int(event.stopped)])
         with self._tb.as_default(step=event.at - 1):
-            tf.summary.text("rewind", describe_rewind(event))
+            tf.summary.text("rewind", event.line())
 
-    def earlier_nonfinite(self) -> List[Any]:
+    def earlier_nonfinite(self) -> List[NonfiniteUpdate]:
         """The non-finite updates of the run before a resume (from the kept rows of nonfinite.csv)."""
-        records: Dict[int, Any] = {}
+        records: Dict[int, NonfiniteUpdate] = {}
         for r in self._nonfinite.kept:
             step, skipped, replica, worker, host, device, variables = r
-            record = records.setdefault(int(step), Nonfinite(int(step), skipped == "1", [],
+            record = records.setdefault(int(step), NonfiniteUpdate(int(step), skipped == "1", [],
                                                              variables.split(";") if variables else []))
             if replica != "":
                 record.replicas.append(ReplicaPlace(int(replica), int(worker), host, device))

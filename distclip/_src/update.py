@@ -25,7 +25,7 @@ moves as Keras's `LossScaleOptimizer` moves it (`_next_loss_scale`).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
@@ -42,8 +42,8 @@ from distclip._src.policies import Policy
 from distclip._src.threshold import ClipNorm, MakeVariable, Threshold, check_clip_norm
 from distclip._src.errors import ArgumentError, ContextError
 from distclip._src.lockstep import create_variables, run_switch
-from distclip._src.rewind import Rewind, Rewinding, RewindEvent, owned_variables
-from distclip._src.noise import NoiseEstimate, NoiseScale, NoiseState, check_replicas
+from distclip._src.rewind import Rewind, Rewinding, owned_variables
+from distclip._src.noise import NoiseScale, NoiseState, check_replicas
 from distclip._src.variables import identical_variable, read_value, tf_variable
 
 
@@ -112,80 +112,21 @@ class StepState:
 
 
 
-class Diagnostics:
-    """What the latest update saw beyond the norm, read from a clip step's state (`ClipStep`, `ClipOptimizer`)."""
-
-    _update: ClipUpdate
-
-    @property
-    def nonfinite_replicas(self) -> Any:
-        """The latest update's int64 `[num_replicas]` variable: 1 where that replica's own gradients held an inf
-        or a NaN (None before the first `apply` or `build`)."""
-        return self._update.state.nonfinite_replicas
-
-    @property
-    def nonfinite_variables(self) -> Any:
-        """The latest update's int64 `[len(variables)]` variable: 1 where that variable's synchronized gradient
-        held an inf or a NaN (None before the first `apply` or `build`)."""
-        return self._update.state.nonfinite_variables
-
-    @property
-    def variable_norms(self) -> Any:
-        """The latest update's float32 `[len(variables)]` variable of per-variable norms, with
-        `variable_norms=True` (else None)."""
-        return self._update.state.variable_norms
-
-    @property
-    def rewinds(self) -> Any:
-        """The int64 variable counting rewinds since the start, with `rewind` (else None)."""
-        rewinding = self._update.rewinding
-        return None if rewinding is None else rewinding.rewinds
-
-    def latest_rewind(self) -> Optional[RewindEvent]:
-        """The latest rewind (read eagerly), or None before the first or without `rewind`.
-
-        Returns:
-          A `distclip.RewindEvent`, in updates counted from 1 since the start, or None.
-        """
-        rewinding = self._update.rewinding
-        return None if rewinding is None else rewinding.latest_event()
-
-    def check_rewind_limit(self, save: Optional[Callable[[], Optional[str]]] = None) -> None:
-        """Raises `distclip.RewindLimitError` once the rewind limit was hit; call it between steps.
-
-        The step's variables then hold the last good snapshot; `save()` is
-        called first (write a checkpoint there and return its path). One
-        scalar is read from the device.
-
-        Args:
-          save: writes the last good state to disk and returns the path it wrote (None from a process whose
-            copy is not kept, such as a MultiWorkerMirroredStrategy worker other than the chief); or None.
-
-        Raises:
-          RewindLimitError: the limit was hit (the message names the updates and the path).
-        """
-        if self._update.rewinding is not None:
-            self._update.rewinding.check_limit(save)
-
-    @property
-    def noise(self) -> Optional[NoiseEstimate]:
-        """The gradient noise scale estimates as of the latest update, with a `noise_scale` (else None)."""
-        noise = self._update.state.noise
-        return None if noise is None else noise.latest()
-
-
 class ClipUpdate:
     """Synchronize, clip and apply with `optimizer`'s own step (see the module docstring).
 
-    Create it under the strategy's scope, then `create_state(make_variable)`
-    before the first step: `make_variable(name, shape, dtype, initial)` makes
-    its state variables (tf.Variables for `ClipStep`, Keras variables for
-    `ClipOptimizer`, so each is saved the way its owner is). `owner` names the
-    public class in error messages.
+    Create it under the strategy's scope: once every argument is checked, it
+    makes its state with `make_variable(name, shape, dtype, initial)`
+    (tf.Variables for `ClipStep`, Keras variables for `ClipOptimizer`, so
+    each is saved the way its owner is). What depends on the variables it
+    updates (per-variable vectors, accumulators, the rewind's ring) is made by
+    `ensure_built`, by the first step at the latest. `owner` names the public
+    class in error messages.
     """
 
     def __init__(self, optimizer: Any, clip_norm: ClipNorm, options: StepOptions, owner: str,
-                 noise_scale: Optional[NoiseScale] = None, rewind: Optional[Rewind] = None):
+                 make_variable: MakeVariable, noise_scale: Optional[NoiseScale] = None,
+                 rewind: Optional[Rewind] = None):
         check_optimizer(optimizer, options.nonfinite)
         self.optimizer = optimizer
         # The optimizer that takes the steps, and the LossScaleOptimizer around it (or None).
@@ -209,15 +150,9 @@ class ClipUpdate:
         self.strategy = tf.distribute.get_strategy()
         steps = options.accumulation_steps
         self.accumulation = Accumulation(steps, loss=rewind is not None) if steps > 1 else None
-        self.state: StepState  # made by create_state
-        self.threshold: Threshold
-        self.rewinding: Optional[Rewinding] = None
-
-    def create_state(self, make_variable: MakeVariable) -> None:
-        self.state = StepState(make_variable, self.noise_scale)
+        self.state = StepState(make_variable, noise_scale)
         self.threshold = Threshold(self.clip_norm, make_variable)
-        if self.rewind is not None:
-            self.rewinding = Rewinding(self.rewind)
+        self.rewinding = None if rewind is None else Rewinding(rewind)
 
     def saved_state(self) -> List[Any]:
         """distclip's own variables that a rewind restores: the policy's, the skip count, the noise scale's."""
@@ -232,14 +167,13 @@ class ClipUpdate:
         `present` marks the variables that receive gradients (accumulators are made for those only).
         """
         ensure_built(self.optimizer, self.stepper, variables)
-        if getattr(self, "state", None) is not None:
-            self.create_vectors(variables)
+        self.create_vectors(variables)
         if self.accumulation is not None:
             self.accumulation.create(list(variables), present)
 
     def create_vectors(self, variables: Sequence[Any]) -> None:
-        """Makes the state's per-replica and per-variable variables, and the rewind's ring, once (after
-        `create_state`, with the optimizer built)."""
+        """Makes the state's per-replica and per-variable variables, and the rewind's ring, once (with the
+        optimizer built)."""
         replicas = sync.replicas(self.options.backend)
         if self.noise_scale is not None:  # before anything is created: when building, not at the first step
             check_replicas(replicas, self.noise_scale)

@@ -38,7 +38,8 @@ from distclip.cluster.netns import isolate
 FAILURE_GRACE_S = 5.0
 
 
-def describe(code: int) -> str:
+def exit_reason(code: int) -> str:
+    """How a process ended, from its exit code (negative: the signal that killed it), in words."""
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
@@ -128,7 +129,7 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 rank, code = failed[0]
-                say(f"worker {rank} (pid {procs[rank].pid}) {describe(code)}; "
+                say(f"worker {rank} (pid {procs[rank].pid}) {exit_reason(code)}; "
                     f"stopping the other {sum(c is None for c in codes)} worker(s)")
                 status = code if code > 0 else 128 - code
                 break
@@ -174,7 +175,7 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
             failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
             if failed:
                 rank, code = failed[0]
-                say(f"worker {rank} {describe(code)}")
+                say(f"worker {rank} {exit_reason(code)}")
                 status = code if code > 0 else 128 - code
         if received and not status:
             status = 128 + received[0][0]

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 from distclip._src.errors import ArgumentError
 
+if TYPE_CHECKING:  # pragma: no cover
+    import tensorflow as tf
+
 STRATEGIES = ("auto", "default", "mirrored", "multiworker", "tpu")
+"""The names `make_strategy` takes (and `distclip train --strategy`, besides "horovod")."""
 
 
 def _tf_config_workers() -> int:
@@ -21,7 +26,8 @@ def _tf_config_workers() -> int:
     return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
 
 
-def make_strategy(name: str = "auto", replicas: int = 2, collective_timeout_s: float = 120.0):
+def make_strategy(name: str = "auto", replicas: int = 2,
+                  collective_timeout_s: float = 120.0) -> "tf.distribute.Strategy":
     """The strategy called `name`:
 
     * "default": no distribution (TensorFlow's default strategy);
@@ -32,6 +38,18 @@ def make_strategy(name: str = "auto", replicas: int = 2, collective_timeout_s: f
       a collective that waits on a dead peer fails after `collective_timeout_s` seconds;
     * "tpu": `TPUStrategy` on the TPU that `TPUClusterResolver` finds;
     * "auto": "multiworker" if `TF_CONFIG` names more than one worker, else "mirrored".
+
+    Args:
+      name: one of `STRATEGIES`.
+      replicas: the replicas of "mirrored", 1 or more.
+      collective_timeout_s: how long a collective of "multiworker" waits for a peer, in seconds.
+
+    Returns:
+      The `tf.distribute.Strategy`.
+
+    Raises:
+      ArgumentError: an unknown `name`, a bad `replicas`, or more replicas than GPUs.
+      RuntimeError: no TPU reached ("tpu"), or too few logical CPU devices left to split.
     """
     import tensorflow as tf
 
@@ -44,7 +62,7 @@ def make_strategy(name: str = "auto", replicas: int = 2, collective_timeout_s: f
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "multiworker":
-        from distclip.cluster import set_tf_config
+        from distclip.cluster.env import set_tf_config
 
         set_tf_config()  # unless TF_CONFIG is set: from the ranks of mpirun or srun
         options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout_s)

@@ -54,7 +54,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from distclip.cluster import info
-from distclip.cluster.launcher import FAILURE_GRACE_S, describe, is_stopped
+from distclip.cluster.launcher import FAILURE_GRACE_S, exit_reason, is_stopped
 
 ENV_DIR = "DISTCLIP_WATCHDOG_DIR"
 ENV_TIMEOUT = "DISTCLIP_WATCHDOG_TIMEOUT"
@@ -198,7 +198,7 @@ class Peers:
             if state.startswith("exited "):
                 code = int(state.split()[1])
                 if code != 0:
-                    return f"rank {r} {describe(code)}"
+                    return f"rank {r} {exit_reason(code)}"
             bad = state if state == "stopped" or state.startswith("exited ") else None
             if bad is None:
                 self.since.pop(r, None)

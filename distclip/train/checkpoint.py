@@ -44,7 +44,6 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from distclip._src.steplog import write_atomically
 from distclip.train.config import Config, changed_on_resume, describe_changes
 
 #: Exit status of a run stopped by SIGTERM after its checkpoint was written.
@@ -161,7 +160,7 @@ class Checkpoints:
         if self.runner.chief:
             if not self._config_written:  # before the first checkpoint: a resumed run checks against it
                 os.makedirs(self.directory, exist_ok=True)
-                write_atomically(os.path.join(self.directory, "config.json"), json.dumps(asdict(self.cfg), indent=2))
+                _write_config(os.path.join(self.directory, "config.json"), self.cfg)
                 self._config_written = True
             if self.manager is None:
                 self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=2)
@@ -245,3 +244,12 @@ class StopOnSigterm:
 
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGTERM, self._old)
+
+
+def _write_config(path: str, cfg: Config) -> None:
+    """config.json, whole or not at all after a kill: a temporary file, fsynced, renamed into place."""
+    with open(path + ".partial", "w") as f:
+        json.dump(asdict(cfg), f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".partial", path)

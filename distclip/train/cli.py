@@ -8,7 +8,7 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from distclip.cluster.strategies import STRATEGIES
+from distclip.cluster import STRATEGIES
 from distclip.train.config import Config
 
 

@@ -53,8 +53,7 @@ def run(cfg: Config, runner) -> dict:
     checkpoints = Checkpoints(cfg, runner, model=model, optimizer=optimizer, progress=progress)
     first = checkpoints.restore() if cfg.resume else 0
     announce(cfg, runner, checkpoints, first)
-    logger = ClipLogger(cfg.out if runner.chief else None, initial_step=first,
-                        variable_norms_every=cfg.variable_norms_every if runner.chief else 0)
+    logger = ClipLogger(cfg.out, initial_step=first, variable_norms_every=cfg.variable_norms_every)
     data = AddingBatches(cfg, runner.local_rows(cfg.batch_size), first)
     start = time.monotonic()
     with StopOnSigterm("distclip train") as sigterm:
@@ -66,7 +65,7 @@ def run(cfg: Config, runner) -> dict:
         checkpoints.save(cfg.steps)
     elapsed = time.monotonic() - start
     return finish(cfg, runner, model, optimizer, optimizer, final_loss=progress.final_loss(),
-                  clipped=int(progress.clipped.numpy()), seconds=elapsed, rows=logger.rows if runner.chief else None,
+                  clipped=int(progress.clipped.numpy()), seconds=elapsed, rows=logger.rows,
                   nonfinite=logger.nonfinite, rewinds=logger.rewinds)
 
 

@@ -1,6 +1,6 @@
 """What `distclip train` draws from its log: a PNG of the norms against the threshold, and the loss.
 
-The log itself (metrics.csv, TensorBoard) is the library's `distclip._src.steplog`.
+The log itself (metrics.csv, TensorBoard) is written by the library's `distclip.ClipReporter`.
 """
 from __future__ import annotations
 

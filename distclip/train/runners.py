@@ -1,29 +1,29 @@
 """How `distclip train` runs one step on every replica: under a tf.distribute strategy, or under Horovod.
 
 Both give the loop the same thing: `step(x, y, stop)` on the *global* batch
-(each replica takes its own slice), returning the global-mean loss, whether
+(each replica takes its own slice), returning the global-mean loss and whether
 any process passed `stop=True` (reduced together with the loss: no extra
-collective), and the clip result, identical on every replica and every process.
+collective), identical on every process. What the clip step saw is read from
+its state (`distclip.ClipReporter`).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Tuple
+from typing import Any, Callable, Tuple
 
 import tensorflow as tf
 
 import distclip
 from distclip import cluster
-from distclip._src import sync
 
 # replica_fn(x, y, loss_denominator) -> (loss, ClipResult); `loss` is this replica's share.
 ReplicaFn = Callable[[tf.Tensor, tf.Tensor, float], Tuple[tf.Tensor, distclip.ClipResult]]
 
 
 class _Processes:
-    """What both runners ask of the library's backend (`distclip._src.sync.current`) between steps."""
+    """What both runners ask of the library's backend (`distclip.cluster.current_backend`) between steps."""
 
-    backend: sync.Backend
+    backend: Any  # distclip.cluster.current_backend()
 
     def agree(self, value: float, flag: bool) -> Tuple[float, bool]:
         """`value` averaged over processes, and whether `flag` is True on any (one all-gather for both;
@@ -45,7 +45,7 @@ class DistributeRunner(_Processes):
         self.strategy = strategy
         self.replicas = strategy.num_replicas_in_sync
         with strategy.scope():
-            self.backend = sync.current()
+            self.backend = cluster.current_backend()
         self.chief = self.backend.rank() == 0
         # TensorFlow's rule for MultiWorkerMirroredStrategy: every worker saves (the others to scratch).
         self.saves_on_every_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
@@ -68,13 +68,12 @@ class DistributeRunner(_Processes):
         @tf.function
         def step(x, y, stop):
             def fn(x, y):
-                loss, r = replica_fn(x, y, float(global_batch))
-                return tf.stack([loss, tf.cast(stop, loss.dtype)]), r.global_norm, r.scale, r.clipped, r.finite
+                loss, _ = replica_fn(x, y, float(global_batch))
+                return tf.stack([loss, tf.cast(stop, loss.dtype)])
 
-            loss_stop, *rest = strategy.run(fn, args=(x, y))
-            first = [strategy.experimental_local_results(v)[0] for v in rest]  # identical on every replica
+            loss_stop = strategy.run(fn, args=(x, y))
             loss, stop = tf.unstack(strategy.reduce(tf.distribute.ReduceOp.SUM, loss_stop, axis=None))
-            return (loss, stop > 0, *first)
+            return loss, stop > 0
 
         def shard(array):
             return strategy.experimental_distribute_values_from_function(
@@ -102,7 +101,7 @@ class HorovodRunner(_Processes):
         hvd.init()
         cluster.pin_gpu(cluster.info())  # one GPU per process, by local rank
         self.hvd = hvd
-        self.backend = sync.current()
+        self.backend = cluster.current_backend()
         self.replicas = self.backend.num_replicas()
         self.chief = self.backend.rank() == 0
         self.saves_on_every_worker = False  # rank 0 saves, as Horovod users do
@@ -119,10 +118,10 @@ class HorovodRunner(_Processes):
 
         @tf.function
         def step(x, y, stop):
-            loss, r = replica_fn(x, y, float(per))
+            loss, _ = replica_fn(x, y, float(per))
             loss_stop = hvd.allreduce(tf.stack([loss, tf.cast(stop, loss.dtype)]), op=hvd.Average,
                                       name="distclip_train_loss")
-            return loss_stop[0], loss_stop[1] > 0, r.global_norm, r.scale, r.clipped, r.finite
+            return loss_stop[0], loss_stop[1] > 0
 
         mine = slice(rank * per, (rank + 1) * per)
         return lambda x, y, stop: step(x[mine], y[mine], tf.constant(stop))
@@ -139,6 +138,4 @@ def make_runner(strategy_name: str, replicas: int):
     """The runner for `--strategy`: "horovod", or a tf.distribute strategy by name."""
     if strategy_name == "horovod":
         return HorovodRunner()
-    from distclip.cluster.strategies import make_strategy
-
-    return DistributeRunner(make_strategy(strategy_name, replicas))
+    return DistributeRunner(cluster.make_strategy(strategy_name, replicas))

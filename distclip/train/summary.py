@@ -8,17 +8,14 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from distclip._src.attribution import Nonfinite, describe
-from distclip._src.rewind import RewindEvent
-from distclip._src.rewind import describe as describe_rewind
-from distclip.cluster.verify import verify_replicas
+from distclip import NonfiniteUpdate, RewindEvent, verify_replicas
 from distclip.train import adding
 from distclip.train.config import Config
 from distclip.train.plots import plot, read_layers, read_rewinds
 
 
 def finish(cfg: Config, runner, model, optimizer, step, *, final_loss: float, clipped: int, seconds: float,
-           rows, nonfinite: Sequence[Nonfinite] = (), rewinds: Sequence[RewindEvent] = ()) -> dict:
+           rows, nonfinite: Sequence[NonfiniteUpdate] = (), rewinds: Sequence[RewindEvent] = ()) -> dict:
     """Checks the replicas, evaluates, and (chief only, `rows` given) writes plot.png and summary.json.
 
     `step`: the run's `ClipStep` or `ClipOptimizer`, whose counters (non-finite skips, updates a rewind did not
@@ -26,7 +23,6 @@ def finish(cfg: Config, runner, model, optimizer, step, *, final_loss: float, cl
     with their sources; `rewinds`: the run's rewinds (the whole run's on the chief, whose log reads a resumed
     run's earlier ones back; this process's part of the run on the others).
     """
-    rewinding = step._update.rewinding
     noise = step.noise
     # Raises ReplicaMismatchError naming the first variable that differs.
     checked = len(verify_replicas(model.variables + optimizer.variables))
@@ -42,13 +38,13 @@ def finish(cfg: Config, runner, model, optimizer, step, *, final_loss: float, cl
         # Counted by the clip step, identically on every replica: non-finite skips; updates a rewind did not learn
         # from (the spike's and the ones skipped after it).
         "steps_skipped": runner.read(step.skipped_steps),
-        "steps_skipped_by_rewind": 0 if rewinding is None else runner.read(rewinding.skipped),
+        "steps_skipped_by_rewind": 0 if step.rewind_skipped_steps is None else runner.read(step.rewind_skipped_steps),
         "variables_verified_identical": checked,
         "nonfinite_steps": [{"step": r.step, "skipped": r.skipped, "replicas": [p._asdict() for p in r.replicas],
-                             "variables": r.variables, "line": describe(r)} for r in nonfinite],
+                             "variables": r.variables, "line": r.line()} for r in nonfinite],
         "rewinds": [{"step": r.at - 1, "to_step": r.to - 1,
                      "skip_through_step": None if r.stopped else r.skip_through - 1, "stopped": r.stopped,
-                     "line": describe_rewind(r)} for r in rewinds],
+                     "line": r.line()} for r in rewinds],
         "b_simple": None if noise is None else float(noise.b_simple),
         "seconds": round(seconds, 1),
         "config": asdict(cfg),

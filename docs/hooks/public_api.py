@@ -79,7 +79,7 @@ def check(root: str = ROOT, packages: tuple[str, ...] = PACKAGES) -> list[str]:
             if obj.is_function:
                 problems += _check_signature(where, obj, sections)
             elif obj.is_class:
-                init = obj.members.get("__init__")
+                init = obj.all_members.get("__init__")  # its own or inherited (ClipStep's is StepBase's)
                 if init is not None and init.is_function:
                     problems += _check_signature(where, init, sections | _sections(init))
                 for member in obj.members.values():

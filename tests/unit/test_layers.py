@@ -67,6 +67,20 @@ def test_no_import_goes_up_or_sideways():
     assert not wrong, wrong
 
 
+#: What the example application may import from the library: its public packages (the names they export).
+PUBLIC = {"distclip", "distclip.keras", "distclip.cluster"}
+
+
+def test_the_application_uses_only_the_public_api():
+    """distclip/train/ is the first code users copy: it imports `distclip`, `distclip.keras` and
+    `distclip.cluster`, never `distclip._src` nor a module inside those packages."""
+    wrong = [f"{module} imports {other}" for module, imported in _graph().items() if layer(module) == "app"
+             for other in imported if layer(other) != "app" and other not in PUBLIC]
+    assert not wrong, wrong
+    loop = _graph()["distclip.train.loop"]
+    assert "distclip" in loop and not any(m.startswith("distclip._src") for m in loop)
+
+
 def test_no_import_circle():
     graph = _graph()
     state, circles = {}, []
@@ -91,6 +105,7 @@ def test_the_check_sees_the_imports_it_judges():
     # Guards against a check that passes on an empty or unresolved graph.
     assert "distclip._src.clip" in graph["distclip._src.update"] and "distclip._src.sync" in graph["distclip._src.clip"]
     assert "distclip._src.keras.optimizer" in graph["distclip.keras"] and layer("distclip._src.keras.optimizer") == "keras"
-    assert "distclip._src.steplog" in graph["distclip._src.keras.callbacks"]
+    assert "distclip._src.reporter" in graph["distclip._src.keras.callbacks"]
+    assert "distclip._src.steplog" in graph["distclip._src.reporter"]
     assert "distclip.train.summary" in graph["distclip.train.loop"]
     assert layer("distclip._src.sync.horovod") == "core" and layer("distclip.train.cli") == "app"

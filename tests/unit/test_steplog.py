@@ -4,7 +4,7 @@ import os
 
 from common import read_tensorboard
 from distclip import RewindEvent
-from distclip._src.attribution import Nonfinite, ReplicaPlace
+from distclip import NonfiniteUpdate, ReplicaPlace
 from distclip._src.steplog import COLUMNS, StepLog
 from distclip.train.plots import read_csv
 
@@ -45,7 +45,7 @@ def test_a_resume_reads_the_earlier_events_back_and_keeps_a_0_2_0_log_with_its_a
     with the action their `skipped` meant."""
     log = StepLog(str(tmp_path))
     places = [ReplicaPlace(1, 0, "node-3", "CPU:1"), ReplicaPlace(0, 0, "node-3", "CPU:0")]
-    events = [Nonfinite(2, True, places, ["dense/kernel", "dense/bias"]), Nonfinite(4, False, [], [])]
+    events = [NonfiniteUpdate(2, True, places, ["dense/kernel", "dense/bias"]), NonfiniteUpdate(4, False, [], [])]
     rewinds = [RewindEvent(at=4, to=2, skip_through=6, stopped=False), RewindEvent(at=8, to=7, skip_through=8,
                                                                                    stopped=True)]
     for e in events:

@@ -2,23 +2,15 @@
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import sys
-import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import keras
 import tensorflow as tf
 
 from distclip._src import sync
-from distclip._src.attribution import describe, nonfinite, replica_places
-from distclip._src.checks import check_integer
 from distclip._src.errors import ArgumentError, ContextError
-from distclip._src.rewind import RewindEvent
-from distclip._src.rewind import describe as describe_rewind
-from distclip._src.steplog import Actions, StepLog, require_tensorboard
-from distclip._src.variables import tf_variable, variable_name
+from distclip._src.reporter import ClipReporter, check_log_options
+from distclip._src.variables import tf_variable
 
 
 class BroadcastCallback(keras.callbacks.Callback):
@@ -49,44 +41,32 @@ class BroadcastCallback(keras.callbacks.Callback):
 
 
 class ClipLogger(keras.callbacks.Callback):
-    """Puts what `ClipOptimizer` saw each step into `fit`'s logs, and optionally TensorBoard and a CSV.
+    """Puts what `ClipOptimizer` saw each step into `fit`'s logs, and a `distclip.ClipReporter`'s records.
 
     Logs (progress bar and `History`): `global_norm` and `clip_scale`, means
     over the epoch's steps with a finite norm so far, and `skipped_steps`, the
     steps skipped since the start (non-finite synchronized norm).
 
-    With `log_dir`, the process of rank 0 only (`distclip._src.sync.current(model.variables).rank()`) writes a row
-    per step to `log_dir/metrics.csv` (step, loss, global_norm before clipping,
-    scale, clip_norm, clipped, skipped, action: applied, nonfinite, skipped,
-    rewound or stopped; steps count from 0; loss is `fit`'s logged loss, a
-    running mean over the epoch; what `distclip plot log_dir` draws) and
-    the same scalars to TensorBoard under `log_dir/tensorboard`. It reads the
-    optimizer's variables at each batch end `fit` reports (every
-    `steps_per_execution` steps), and records a step when an update (or a
-    skip) happened since: with `accumulation_steps=k`, every k-th batch.
-
-    A non-finite update is named with its sources: `nonfinite` lists them
-    (`step`, `skipped`, `replicas` as (replica, worker, host, device),
-    `variables`) on every rank, and rank 0 prints a line to stderr, such as
-    "step 12 skipped: non-finite gradients from replica 1 (worker 0, host
-    node-3, CPU:1) in dense/kernel", and with `log_dir` adds it to
-    `log_dir/nonfinite.csv` and TensorBoard (text `nonfinite`). Finding the
-    replicas' hosts and devices is one small all-gather at the start of `fit`.
+    Everything else is the `distclip.ClipReporter` it starts at the
+    beginning of `fit` (`reporter`), called at each batch end `fit` reports
+    (every `steps_per_execution` steps) with `fit`'s logged loss (a running
+    mean over the epoch): the line on stderr on rank 0 for each non-finite
+    update and each rewind, and with `log_dir`, `metrics.csv`,
+    `nonfinite.csv`, `layer_norms.csv`, `rewinds.csv` and TensorBoard under
+    `log_dir/tensorboard`, written by rank 0 (what `distclip plot log_dir`
+    draws). `nonfinite`, `rewinds`, `clipped_steps` and `rows` are the
+    reporter's. With `accumulation_steps=k` a step is recorded every k-th
+    batch.
 
     With `variable_norms_every=N` (and a `ClipOptimizer(...,
     variable_norms=True)`), every N-th update's per-layer norms go to
-    `log_dir/layer_norms.csv` and TensorBoard (`layer_norm/<layer>`, and a
-    `variable_norms` histogram): one read of the norms on those updates
-    only. With a `noise_scale`, `b_simple` joins `fit`'s logs and the
-    estimates go to TensorBoard (`noise/...`); at the first batch its
+    `log_dir/layer_norms.csv` and TensorBoard. With a `noise_scale`,
+    `b_simple` joins `fit`'s logs; at the first batch its
     `global_batch_size` is checked against the examples `fit` fed
     (`ArgumentError` if they differ; the noise scale changes no update).
 
-    With a `ClipOptimizer(..., rewind=...)`, `rewinds` joins `fit`'s logs;
-    each rewind is kept in `rewinds` (`distclip.RewindEvent`) on every rank,
-    and rank 0 prints its line ("step 130: spike: rewound to the snapshot
-    before step 100, ...") and with `log_dir` adds it to `log_dir/rewinds.csv`
-    and TensorBoard (text `rewind`). When the rewind limit is hit, the last
+    With a `ClipOptimizer(..., rewind=...)`, `rewinds` joins `fit`'s logs.
+    When the rewind limit is hit, the last
     good snapshot is saved as `tf.train.Checkpoint(model=model,
     optimizer=optimizer)` (not a `.keras` file) to `log_dir/last_good/ckpt`
     (a new temporary folder without `log_dir`), by rank 0 (every rank writes,
@@ -112,62 +92,48 @@ class ClipLogger(keras.callbacks.Callback):
 
     def __init__(self, log_dir: Optional[str] = None, initial_step: int = 0, variable_norms_every: int = 0) -> None:
         super().__init__()
-        check_integer("initial_step", initial_step, 0)
-        check_integer("variable_norms_every", variable_norms_every, 0)
-        if variable_norms_every and log_dir is None:
-            raise ArgumentError(f"variable_norms_every={variable_norms_every} writes to a log_dir; got log_dir=None")
-        if log_dir is not None:
-            require_tensorboard(f"ClipLogger(log_dir={log_dir!r})")
+        check_log_options("ClipLogger", log_dir, "initial_step", initial_step, variable_norms_every)
         self.log_dir = log_dir
         self.initial_step = initial_step
-        self._log: Optional[StepLog] = None
-        self._step = initial_step
-        self._batch_checked = False
-        self._skipped = 0
         self.variable_norms_every = variable_norms_every
-        #: Steps whose norm exceeded the threshold, counted on every rank.
-        self.clipped_steps = 0
-        #: The non-finite updates seen (`step`, `skipped`, `replicas`, `variables`), on every rank.
-        self.nonfinite: List[Any] = []
-        #: The rewinds seen (`distclip.RewindEvent`), on every rank.
-        self.rewinds: List[RewindEvent] = []
+        self.reporter: Optional[ClipReporter] = None
 
-    def _optimizer(self):
+    # What the reporter keeps, on every rank (empty before `fit`).
+    clipped_steps = property(lambda self: self.reporter.clipped_steps if self.reporter else 0,
+                             doc="Steps whose norm exceeded the threshold, counted on every rank.")
+    nonfinite = property(lambda self: self.reporter.nonfinite if self.reporter else [],
+                         doc="The non-finite updates seen (`distclip.NonfiniteUpdate`), on every rank.")
+    rewinds = property(lambda self: self.reporter.rewinds if self.reporter else [],
+                       doc="The rewinds seen (`distclip.RewindEvent`), on every rank.")
+    rows = property(lambda self: self.reporter.rows if self.reporter else None,
+                    doc="The rows written so far (rank 0 with a `log_dir`), else None.")
+
+    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Finds the `ClipOptimizer` and starts its `distclip.ClipReporter` (with a `log_dir`, rank 0 opens the
+        files).
+
+        Args:
+          logs: unused (Keras's callback signature).
+
+        Raises:
+          ContextError: the model's optimizer is not a `ClipOptimizer`, or `variable_norms_every` without
+            `ClipOptimizer(..., variable_norms=True)`.
+        """
         from distclip._src.keras.optimizer import ClipOptimizer
 
         optimizer = getattr(self.model, "optimizer", None)
         if not isinstance(optimizer, ClipOptimizer):
             raise ContextError(
                 f"ClipLogger needs a model compiled with distclip.keras.ClipOptimizer; got {optimizer!r}")
-        return optimizer
-
-    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
-        """Finds the `ClipOptimizer` and, with a `log_dir`, opens metrics.csv and the TensorBoard writer (rank 0).
-
-        Args:
-          logs: unused (Keras's callback signature).
-
-        Raises:
-          ContextError: the model's optimizer is not a `ClipOptimizer`.
-        """
-        self._opt = optimizer = self._optimizer()
-        self._batch_checked = False
         if self.variable_norms_every and not optimizer.options.variable_norms:
             raise ContextError(f"ClipLogger(variable_norms_every={self.variable_norms_every}) needs "
                                "ClipOptimizer(..., variable_norms=True)")
-        self._noise = optimizer.noise if optimizer.built else None
-        self._places = replica_places(self.model.variables)
-        self._names = [variable_name(v) for v in self.model.trainable_variables]
-        self._skipped = int(optimizer.skipped_steps.numpy()) if optimizer.built else 0
-        self._updates = self._count_updates(optimizer)
-        self._rewinds = int(optimizer.rewinds.numpy()) if optimizer.rewinds is not None else 0
-        self._rank = sync.current(self.model.variables).rank()
-        self._actions = Actions(optimizer._update.rewinding if optimizer.built else None,
-                                skip_nonfinite=optimizer.options.nonfinite == "skip")
-        if self.log_dir and self._rank == 0:
-            self._log = StepLog(self.log_dir, first_step=self.initial_step or None)
-            # A resumed run's earlier events, from the files the log kept.
-            self.nonfinite, self.rewinds = self._log.earlier_nonfinite(), self._log.earlier_rewinds()
+        self._opt = optimizer
+        self._batch_checked = False
+        self.reporter = ClipReporter(
+            optimizer, self.model.trainable_variables, log_dir=self.log_dir, first_step=self.initial_step,
+            variable_norms_every=self.variable_norms_every,
+            last_good=tf.train.Checkpoint(model=self.model, optimizer=optimizer))
 
     def on_epoch_begin(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         """Starts the epoch's means of `global_norm` and `clip_scale`.
@@ -180,38 +146,29 @@ class ClipLogger(keras.callbacks.Callback):
         self._finite = 0
 
     def _summary(self) -> Dict[str, float]:
+        assert self.reporter is not None
+        latest = self.reporter._latest  # the counters as of the latest update (or the start of fit)
         means = {k: v / self._finite if self._finite else float("nan") for k, v in self._sums.items()}
-        noise = {} if self._noise is None else {"b_simple": float(self._noise.b_simple)}
-        rewinds = {} if self._opt.rewinds is None else {"rewinds": float(self._rewinds)}
-        return {**means, "skipped_steps": float(self._skipped), **noise, **rewinds}
-
-    @property
-    def rows(self):
-        """The rows written so far (rank 0 with a `log_dir`), else None."""
-        return self._log.rows if self._log is not None else None
+        noise = {} if latest.noise is None else {"b_simple": latest.noise.b_simple}
+        rewinds = {} if self._opt.rewind is None else {"rewinds": float(latest.rewinds)}
+        return {**means, "skipped_steps": float(latest.skipped_steps), **noise, **rewinds}
 
     def on_train_batch_end(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
-        """Records the step (or steps) since the last call, if an update or a skip happened.
+        """Records the update since the last call, if one was taken (`ClipReporter.report`).
 
         Args:
           batch: the batch's index in the epoch.
           logs: `fit`'s logs; `loss` is written to metrics.csv.
         """
-        optimizer = self._opt
-        skipped = int(optimizer.skipped_steps.numpy())
-        updates = self._count_updates(optimizer)
-        if self._actions.rewinding is None and optimizer._update.rewinding is not None:  # built by fit itself
-            self._actions = Actions(optimizer._update.rewinding, skip_nonfinite=optimizer.options.nonfinite == "skip")
+        assert self.reporter is not None
         if not self._batch_checked:
             self._batch_checked = True
-            self._check_noise_batch(optimizer, batch)
-        if updates != self._updates:  # else accumulating (accumulation_steps > 1): no update yet
-            self._updates = updates
-            norm = float(optimizer.global_norm.numpy())
-            action = self._actions.latest(math.isfinite(norm))
-            self._record(optimizer, norm, skipped, action, logs)
-            if action in ("rewound", "stopped"):
-                self._rewound(optimizer)
+            self._check_noise_batch(self._opt, batch)
+        row = self.reporter.report(loss=(logs or {}).get("loss"))
+        if row is not None and math.isfinite(row["global_norm"]):
+            self._finite += 1
+            self._sums["global_norm"] += row["global_norm"]
+            self._sums["clip_scale"] += row["scale"]
         if logs is not None:
             logs.update(self._summary())
 
@@ -235,81 +192,10 @@ class ClipLogger(keras.callbacks.Callback):
                 f"batch over all replicas, times accumulation_steps={optimizer.options.accumulation_steps}). "
                 f"Pass NoiseScale(global_batch_size={per_update:g})")
 
-    @staticmethod
-    def _count_updates(optimizer) -> int:
-        """Updates so far: applied or skipped (a rewind counts every update it saw; `iterations` goes back)."""
-        if not optimizer.built:
-            return 0
-        rewinding = optimizer._update.rewinding
-        if rewinding is not None:
-            return int(rewinding.updates.numpy())
-        return int(optimizer.skipped_steps.numpy()) + int(optimizer.iterations.numpy())
-
-    def _rewound(self, optimizer) -> None:
-        """A rewind in the latest update: logged; at the limit, the last good state saved and the error raised."""
-        self._rewinds = int(optimizer.rewinds.numpy())
-        event = optimizer.latest_rewind()
-        self.rewinds.append(event)
-        if self._log is not None:
-            self._log.write_rewind(event)
-            self._log.flush()
-        if self._rank == 0:
-            print(f"distclip: {describe_rewind(event)}", file=sys.stderr, flush=True)
-        optimizer.check_rewind_limit(self._save_last_good)
-
-    def _save_last_good(self) -> Optional[str]:
-        """Every rank writes the model and the optimizer (MultiWorkerMirroredStrategy's rule); rank 0's is kept,
-        as `tf.train.Checkpoint(model=model, optimizer=optimizer)` at the path returned (None on other ranks)."""
-        checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self._opt)
-        if self._rank == 0:
-            folder = os.path.join(self.log_dir, "last_good") if self.log_dir else tempfile.mkdtemp(prefix="distclip-")
-            return checkpoint.write(os.path.join(folder, "ckpt"))
-        scratch = tempfile.mkdtemp(prefix="distclip-scratch-")
-        try:
-            checkpoint.write(os.path.join(scratch, "ckpt"))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return None
-
-    def _record(self, optimizer, norm: float, skipped: int, action: str, logs) -> None:
-        """Takes in the latest update: epoch sums, clipped count, and (rank 0) a CSV/TensorBoard row."""
-        scale = float(optimizer.clip_scale.numpy())
-        if math.isfinite(norm):
-            self._finite += 1
-            self._sums["global_norm"] += norm
-            self._sums["clip_scale"] += scale
-        threshold = float(optimizer.clip_norm_used.numpy())
-        clipped = int(action == "applied" and norm > threshold)
-        self.clipped_steps += clipped
-        if self._log is not None:
-            self._log.write({
-                "step": self._step, "loss": float((logs or {}).get("loss", math.nan)), "global_norm": norm,
-                "scale": scale, "clip_norm": threshold, "clipped": clipped,
-                "skipped": int(self._actions.skipped(action)), "action": action,
-            })
-        if action == "nonfinite":
-            self._nonfinite(optimizer, skipped > self._skipped)
-        self._noise = optimizer.noise  # read once per update: the logs and TensorBoard share it
-        if self._log is not None and self._noise is not None:
-            self._log.write_noise(self._step, self._noise)
-        if self._log is not None and self.variable_norms_every and self._step % self.variable_norms_every == 0:
-            self._log.write_norms(self._step, self._names, optimizer.variable_norms.numpy().tolist())
-        self._step += 1
-        self._skipped = skipped
-
-    def _nonfinite(self, optimizer, skipped: bool) -> None:
-        record = nonfinite(self._step, skipped, optimizer.nonfinite_replicas.numpy(),
-                           optimizer.nonfinite_variables.numpy(), self._places, self._names)
-        self.nonfinite.append(record)
-        if self._log is not None:
-            self._log.write_nonfinite(record)
-        if self._rank == 0:
-            print(f"distclip: {describe(record)}", file=sys.stderr, flush=True)
-
     def flush(self) -> None:
         """Writes the rows so far to disk (before a checkpoint, so that a resumed run finds them)."""
-        if self._log is not None:
-            self._log.flush()
+        if self.reporter is not None:
+            self.reporter.flush()
 
     def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         """Adds `global_norm`, `clip_scale` and `skipped_steps` to the epoch's logs (and so to `History`).
@@ -327,5 +213,5 @@ class ClipLogger(keras.callbacks.Callback):
         Args:
           logs: unused (Keras's callback signature).
         """
-        if self._log is not None:
-            self._log.close()
+        if self.reporter is not None:
+            self.reporter.close()

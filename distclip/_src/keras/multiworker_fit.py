@@ -29,9 +29,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import keras
+
+from distclip._src import internals
 
 ENV = "DISTCLIP_KERAS_MWMS_FIX"
 #: Keras releases whose trainer fails under multi-worker MultiWorkerMirroredStrategy, [first, past last):
@@ -46,18 +48,9 @@ def _keras_fails() -> bool:
     return FAILING[0] <= version < FAILING[1]
 
 
-def _multi_worker(strategy: Optional[Any]) -> bool:
-    import tensorflow as tf
-
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode()
-
-
 def installed() -> bool:
     """Whether Keras's trainer is wrapped (both places)."""
-    from keras.src.backend.tensorflow import trainer
-
-    return (getattr(trainer.TensorFlowTrainer._maybe_symbolic_build, _MARK, False)
-            and getattr(trainer.reduce_per_replica, _MARK, False))
+    return all(getattr(f, _MARK, False) for f in internals.trainer_functions())
 
 
 def fix_multiworker_fit() -> bool:
@@ -74,17 +67,11 @@ def fix_multiworker_fit() -> bool:
     setting = os.environ.get(ENV)
     if setting == "0" or (setting != "1" and not _keras_fails()):
         return False
-    from keras.src.backend.tensorflow import trainer
-
-    cls = trainer.TensorFlowTrainer
-    wrapped = False
-    if not getattr(cls._maybe_symbolic_build, _MARK, False):
-        cls._maybe_symbolic_build = _local_symbolic_build(cls._maybe_symbolic_build)
-        wrapped = True
-    if not getattr(trainer.reduce_per_replica, _MARK, False):
-        trainer.reduce_per_replica = _mean_across_replicas(trainer.reduce_per_replica)
-        wrapped = True
-    if wrapped:
+    build, reduce = internals.trainer_functions()
+    wrapped = [not getattr(f, _MARK, False) for f in (build, reduce)]
+    internals.replace_trainer_functions(_local_symbolic_build(build) if wrapped[0] else build,
+                                        _mean_across_replicas(reduce) if wrapped[1] else reduce)
+    if any(wrapped):
         _log.info("Keras's fit under MultiWorkerMirroredStrategy fixed (keras-team/keras#20585; %s=0 turns this off)",
                   ENV)
     return True
@@ -92,27 +79,26 @@ def fix_multiworker_fit() -> bool:
 
 def install_under(strategy: Any) -> None:
     """`fix_multiworker_fit()` if `strategy` is a MultiWorkerMirroredStrategy in multi-worker mode."""
-    if _multi_worker(strategy):
+    if internals.in_multi_worker_mode(strategy):
         fix_multiworker_fit()
 
 
 def _local_symbolic_build(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        strategy = self._distribute_strategy
-        if iterator is None or strategy is None or not _multi_worker(strategy):
+        strategy = internals.trainer_strategy(self)
+        if iterator is None or strategy is None or not internals.in_multi_worker_mode(strategy):
             return original(self, iterator=iterator, data_batch=data_batch)
         import tensorflow as tf
-        from keras.src import tree
 
         for _, _, it in iterator:
             batch = next(it)
-            data_batch = tree.map_structure(
+            data_batch = keras.tree.map_structure(
                 lambda v: strategy.experimental_local_results(v)[0]
                 if isinstance(v, tf.distribute.DistributedValues) else v, batch)
             break
         with strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
+            internals.symbolic_build(self, data_batch)
 
     setattr(_maybe_symbolic_build, _MARK, True)
     return _maybe_symbolic_build
@@ -121,11 +107,9 @@ def _local_symbolic_build(original: Callable[..., Any]) -> Callable[..., Any]:
 def _mean_across_replicas(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def reduce_per_replica(values, strategy, reduction):
-        if reduction not in ("auto", "mean") or not _multi_worker(strategy):
+        if reduction not in ("auto", "mean") or not internals.in_multi_worker_mode(strategy):
             return original(values, strategy, reduction)
-        from keras.src import tree
-
-        return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return keras.tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
 
     setattr(reduce_per_replica, _MARK, True)
     return reduce_per_replica

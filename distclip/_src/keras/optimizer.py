@@ -4,34 +4,56 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import warnings
-from typing import Any, Dict, List, NoReturn, Optional, Union
+from typing import Any, Dict, List, NoReturn, Optional
 
 import keras
 
+from distclip._src import internals
 from distclip._src.clip import ClipResult
 from distclip._src.errors import ArgumentError
 from distclip._src.keras import multiworker_fit
 from distclip._src.lockstep import create_variables
 from distclip._src.noise import NoiseScale
 from distclip._src.rewind import Rewind
-from distclip._src.nonfinite import Nonfinite
 from distclip._src.optimizer import optimizers_in
-from distclip._src.options import BucketMB, StepOptions
 from distclip._src.policies import Policy
-from distclip._src.sync import BackendName, Reduction
-from distclip._src.sync.wire import Compression
-from distclip._src.threshold import ClipNorm
-from distclip._src.update import ClipUpdate, Diagnostics
+from distclip._src.base import StepBase
+from distclip._src.update import ClipUpdate
 
 
-#: The configuration of the optimizer that updates: read from `inner_optimizer` and set on it, never the
-#: wrapper's own (which Keras's base class keeps at its defaults for its own use while building).
-INNER_CONFIG = frozenset({"weight_decay", "clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
-                          "ema_overwrite_frequency", "gradient_accumulation_steps"})
+class _InnerConfig:
+    """A configuration name of the optimizer that updates, as `LossScaleOptimizer` forwards `learning_rate`:
+    read from `inner_optimizer` and set on it.
+
+    The wrapper's own value is used only before `inner_optimizer` is set
+    (Keras's `__init__` sets its defaults) and while Keras's `build` runs for
+    the wrapper (it reads `use_ema` and `gradient_accumulation_steps` to
+    decide what to create for the wrapper itself, which must be nothing).
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, wrapper: Any, owner: Optional[type] = None) -> Any:
+        if wrapper is None:
+            return self
+        if _forwards(wrapper):
+            return getattr(wrapper.inner_optimizer, self.name)
+        return wrapper.__dict__.get("_own_config", {}).get(self.name)
+
+    def __set__(self, wrapper: Any, value: Any) -> None:
+        if _forwards(wrapper):
+            setattr(wrapper.inner_optimizer, self.name, value)
+        else:
+            wrapper.__dict__.setdefault("_own_config", {})[self.name] = value
+
+
+def _forwards(wrapper: Any) -> bool:
+    return "inner_optimizer" in wrapper.__dict__ and not wrapper.__dict__.get("_building", False)
 
 
 @keras.saving.register_keras_serializable(package="distclip")
-class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
+class ClipOptimizer(StepBase, keras.optimizers.Optimizer):
     """Wraps a Keras 3 optimizer so that `model.fit` clips the synchronized gradients.
 
         model.compile(optimizer=distclip.keras.ClipOptimizer(keras.optimizers.Adam(1e-3), clip_norm=1.0),
@@ -90,32 +112,17 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
         callable of the step, or a policy (`distclip.AutoClip`,
         `distclip.SpikeClip`) whose state is kept in this optimizer's
         variables (saved with it).
-      nonfinite: "skip" (default): when the synchronized norm is inf or NaN,
-        every replica skips the step together (the variables, the optimizer's
-        slots and `iterations` stay as they were); "raise" fails the step;
-        "propagate" applies the NaN gradients.
-      reduction: "auto" (SUM under tf.distribute; MEAN under Horovod), "sum"
-        or "mean".
-      backend: "auto" (found from the context), "tf_distribute", "horovod" or
-        "none".
-      sparse_as_dense: send `tf.IndexedSlices` as dense tensors in the packed
-        all-reduce instead of all-gathering them.
-      compression: None or "fp16": float32/float64 gradients travel as float16.
-      accumulation_steps: k, 1 to 2**31 - 1: every k-th call reduces the local sums of k
-        micro-batches' gradients once, clips their mean and applies it
-        (`iterations` counts the updates).
-      bucket_mb: "auto", None or a size in megabytes, as for
-        `distclip.sync_and_clip`.
-      variable_norms: also measure each synchronized gradient's own L2 norm
-        (`ClipResult.variable_norms`, and the `variable_norms` state that
-        `ClipLogger` writes per layer): one float per variable, no collective.
-      noise_scale: a `distclip.NoiseScale` to estimate the gradient noise
-        scale at every update (`ClipResult.noise`; needs 2 or more replicas),
-        or None.
-      rewind: a `distclip.Rewind` to rewind to an in-memory snapshot and skip
-        updates when the norm (or the loss given to `apply`) spikes, on every
-        replica together; or None. Needs `nonfinite="skip"`.
-      name: the optimizer's name.
+      nonfinite: as for `distclip.ClipStep` ("skip": `iterations` stays as it was too).
+      reduction: as for `distclip.ClipStep`.
+      backend: as for `distclip.ClipStep`.
+      sparse_as_dense: as for `distclip.ClipStep`.
+      compression: as for `distclip.ClipStep`.
+      accumulation_steps: as for `distclip.ClipStep` (`iterations` counts the updates).
+      bucket_mb: as for `distclip.ClipStep`.
+      variable_norms: as for `distclip.ClipStep`.
+      noise_scale: as for `distclip.ClipStep`.
+      rewind: as for `distclip.ClipStep`.
+      name: the optimizer's name (None: "clip_optimizer").
 
     Raises:
       ArgumentError: a bad argument, named with its value.
@@ -123,36 +130,32 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
 
     _distclip_wrapper = True  # refused as the optimizer of another distclip step
 
-    def __init__(self, optimizer: Union[keras.optimizers.Optimizer, Dict[str, Any]], clip_norm: ClipNorm, *,
-                 nonfinite: Nonfinite = "skip", reduction: Reduction = "auto", backend: BackendName = "auto",
-                 sparse_as_dense: bool = False, compression: Compression = None, accumulation_steps: int = 1,
-                 bucket_mb: BucketMB = "auto", variable_norms: bool = False,
-                 noise_scale: Optional[NoiseScale] = None, rewind: Optional[Rewind] = None,
-                 name: Optional[str] = None) -> None:
+    def _start(self, optimizer: Any, name: Optional[str]) -> Any:
         if isinstance(optimizer, dict):
             optimizer = keras.saving.deserialize_keras_object(optimizer)
-        options = StepOptions(nonfinite=nonfinite, reduction=reduction, backend=backend,
-                              sparse_as_dense=sparse_as_dense, compression=compression,
-                              accumulation_steps=accumulation_steps, bucket_mb=bucket_mb,
-                                   variable_norms=variable_norms)
-        update = ClipUpdate(optimizer, clip_norm, options, "ClipOptimizer", noise_scale, rewind)
-        super().__init__(learning_rate=0.0, name=name or "clip_optimizer")
-        self.options = options
-        self.inner_optimizer = optimizer
-        self.clip_norm = clip_norm
-        self.noise_scale = noise_scale
-        self.rewind = rewind
-        self._update = update
-        self.accumulation = update.accumulation
-        self.__dict__["_complete"] = True
-        multiworker_fit.install_under(self._distribution_strategy)
+        keras.optimizers.Optimizer.__init__(self, learning_rate=0.0, name=name or "clip_optimizer")
+        return optimizer
 
-    def __getattribute__(self, name: str) -> Any:
-        if name in INNER_CONFIG:
-            state = object.__getattribute__(self, "__dict__")
-            if state.get("_complete") and not state.get("_building"):
-                return getattr(state["inner_optimizer"], name)
-        return super().__getattribute__(name)
+    def _create_update(self, optimizer: Any) -> ClipUpdate:
+        update = ClipUpdate(optimizer, self.clip_norm, self.options, "ClipOptimizer", self._state_variable,
+                            self.noise_scale, self.rewind)
+        self.inner_optimizer = optimizer
+        self.accumulation = update.accumulation
+        if update.rewinding is not None:
+            self.rewinding = update.rewinding  # tracked: saved by tf.train.Checkpoint
+        multiworker_fit.install_under(internals.optimizer_strategy(self))
+        return update
+
+    # The inner optimizer's configuration, read from it and set on it.
+    weight_decay = _InnerConfig()
+    clipnorm = _InnerConfig()
+    clipvalue = _InnerConfig()
+    global_clipnorm = _InnerConfig()
+    use_ema = _InnerConfig()
+    ema_momentum = _InnerConfig()
+    ema_overwrite_frequency = _InnerConfig()
+    gradient_accumulation_steps = _InnerConfig()
+
 
     def __getattr__(self, name: str) -> Any:
         # Only for names the wrapper lacks: the inner optimizer's own public ones (beta_1, Muon's lr_adjust, ...).
@@ -202,12 +205,8 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
             return
 
         def create():  # eagerly, once, under our strategy, wherever build is called from
-            with self._distribution_strategy.scope():
+            with internals.optimizer_strategy(self).scope():
                 self._update.ensure_built(var_list)  # checks the variables before anything is created
-                self._update.create_state(self._state_variable)
-                self._update.create_vectors(var_list)
-                if self._update.rewinding is not None:
-                    self.rewinding = self._update.rewinding  # tracked: saved by tf.train.Checkpoint
                 self.__dict__["_building"] = True  # Keras's build reads the wrapper's own use_ema, ...
                 try:
                     super(ClipOptimizer, self).build(var_list)
@@ -220,18 +219,14 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
         return self.add_variable(
             shape, initializer=keras.initializers.Constant(initial), dtype=dtype.name, aggregation="none", name=name)
 
-    # What the latest update saw (see distclip._src.update.StepState); available once built.
-    skipped_steps = property(lambda self: self._update.state.skipped_steps)
-    # Accumulation (see ClipStep): checkpoints only when pending_micro_batches is 0.
-    pending_micro_batches = property(lambda self: self._update.pending_micro_batches)
-    applies_next = property(lambda self: self._update.applies_next)
-    global_norm = property(lambda self: self._update.state.global_norm)
-    clip_norm_used = property(lambda self: self._update.state.clip_norm)
-    clip_scale = property(lambda self: self._update.state.clip_scale)
+    @property
+    def skipped_steps(self) -> Any:
+        """The int64 variable counting the steps skipped because the synchronized global norm was not finite."""
+        return self._update.state.skipped_steps
 
     @property
     def variables(self) -> List[Any]:
-        return self._variables[:] + self.inner_optimizer.variables
+        return internals.own_variables(self) + self.inner_optimizer.variables
 
     @property
     def learning_rate(self):
@@ -256,12 +251,11 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
         """
         return self.inner_optimizer.scale_loss(loss)
 
-    def __setattr__(self, name, value):
-        if name in INNER_CONFIG and self.__dict__.get("_complete", False):
-            setattr(self.inner_optimizer, name, value)
-            return
-        # A LossScaleOptimizer wrapping this one sets our loss_scale_factor once we exist.
-        if name == "loss_scale_factor" and self.__dict__.get("_complete", False):
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Only to refuse a LossScaleOptimizer around this one, which sets our loss_scale_factor to None once we
+        # exist. A property setter would never see it: Keras's KerasAutoTrackable.__setattr__ returns early
+        # when the attribute already `is` the value (None is None).
+        if name == "loss_scale_factor" and "inner_optimizer" in self.__dict__:
             raise ArgumentError(
                 "a keras.optimizers.LossScaleOptimizer is wrapping a ClipOptimizer, which would decide overflows "
                 "per replica, before the all-reduce. Put it inside instead: ClipOptimizer(LossScaleOptimizer(inner), "
@@ -299,7 +293,7 @@ class ClipOptimizer(Diagnostics, keras.optimizers.Optimizer):
         if trainable_variables is None:
             if not self.built:
                 raise ArgumentError("ClipOptimizer.apply: pass trainable_variables (the optimizer is not built yet)")
-            trainable_variables = self._trainable_variables
+            trainable_variables = internals.built_variables(self)
         trainable_variables = list(trainable_variables)
         self.build(trainable_variables)
         return self._update.apply(grads, trainable_variables, loss)

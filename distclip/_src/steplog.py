@@ -35,7 +35,6 @@ import tensorflow as tf
 from distclip._src.attribution import NonfiniteUpdate, ReplicaPlace
 from distclip._src.errors import ContextError
 from distclip._src.rewind import RewindEvent
-from distclip._src.variables import read_value
 
 COLUMNS = ("step", "loss", "global_norm", "scale", "clip_norm", "clipped", "skipped", "action")
 #: What an update did (the `action` column): applied; skipped for a non-finite norm (or applied as it was, with
@@ -183,41 +182,6 @@ class StepLog:
 def _row(values: Sequence[str]) -> Dict[str, Any]:
     """A metrics.csv row as written: numbers as floats, the action as its name."""
     return {c: v if c == "action" else float(v) for c, v in zip(COLUMNS, values, strict=True)}
-
-
-class Actions:
-    """What each update of a clip step did (`ACTIONS`), told apart on the host by the step's counters.
-
-    With `rewind`, one int64 scalar is read per update (the rewind's count of updates not learned from), and
-    a second only when it moved (to tell a rewind from a skip); without, nothing: the update was applied, or
-    non-finite.
-    """
-
-    def __init__(self, rewinding: Any, skip_nonfinite: bool):
-        self.rewinding = rewinding
-        self.skip_nonfinite = skip_nonfinite
-        self._skipped = self._read("skipped")
-        self._rewinds = self._read("rewinds")
-
-    def _read(self, counter: str) -> int:
-        return 0 if self.rewinding is None else int(read_value(getattr(self.rewinding, counter)).numpy())
-
-    def latest(self, finite: bool) -> str:
-        """The action of the update just taken (call once per update)."""
-        skipped = self._read("skipped")
-        if skipped == self._skipped:  # SKIP and REWIND (or STOP) each count one
-            return "applied" if finite else "nonfinite"
-        self._skipped = skipped
-        rewinds = self._read("rewinds")
-        if rewinds == self._rewinds:
-            return "skipped"
-        self._rewinds = rewinds
-        event = self.rewinding.latest_event()
-        return "stopped" if event is not None and event.stopped else "rewound"
-
-    def skipped(self, action: str) -> bool:
-        """Whether `action` left the variables as they were (a non-finite update is applied under "propagate")."""
-        return action != "applied" and (action != "nonfinite" or self.skip_nonfinite)
 
 
 def layer_of(name: str) -> str:

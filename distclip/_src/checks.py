@@ -1,8 +1,9 @@
 """Checks of the gradients and variables a step is given; each error names the argument and value."""
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -21,6 +22,24 @@ def check_integer(name: str, value: Any, low: int, high: int = LARGEST) -> None:
     [`low`, `high`]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= int(value) <= high:
         raise ArgumentError(f"{name} must be an integer from {low} to {high}; got {name}={short_repr(value)}")
+
+
+def check_number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = True,
+                 high_open: bool = False, integer: bool = False, rule: Optional[str] = None) -> Any:
+    """Returns `value` if it is a finite real number (an integer with `integer`; not a bool) between `low` and
+    `high` (each excluded where open); raises ArgumentError naming `name`, `value` and the `rule` (by default
+    the bounds, in words) otherwise."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = isinstance(value, numbers.Integral)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        if rule is None:
+            rule = f"{'an integer' if integer else 'a number'} {'>' if low_open else '>='} {low}" + (
+                f" and {'<' if high_open else '<='} {high}" if high != math.inf else "")
+        raise ArgumentError(f"{name} must be {rule}; got {name}={value!r}")
+    return value
 
 
 def short_repr(value: Any) -> str:

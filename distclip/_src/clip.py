@@ -168,7 +168,43 @@ def clip_synchronized(
       report travelled as float16 or bfloat16 (float16 gradients on the wire), too narrow for it.
     """
     present = [i for i, g in enumerate(grads) if g is not None]
-    local = [grads[i] for i in present]
+    r = _reduce([grads[i] for i in present], backend, options, loss)                                 # reduce
+    op = sync.resolve_reduction(options.reduction, backend)
+    to_mean = _to_mean(op, backend, micro_batches, loss_scale)
+    total = tf.add_n(r.squares) if r.squares else tf.zeros([], tf.float32)
+    norm = norm_from_squares(total, r.summed) * to_mean                                               # measure
+    finite = tf.math.is_finite(norm)
+    threshold = threshold_of(norm)                                                                     # decide
+    scale = guarded_scale(options.nonfinite, clip_scale(norm, threshold), norm, finite)
+    clipped = scale_gradients(r.summed, scale * to_mean, zero_on_zero_scale=skips(options.nonfinite))  # scale
+
+    out_grads: List[Optional[Any]] = [None] * len(grads)
+    for i, g in zip(present, clipped, strict=True):
+        out_grads[i] = g
+    result = ClipResult(
+        grads=out_grads, global_norm=norm, scale=scale, clipped=tf.logical_and(finite, norm > threshold),
+        finite=finite, nonfinite_replicas=tf.logical_and(tf.logical_not(finite), r.flags),
+        nonfinite_variables=_scatter(nonfinite_variables(r.summed, total), present, len(grads), False),
+        variable_norms=_variable_norms(r.squares, to_mean, present, len(grads)) if options.variable_norms else None,
+        loss=None if loss is None else r.loss_sum * _to_mean(op, backend, micro_batches, None))
+    precise = r.wire_dtype in (tf.float32, tf.float64)  # a float16 sum of squares overflows at 65504
+    return result, threshold, r.local_squares * to_mean * to_mean if precise else None
+
+
+class _Reduced(NamedTuple):
+    """What the packed all-reduce brought back: the summed gradients and each one's squared norm, and the
+    replicas' report (non-finite flags, the sum of their own squares, the loss's sum)."""
+
+    summed: List[Any]
+    squares: List[Any]
+    flags: tf.Tensor
+    local_squares: tf.Tensor
+    loss_sum: tf.Tensor
+    wire_dtype: tf.DType
+
+
+def _reduce(local: List[Any], backend: sync.Backend, options: StepOptions, loss: Optional[tf.Tensor]) -> _Reduced:
+    """Sums `local` over replicas in one packed collective per bucket; the report rides on the last one."""
     n = backend.num_replicas()
     sent, dtypes = wire.encode(local, sparse_as_dense=options.sparse_as_dense, compression=options.compression)
     # The report travels in the gradients' dtype: a strategy packs one buffer of one dtype per collective.
@@ -183,34 +219,14 @@ def clip_synchronized(
     plan = buckets.plan(sent, bucket_mb)
     for b, bucket in enumerate(plan):
         extra = [report] if b == len(plan) - 1 else []  # in the last collective, which waits for every gradient
-        out = backend.all_reduce_sum([sent[i] for i in bucket] + extra)                                # reduce
+        out = backend.all_reduce_sum([sent[i] for i in bucket] + extra)
         reduced = wire.decode(out[:len(bucket)], [dtypes[i] for i in bucket])
         for i, g in zip(bucket, reduced, strict=True):  # each bucket's share of the norm, as soon as it arrives
             summed[i], squares[i] = g, squared_norm(g)
         if extra:
             flags, local_squares = read_report(out[-1], n)
             loss_sum = tf.cast(out[-1][-1], tf.float32)
-
-    op = sync.resolve_reduction(options.reduction, backend)
-    to_mean = _to_mean(op, backend, micro_batches, loss_scale)
-    total = tf.add_n(squares) if squares else tf.zeros([], tf.float32)
-    norm = norm_from_squares(total, summed) * to_mean                                                 # measure
-    finite = tf.math.is_finite(norm)
-    threshold = threshold_of(norm)                                                                     # decide
-    scale = guarded_scale(options.nonfinite, clip_scale(norm, threshold), norm, finite)
-    clipped = scale_gradients(summed, scale * to_mean, zero_on_zero_scale=skips(options.nonfinite))  # scale
-
-    out_grads: List[Optional[Any]] = [None] * len(grads)
-    for i, g in zip(present, clipped, strict=True):
-        out_grads[i] = g
-    result = ClipResult(
-        grads=out_grads, global_norm=norm, scale=scale, clipped=tf.logical_and(finite, norm > threshold),
-        finite=finite, nonfinite_replicas=tf.logical_and(tf.logical_not(finite), flags),
-        nonfinite_variables=_scatter(nonfinite_variables(summed, total), present, len(grads), False),
-        variable_norms=_variable_norms(squares, to_mean, present, len(grads)) if options.variable_norms else None,
-        loss=None if loss is None else loss_sum * _to_mean(op, backend, micro_batches, None))
-    precise = wire_dtype in (tf.float32, tf.float64)  # a float16 sum of squares overflows at 65504
-    return result, threshold, local_squares * to_mean * to_mean if precise else None
+    return _Reduced(summed, squares, flags, local_squares, loss_sum, wire_dtype)
 
 
 def _variable_norms(squares: List[tf.Tensor], to_mean: Any, present: List[int], size: int) -> tf.Tensor:

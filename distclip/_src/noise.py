@@ -23,14 +23,12 @@ all-reduce (`distclip._src.nonfinite.replica_report`), and needs n >= 2.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import tensorflow as tf
 
-from distclip._src.checks import check_integer
+from distclip._src.checks import check_integer, check_number
 from distclip._src.errors import ArgumentError, ContextError
 from distclip._src.threshold import MakeVariable
 from distclip._src.variables import read_value
@@ -57,9 +55,7 @@ class NoiseScale:
 
     def __post_init__(self) -> None:
         check_integer("global_batch_size", self.global_batch_size, 2, 2 ** 53)  # exact as a float64
-        d = self.decay
-        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not math.isfinite(d) or not 0 <= d < 1:
-            raise ArgumentError(f"decay must be a number in [0, 1); got decay={d!r}")
+        check_number("decay", self.decay, 0, 1, low_open=False, high_open=True, rule="a number in [0, 1)")
 
 
 class NoiseEstimate(NamedTuple):

@@ -1,12 +1,10 @@
 """`StepOptions`: how a clip step synchronizes and what it does with a non-finite norm, checked once."""
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Literal, Tuple, Union
 
-from distclip._src.checks import check_integer
+from distclip._src.checks import check_integer, check_number
 from distclip._src.errors import ArgumentError
 from distclip._src.nonfinite import NONFINITE, Nonfinite
 from distclip._src.sync import BACKENDS, REDUCTIONS, BackendName, Reduction
@@ -44,11 +42,8 @@ class StepOptions:
             raise ArgumentError(f"variable_norms must be True or False; got variable_norms={self.variable_norms!r}")
         check_integer("accumulation_steps", self.accumulation_steps, 1, 2 ** 31 - 1)
         object.__setattr__(self, "accumulation_steps", int(self.accumulation_steps))
-        mb = self.bucket_mb
-        if mb not in (None, "auto") and (isinstance(mb, (bool, str)) or not isinstance(mb, numbers.Real)
-                                         or not math.isfinite(mb) or mb <= 0):
-            raise ArgumentError(
-                f"bucket_mb must be 'auto', None or a positive number of megabytes; got bucket_mb={mb!r}")
+        if self.bucket_mb not in (None, "auto"):
+            check_number("bucket_mb", self.bucket_mb, 0, rule="'auto', None or a positive number of megabytes")
 
     def as_dict(self) -> Dict[str, Any]:
         """The options as keyword arguments (for `get_config`)."""

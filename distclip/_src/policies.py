@@ -14,12 +14,12 @@ Nothing here reads a value back to the host, so both compile under XLA.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Dict, Optional, Tuple
 
 import keras
 import tensorflow as tf
 
+from distclip._src.checks import check_number
 from distclip._src.errors import ArgumentError
 from distclip._src.norm import NO_CLIP
 
@@ -91,20 +91,6 @@ class Policy:
         return f"{type(self).__name__}({args})"
 
 
-def _number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = True,
-            integer: bool = False) -> Any:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and integer:
-        ok = isinstance(value, numbers.Integral)
-    if ok:
-        ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
-        raise ArgumentError(f"{name} must be {kind} {bound}; got {name}={value!r}")
-    return value
-
-
 @keras.saving.register_keras_serializable(package="distclip")
 class AutoClip(Policy):
     """The `percentile`-th percentile of the global norms seen so far (Seetharaman et al., 2020).
@@ -126,8 +112,8 @@ class AutoClip(Policy):
     """
 
     def __init__(self, percentile: float = 10.0, history: int = 1000) -> None:
-        self.percentile = float(_number("percentile", percentile, 0.0, 100.0, low_open=False))
-        self.history = int(_number("history", history, 0, integer=True))
+        self.percentile = float(check_number("percentile", percentile, 0.0, 100.0, low_open=False))
+        self.history = int(check_number("history", history, 0, integer=True))
 
     def state_spec(self) -> StateSpec:
         """The state's variables, which `ClipStep` and `ClipOptimizer` create and keep.
@@ -213,13 +199,13 @@ class SpikeClip(Policy):
 
     def __init__(self, z: float = 3.0, decay: float = 0.99, warmup: int = 100,
                  initial_clip_norm: Optional[float] = None) -> None:
-        self.z = float(_number("z", z, 0.0))
-        self.decay = float(_number("decay", decay, 0.0, 1.0, low_open=False))
+        self.z = float(check_number("z", z, 0.0))
+        self.decay = float(check_number("decay", decay, 0.0, 1.0, low_open=False))
         if self.decay == 1.0:
             raise ArgumentError(f"decay must be < 1 (the statistics would never move); got decay={decay!r}")
-        self.warmup = int(_number("warmup", warmup, 1, low_open=False, integer=True))
+        self.warmup = int(check_number("warmup", warmup, 1, low_open=False, integer=True))
         if initial_clip_norm is not None:
-            initial_clip_norm = float(_number("initial_clip_norm", initial_clip_norm, 0.0))
+            initial_clip_norm = float(check_number("initial_clip_norm", initial_clip_norm, 0.0))
         self.initial_clip_norm = initial_clip_norm
 
     def state_spec(self) -> StateSpec:

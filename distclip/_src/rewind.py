@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
-import numbers
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
-from distclip._src.checks import LARGEST, check_integer
+from distclip._src.checks import LARGEST, check_integer, check_number
 from distclip._src import internals
 from distclip._src.errors import ArgumentError
 from distclip._src.lockstep import create_variables
@@ -117,10 +115,8 @@ class Rewind:
         if self.nonfinite_in_row is not None:
             check_integer("nonfinite_in_row", self.nonfinite_in_row, 1)
         for key, bound in (("factor", 1.0), ("zscore", 0.0)):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                                      or not math.isfinite(value) or value <= bound):
-                raise ArgumentError(f"{key} must be None or a finite number > {bound:g}; got {key}={value!r}")
+            if getattr(self, key) is not None:
+                check_number(key, getattr(self, key), bound, rule=f"None or a finite number > {bound:g}")
         if self.factor is None and self.zscore is None and self.nonfinite_in_row is None:
             raise ArgumentError("Rewind needs a test: factor, zscore or nonfinite_in_row; got all three None")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import os
 import resource
@@ -28,33 +29,11 @@ import signal
 import subprocess
 import sys
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from distclip.cluster import free_ports
 from distclip.cluster.netns import isolate
-
-
-#: Seconds the other workers get between SIGTERM and SIGKILL when one of them failed.
-FAILURE_GRACE_S = 5.0
-
-
-def exit_reason(code: int) -> str:
-    """How a process ended, from its exit code (negative: the signal that killed it), in words."""
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with status {code}"
-
-
-def is_stopped(pid: int) -> bool:
-    """Whether process `pid` is stopped (SIGSTOP, SIGTSTP): it will never answer its peers."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False
+from distclip.cluster.supervision import FAILURE_GRACE_S, Forwarding, exit_reason, is_stopped, terminate
 
 
 def _why(e: OSError) -> str:
@@ -80,24 +59,51 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
     * `timeout` bounds the whole run.
     Every stop says which worker caused it.
     """
-    procs: List[subprocess.Popen] = []
-
-    def signal_all(sig: int) -> None:
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, sig)
-                except ProcessLookupError:
-                    pass
-
     def say(message: str) -> None:
         print(f"distclip.cluster.launcher: {message}", file=log, flush=True)
 
+    procs, status = _start(command, nproc, say)
+    if status:
+        return status
+    send = functools.partial(_signal_all, procs)
+    with Forwarding((signal.SIGINT, signal.SIGTERM), send) as signals:
+        try:
+            status = _supervise(procs, signals, timeout, grace, exit_wait, say)
+            if status:
+                terminate(send, lambda: any(p.poll() is None for p in procs), _stop_grace(status, signals, grace))
+            for p in procs:
+                p.wait()
+            if not status:
+                failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
+                if failed:
+                    rank, code = failed[0]
+                    say(f"worker {rank} {exit_reason(code)}")
+                    status = code if code > 0 else 128 - code
+            if signals.first and not status:
+                status = 128 + signals.first[0]
+            return status
+        finally:
+            send(signal.SIGKILL)
+
+
+def _signal_all(procs: List[subprocess.Popen], sig: int) -> None:
+    """`sig` to every worker still running, and to its process group."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def _start(command: Sequence[str], nproc: int, say: Callable[[str], None]) -> Tuple[List[subprocess.Popen], int]:
+    """The `nproc` workers, each with its TF_CONFIG on localhost ports; or none and the status to exit with."""
     try:
         workers = [f"localhost:{p}" for p in free_ports(nproc, "127.0.0.1")]
     except OSError as e:
         say(f"cannot reserve {nproc} ports for the workers: {_why(e)}")
-        return 2
+        return [], 2
+    procs: List[subprocess.Popen] = []
     for i in range(nproc):
         config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
         env = dict(os.environ, TF_CONFIG=json.dumps(config))
@@ -105,85 +111,59 @@ def launch(command: Sequence[str], nproc: int, timeout: Optional[float] = None, 
             procs.append(subprocess.Popen(list(command), env=env, start_new_session=True))
         except OSError as e:
             say(f"worker {i} could not start: {_why(e)}; stopping the other {len(procs)} worker(s)")
-            signal_all(signal.SIGKILL)
+            _signal_all(procs, signal.SIGKILL)
             for p in procs:
                 p.wait()
-            return 127
+            return [], 127
+    return procs, 0
 
-    received: List[Tuple[int, float]] = []  # (signal, when) of each forwarded signal
 
-    def forward(signum, _frame):
-        received.append((signum, time.monotonic()))
-        signal_all(signum)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+def _supervise(procs: List[subprocess.Popen], signals: Forwarding, timeout: Optional[float], grace: float,
+               exit_wait: float, say: Callable[[str], None]) -> int:
+    """Polls the workers until all exited (0) or one of `launch`'s reasons to stop them (its status)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     waiting_since: dict = {}  # rank -> when it finished early or was first seen stopped
-    status = 0
-    try:
-        while True:
-            now = time.monotonic()
-            codes = [p.poll() for p in procs]  # poll every worker: `any` would stop at the first live one
-            if all(c is not None for c in codes):
-                break
-            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                rank, code = failed[0]
-                say(f"worker {rank} (pid {procs[rank].pid}) {exit_reason(code)}; "
-                    f"stopping the other {sum(c is None for c in codes)} worker(s)")
-                status = code if code > 0 else 128 - code
-                break
-            if received and now > received[0][1] + grace:
-                say(f"workers still running {grace:g} s after {signal.Signals(received[0][0]).name}: killing them")
-                status = 128 + received[0][0]
-                break
-            if deadline is not None and now > deadline:
-                say(f"--timeout {timeout:g} s reached; stopping all workers")
-                status = 124
-                break
-            for i, (p, c) in enumerate(zip(procs, codes, strict=True)):
-                if c == 0 or (c is None and is_stopped(p.pid)):
-                    waiting_since.setdefault(i, now)
-                elif c is None:
-                    waiting_since.pop(i, None)  # continued after a stop
-            late = [i for i, t in waiting_since.items() if now > t + exit_wait]
-            if late:
-                rank = late[0]
-                how = "exited with status 0" if codes[rank] == 0 else "is stopped (SIGSTOP) and does not answer"
-                running = sum(c is None for c in codes) - (codes[rank] is None)
-                say(f"worker {rank} (pid {procs[rank].pid}) {how} while {running} "
-                    f"other worker(s) still ran for {exit_wait:g} s (--exit-wait); stopping them")
-                status = 1
-                break
-            time.sleep(0.1)
-        if status:
-            signal_all(signal.SIGCONT)  # a stopped worker cannot act on SIGTERM
-            signal_all(signal.SIGTERM)
-            if received:  # the user's SIGTERM/SIGINT: up to --grace after it, to checkpoint and exit
-                wait = max(0.0, received[0][1] + grace - time.monotonic())
-            elif status == 124:
-                wait = grace  # the user's --timeout: the workers may checkpoint
-            else:
-                wait = min(grace, FAILURE_GRACE_S)  # a peer is gone: nothing useful can finish
-            end = time.monotonic() + wait
-            while any(p.poll() is None for p in procs) and time.monotonic() < end:
-                time.sleep(0.1)
-            signal_all(signal.SIGKILL)
-        for p in procs:
-            p.wait()
-        if not status:
-            failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
-            if failed:
-                rank, code = failed[0]
-                say(f"worker {rank} {exit_reason(code)}")
-                status = code if code > 0 else 128 - code
-        if received and not status:
-            status = 128 + received[0][0]
-        return status
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        signal_all(signal.SIGKILL)
+    while True:
+        now = time.monotonic()
+        codes = [p.poll() for p in procs]  # poll every worker: `any` would stop at the first live one
+        if all(c is not None for c in codes):
+            return 0
+        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            rank, code = failed[0]
+            say(f"worker {rank} (pid {procs[rank].pid}) {exit_reason(code)}; "
+                f"stopping the other {sum(c is None for c in codes)} worker(s)")
+            return code if code > 0 else 128 - code
+        if signals.first and signals.overdue(grace, now):
+            say(f"workers still running {grace:g} s after {signal.Signals(signals.first[0]).name}: killing them")
+            return 128 + signals.first[0]
+        if deadline is not None and now > deadline:
+            say(f"--timeout {timeout:g} s reached; stopping all workers")
+            return 124
+        for i, (p, c) in enumerate(zip(procs, codes, strict=True)):
+            if c == 0 or (c is None and is_stopped(p.pid)):
+                waiting_since.setdefault(i, now)
+            elif c is None:
+                waiting_since.pop(i, None)  # continued after a stop
+        late = [i for i, t in waiting_since.items() if now > t + exit_wait]
+        if late:
+            rank = late[0]
+            how = "exited with status 0" if codes[rank] == 0 else "is stopped (SIGSTOP) and does not answer"
+            running = sum(c is None for c in codes) - (codes[rank] is None)
+            say(f"worker {rank} (pid {procs[rank].pid}) {how} while {running} "
+                f"other worker(s) still ran for {exit_wait:g} s (--exit-wait); stopping them")
+            return 1
+        time.sleep(0.1)
+
+
+def _stop_grace(status: int, signals: Forwarding, grace: float) -> float:
+    """How long the workers get between SIGTERM and SIGKILL: what is left of `grace` after the user's signal,
+    all of it after `--timeout` (to checkpoint), at most 5 s after a failure (nothing useful can finish)."""
+    if signals.first:
+        return max(0.0, signals.first[1] + grace - time.monotonic())
+    if status == 124:
+        return grace
+    return min(grace, FAILURE_GRACE_S)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

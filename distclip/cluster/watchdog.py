@@ -54,7 +54,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from distclip.cluster import info
-from distclip.cluster.launcher import FAILURE_GRACE_S, exit_reason, is_stopped
+from distclip.cluster.supervision import FAILURE_GRACE_S, Forwarding, exit_reason, is_stopped, terminate
 
 ENV_DIR = "DISTCLIP_WATCHDOG_DIR"
 ENV_TIMEOUT = "DISTCLIP_WATCHDOG_TIMEOUT"
@@ -226,8 +226,7 @@ def watch(command: List[str], parent: str, run: str, timeout: float = 50.0, grac
     who = f"distclip.cluster.watchdog (rank {me.rank})"
     folder = make_folder(parent, run)
     mine = os.path.join(folder, f"rank-{me.rank}")
-    beat = 0
-    _write(mine, beat, "running")  # before the command starts: a refused state file stops the rank, not a run
+    _write(mine, 0, "running")  # before the command starts: a refused state file stops the rank, not a run
     try:
         child = subprocess.Popen(command, preexec_fn=_die_with_parent)
     except OSError as e:
@@ -235,66 +234,58 @@ def watch(command: List[str], parent: str, run: str, timeout: float = 50.0, grac
         _write(mine, 0, "exited 127")
         return 127
 
-    received: List[Tuple[int, float]] = []
+    def send(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(sig)
 
-    def forward(signum, _frame):
-        received.append((signum, time.monotonic()))
-        for sig in (signal.SIGCONT, signum):
-            try:
-                child.send_signal(sig)
-            except ProcessLookupError:
-                pass
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    peers = Peers(folder, me.rank, me.size)
-    started = time.monotonic()
-    try:
-        while child.poll() is None:
-            now = time.monotonic()
-            beat += 1
-            try:
-                _write(mine, beat, "stopped" if is_stopped(child.pid) else "running")
-                why = None if received else peers.problem(now, started, timeout)
-            except WatchdogError as e:
-                why = str(e)
-            if received and now > received[0][1] + grace:
-                print(f"{who}: still running {grace:g} s after {signal.Signals(received[0][0]).name}; killing it",
-                      file=log, flush=True)
-                child.kill()
-                break
+    with Forwarding((signal.SIGTERM, signal.SIGINT, signal.SIGHUP), send) as signals:
+        try:
+            beat, why = _beat(child, mine, Peers(folder, me.rank, me.size), signals, timeout, grace, who, log)
             if why:
                 print(f"{who}: {why}; stopping this rank", file=log, flush=True)
                 with contextlib.suppress(WatchdogError):  # already reported: how this rank ends is decided
                     _write(mine, beat + 1, "exited 1")  # first: the others must not wait on this rank either
-                _stop(child, min(grace, FAILURE_GRACE_S))
+                terminate(send, lambda: child.poll() is None, min(grace, FAILURE_GRACE_S))
+                child.wait()
                 with contextlib.suppress(WatchdogError):
                     _clean(folder, me.size)
                 return 1
-            try:
-                child.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                pass
-        code = child.wait()
-        with contextlib.suppress(WatchdogError):  # the command's status decides how this rank ends
-            _write(mine, beat + 1, f"exited {code}")
-            _clean(folder, me.size)
-        return code
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        if child.poll() is None:
+            code = child.wait()
+            with contextlib.suppress(WatchdogError):  # the command's status decides how this rank ends
+                _write(mine, beat + 1, f"exited {code}")
+                _clean(folder, me.size)
+            return code
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def _beat(child: subprocess.Popen, mine: str, peers: Peers, signals: Forwarding, timeout: float, grace: float,
+          who: str, log) -> Tuple[int, Optional[str]]:
+    """Once a second while the command runs: this rank's state written, the peers' read. Returns the last beat
+    and why this rank must stop (None: the command ended, or was killed `grace` s after a forwarded signal)."""
+    beat, started = 0, time.monotonic()
+    while child.poll() is None:
+        now = time.monotonic()
+        beat += 1
+        try:
+            _write(mine, beat, "stopped" if is_stopped(child.pid) else "running")
+            why = None if signals.first else peers.problem(now, started, timeout)
+        except WatchdogError as e:
+            why = str(e)
+        if signals.first and signals.overdue(grace, now):
+            print(f"{who}: still running {grace:g} s after {signal.Signals(signals.first[0]).name}; killing it",
+                  file=log, flush=True)
             child.kill()
-            child.wait()
-
-
-def _stop(child: subprocess.Popen, grace: float) -> None:
-    for sig in (signal.SIGCONT, signal.SIGTERM):
-        child.send_signal(sig)
-    try:
-        child.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
+            return beat, None
+        if why:
+            return beat, why
+        try:
+            child.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+    return beat, None
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -52,3 +52,20 @@ def test_a_gradient_of_another_shape_is_refused(mode, api, bad_shape):
                        match=r"grads\[0\] has shape .* but trainable_variables\[0\] \(sequential.*/kernel\) has shape \(4, 8\)"):
         call(mode, lambda: wrapper.apply(grads, model.trainable_variables))
     assert unchanged(before, snapshot(model, optimizer, wrapper))
+
+
+@pytest.mark.parametrize("kwargs, value, match", [
+    (dict(low=0.0), 0.0, r"x must be a number > 0.0; got x=0.0"),
+    (dict(low=0.0, high=1.0, low_open=False, high_open=True), 1.0, r"x must be a number >= 0.0 and < 1.0; got x=1.0"),
+    (dict(low=1, integer=True, low_open=False), 2.5, r"x must be an integer >= 1; got x=2.5"),
+    (dict(low=0.0), True, r"got x=True"),
+    (dict(low=0.0), float("inf"), r"got x=inf"),
+    (dict(low=0.0), "3", r"got x='3'"),
+    (dict(low=1.0, rule="None or a finite number > 1"), 1.0, r"x must be None or a finite number > 1; got x=1.0"),
+])
+def test_one_number_check_names_the_argument_the_rule_and_the_value(kwargs, value, match):
+    from distclip._src.checks import check_number
+
+    with pytest.raises(distclip.ArgumentError, match=match):
+        check_number("x", value, **kwargs)
+    assert check_number("x", 0.5, 0.0, 1.0) == 0.5 and check_number("x", 0, 0, low_open=False, integer=True) == 0

@@ -116,18 +116,18 @@ class AutoClip(Policy):
         self.history = int(check_number("history", history, 0, integer=True))
 
     def state_spec(self) -> StateSpec:
-        """The state's variables, which `ClipStep` and `ClipOptimizer` create and keep.
+        """A ring of the latest `history` finite norms and how many were seen.
 
         Returns:
-          name -> (shape, dtype, initial value).
+          name -> (shape, dtype, initial value): `norms` `[history]` float32, `count` int64.
         """
         return {"norms": ((self.history,), tf.float32, 0.0), "count": ((), tf.int64, 0)}
 
     def threshold(self, state: State, norm: tf.Tensor) -> tf.Tensor:
-        """This step's threshold, from the state before this step and this step's synchronized norm.
+        """The `percentile`-th percentile of the ring with this step's norm in it (linear interpolation).
 
         Args:
-          state: the policy's state before this step.
+          state: the ring and the count before this step.
           norm: this step's synchronized global norm (inf or NaN on a step that will be skipped).
 
         Returns:
@@ -147,14 +147,14 @@ class AutoClip(Policy):
         return tf.maximum(value, _FLOOR)
 
     def update(self, state: State, norm: tf.Tensor) -> State:
-        """The state after a step with a finite norm.
+        """The ring with this step's finite norm in the oldest slot.
 
         Args:
-          state: the policy's state before this step.
+          state: the ring and the count before this step.
           norm: this step's synchronized global norm (finite).
 
         Returns:
-          The new state.
+          The new ring and count.
         """
         return self._append(state, norm)
 
@@ -209,19 +209,19 @@ class SpikeClip(Policy):
         self.initial_clip_norm = initial_clip_norm
 
     def state_spec(self) -> StateSpec:
-        """The state's variables, which `ClipStep` and `ClipOptimizer` create and keep.
+        """The moving mean and variance of the clipped norms, and how many finite steps were seen.
 
         Returns:
-          name -> (shape, dtype, initial value).
+          name -> (shape, dtype, initial value): float32 `mean` and `var`, int64 `count`.
         """
         return {"mean": ((), tf.float32, 0.0), "var": ((), tf.float32, 0.0), "count": ((), tf.int64, 0)}
 
     def threshold(self, state: State, norm: tf.Tensor) -> tf.Tensor:
-        """This step's threshold, from the state before this step and this step's synchronized norm.
+        """`mean + z * std` of the state before this step; `initial_clip_norm` while warming up.
 
         Args:
-          state: the policy's state before this step.
-          norm: this step's synchronized global norm (inf or NaN on a step that will be skipped).
+          state: the mean, variance and count before this step.
+          norm: unused (the threshold depends on the past only).
 
         Returns:
           The threshold, a float32 scalar, in units of the global norm.
@@ -232,14 +232,14 @@ class SpikeClip(Policy):
         return tf.maximum(tf.where(warming, tf.constant(initial, tf.float32), spike), _FLOOR)
 
     def update(self, state: State, norm: tf.Tensor) -> State:
-        """The state after a step with a finite norm.
+        """The averages moved towards this step's norm after clipping, `min(norm, threshold)`.
 
         Args:
-          state: the policy's state before this step.
+          state: the mean, variance and count before this step.
           norm: this step's synchronized global norm (finite).
 
         Returns:
-          The new state.
+          The new mean, variance and count.
         """
         seen = tf.minimum(norm, self.threshold(state, norm))
         count = state["count"] + 1

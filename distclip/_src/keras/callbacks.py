@@ -125,9 +125,6 @@ class ClipLogger(keras.callbacks.Callback):
         if not isinstance(optimizer, ClipOptimizer):
             raise ContextError(
                 f"ClipLogger needs a model compiled with distclip.keras.ClipOptimizer; got {optimizer!r}")
-        if self.variable_norms_every and not optimizer.options.variable_norms:
-            raise ContextError(f"ClipLogger(variable_norms_every={self.variable_norms_every}) needs "
-                               "ClipOptimizer(..., variable_norms=True)")
         self._opt = optimizer
         self._batch_checked = False
         self.reporter = ClipReporter(

@@ -143,6 +143,9 @@ class ClipReporter:
             self._log = StepLog(log_dir, first_step=first_step or None)
             # A resumed run's earlier events, from the files the log kept.
             self.nonfinite, self.rewinds = self._log.earlier_nonfinite(), self._log.earlier_rewinds()
+        # Traced once: one call and one small transfer per report (eagerly, some twenty ops and a transfer).
+        self._packed = tf.function(self._pack, input_signature=[tf.TensorSpec([], tf.float32)])
+        self._no_loss = tf.constant(math.nan, tf.float32)
         # The latest values read: the counters, and the scalars of the latest update.
         self._latest = self._read(None)
 
@@ -191,10 +194,30 @@ class ClipReporter:
         return row
 
     def _read(self, loss: Any) -> _Read:
-        """The counters and the latest update's scalars, packed into one int64 vector (floats by their bits)."""
+        """The counters and the latest update's scalars, in one transfer from the device (`_pack`)."""
+        given = self._no_loss
+        if loss is not None and not isinstance(loss, (int, float, np.floating, np.integer)):
+            loss = tf.convert_to_tensor(loss)
+            if loss.shape.rank != 0 or not (loss.dtype.is_floating or loss.dtype.is_integer):
+                raise ArgumentError(f"loss must be a scalar (the loss as the loop reduced it); got loss={loss!r}")
+            given = tf.cast(loss, tf.float32)
+        packed = self._packed(given).numpy()
+        ints, bits = packed[:9], packed[9:].astype(np.int32).view(np.float32).tolist()
+        if isinstance(loss, tf.Tensor):
+            loss = bits[3]
+        return _Read(updates=int(ints[0]), skipped_steps=int(ints[1]), finite=bool(ints[2]),
+                     rewind_skipped=int(ints[3]), rewinds=int(ints[4]),
+                     latest_rewind=RewindEvent(int(ints[5]), int(ints[6]), int(ints[7]), bool(ints[8])),
+                     global_norm=bits[0], threshold=bits[1], scale=bits[2],
+                     loss=math.nan if loss is None else float(loss),
+                     noise=None if len(bits) == 4 else NoiseEstimate(*bits[4:7]))
+
+    def _pack(self, loss: tf.Tensor) -> tf.Tensor:
+        """One int64 vector: the update count (applied or skipped; a rewind counts every update it saw), the
+        non-finite skips, whether the latest norm was finite, the rewind's skips and rewinds and its latest
+        event, then the bits of the float32 norm, threshold, scale, `loss` and the noise scale's estimates."""
         update = self.step._update
-        state = update.state
-        rewinding = update.rewinding
+        state, rewinding = update.state, update.rewinding
         skips = tf.cast(read_value(state.skipped_steps), tf.int64)
         if rewinding is None:
             counts = [tf.cast(read_value(update.stepper.iterations), tf.int64) + skips, skips, state.finite, 0, 0]
@@ -202,27 +225,11 @@ class ClipReporter:
         else:
             counts = [rewinding.updates, skips, state.finite, rewinding.skipped, rewinding.rewinds]
             latest = read_value(rewinding.latest)
-        floats = [state.global_norm, state.clip_norm, state.clip_scale]
-        if loss is not None and not isinstance(loss, (int, float, np.floating, np.integer)):
-            loss = tf.convert_to_tensor(loss)
-            if loss.shape.rank != 0:
-                raise ArgumentError(f"loss must be a scalar (the loss as the loop reduced it); got loss={loss!r}")
-            floats.append(loss)
-        noise = None if state.noise is None else state.noise.latest()
-        packed = tf.concat([
-            tf.stack([tf.cast(read_value(c), tf.int64) for c in counts]), tf.cast(latest, tf.int64),
-            tf.cast(tf.bitcast(tf.stack([tf.cast(read_value(f), tf.float32) for f in floats]
-                                        + ([] if noise is None else list(noise))), tf.int32), tf.int64),
-        ], 0).numpy()
-        ints, bits = packed[:9], packed[9:].astype(np.int32).view(np.float32).tolist()
-        if isinstance(loss, tf.Tensor):
-            loss = bits.pop(3)
-        return _Read(updates=int(ints[0]), skipped_steps=int(ints[1]), finite=bool(ints[2]),
-                     rewind_skipped=int(ints[3]), rewinds=int(ints[4]),
-                     latest_rewind=RewindEvent(int(ints[5]), int(ints[6]), int(ints[7]), bool(ints[8])),
-                     global_norm=bits[0], threshold=bits[1], scale=bits[2],
-                     loss=math.nan if loss is None else float(loss),
-                     noise=None if noise is None else NoiseEstimate(*bits[3:6]))
+        floats = [read_value(f) for f in (state.global_norm, state.clip_norm, state.clip_scale)] + [loss]
+        floats += [] if state.noise is None else list(state.noise.latest())
+        return tf.concat([tf.stack([tf.cast(read_value(c), tf.int64) for c in counts]), tf.cast(latest, tf.int64),
+                          tf.cast(tf.bitcast(tf.stack([tf.cast(f, tf.float32) for f in floats]), tf.int32), tf.int64)],
+                         0)
 
     def _line(self, text: str) -> None:
         if self._rank == 0:

@@ -1,6 +1,6 @@
 """A custom training loop under MirroredStrategy with `distclip.ClipStep`.
 
-    python examples/custom_loop.py [LOG_DIR]    # then: tensorboard --logdir LOG_DIR/tensorboard
+    python examples/custom_loop.py [LOG_DIR]    # LOG_DIR needs tensorboard: tensorboard --logdir LOG_DIR/tensorboard
 
 Each replica differentiates its share of the global batch; `ClipStep.apply` all-reduces the gradients once,
 clips them by the global norm of the synchronized gradients, and applies one update through the optimizer.
@@ -9,7 +9,6 @@ stderr for a non-finite update or a rewind). The script checks what that promise
 identical, and the weights equal single-device training on the global batch with `tf.clip_by_global_norm`.
 """
 import sys
-import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -57,17 +56,17 @@ def train_step(x, y):
     return strategy.experimental_local_results(result.global_norm)[0]
 
 
-log_dir = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="custom-loop-")
+log_dir = sys.argv[1] if len(sys.argv) > 1 else None    # None: rows returned and lines on stderr, no files
 # Created on every process at the same point (it all-gathers where each replica runs); rank 0 writes.
 reporter = distclip.ClipReporter(clip, model.trainable_variables, log_dir=log_dir)
-norms = []
+norms, rows = [], []
 for xb, yb in strategy.experimental_distribute_dataset(dataset):
     norms.append(float(train_step(xb, yb)))
-    reporter.report()              # one small read: norm, threshold, scale, action; pass loss= to log it
+    rows.append(reporter.report())  # one small read: norm, threshold, scale, action; pass loss= to log it
 reporter.close()
-assert [row["global_norm"] for row in reporter.rows] == norms and reporter.clipped_steps == sum(
-    n > CLIP_NORM for n in norms)
-print(f"metrics.csv and tensorboard/ in {log_dir}")
+assert [row["global_norm"] for row in rows] == norms and reporter.clipped_steps == sum(n > CLIP_NORM for n in norms)
+if log_dir:
+    print(f"metrics.csv and tensorboard/ in {log_dir}")
 print(f"{strategy.num_replicas_in_sync} replicas, {STEPS} steps; global norm before clipping: "
       f"first {norms[0]:.3f}, last {norms[-1]:.3f}; clipped {sum(n > CLIP_NORM for n in norms)} steps")
 

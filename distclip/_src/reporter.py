@@ -144,7 +144,7 @@ class ClipReporter:
             # A resumed run's earlier events, from the files the log kept.
             self.nonfinite, self.rewinds = self._log.earlier_nonfinite(), self._log.earlier_rewinds()
         # Traced once: one call and one small transfer per report (eagerly, some twenty ops and a transfer).
-        self._packed = tf.function(self._pack, input_signature=[tf.TensorSpec([], tf.float32)])
+        self._packed = tf.function(self._pack, input_signature=[tf.TensorSpec([], tf.float32)], autograph=False)
         self._no_loss = tf.constant(math.nan, tf.float32)
         # The latest values read: the counters, and the scalars of the latest update.
         self._latest = self._read(None)

@@ -65,7 +65,7 @@ class StepBase:
     @property
     def clip_norm_used(self) -> Any:
         """The latest update's float32 variable: the threshold it used (inf for `clip_norm=None`)."""
-        return self._update.state.clip_norm
+        return self._update.state.threshold_used
 
     @property
     def clip_scale(self) -> Any:

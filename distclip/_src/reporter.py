@@ -225,7 +225,7 @@ class ClipReporter:
         else:
             counts = [rewinding.updates, skips, state.finite, rewinding.skipped, rewinding.rewinds]
             latest = read_value(rewinding.latest)
-        floats = [read_value(f) for f in (state.global_norm, state.clip_norm, state.clip_scale)] + [loss]
+        floats = [read_value(f) for f in (state.global_norm, state.threshold_used, state.clip_scale)] + [loss]
         floats += [] if state.noise is None else list(state.noise.latest())
         return tf.concat([tf.stack([tf.cast(read_value(c), tf.int64) for c in counts]), tf.cast(latest, tf.int64),
                           tf.cast(tf.bitcast(tf.stack([tf.cast(f, tf.float32) for f in floats]), tf.int32), tf.int64)],

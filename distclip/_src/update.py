@@ -51,7 +51,7 @@ class StepState:
     """What a clip step keeps besides the optimizer's state, in variables made by `make_variable`.
 
     `skipped_steps` counts updates skipped for a non-finite norm; `global_norm`
-    (before clipping), `clip_norm` (the threshold used), `clip_scale` and
+    (before clipping), `threshold_used`, `clip_scale` and
     `finite` are those of the latest update, and so are, once the variables
     are known (`create_vectors`), `nonfinite_replicas` and
     `nonfinite_variables` (0/1 per replica and per variable) and, with
@@ -64,7 +64,7 @@ class StepState:
     def __init__(self, make_variable: MakeVariable, noise_scale: Optional[NoiseScale] = None):
         self.skipped_steps = make_variable("skipped_steps", (), tf.int64, 0)
         self.global_norm = make_variable("global_norm", (), tf.float32, 0.0)
-        self.clip_norm = make_variable("clip_norm", (), tf.float32, 0.0)
+        self.threshold_used = make_variable("clip_norm", (), tf.float32, 0.0)  # its saved name, as before
         self.clip_scale = make_variable("clip_scale", (), tf.float32, 1.0)
         self.finite = make_variable("finite", (), tf.int64, 1)
         self.noise = None if noise_scale is None else NoiseState(noise_scale, make_variable)
@@ -90,7 +90,7 @@ class StepState:
         create_variables(create)
 
     def record(self, result: ClipResult, threshold: tf.Tensor) -> None:
-        for var, value in ((self.global_norm, result.global_norm), (self.clip_norm, threshold),
+        for var, value in ((self.global_norm, result.global_norm), (self.threshold_used, threshold),
                            (self.clip_scale, result.scale), (self.finite, tf.cast(result.finite, tf.int64)),
                            (self.nonfinite_replicas, tf.cast(result.nonfinite_replicas, tf.int64)),
                            (self.nonfinite_variables, tf.cast(result.nonfinite_variables, tf.int64)),
@@ -101,7 +101,7 @@ class StepState:
     def latest(self, n: int) -> ClipResult:
         """The latest update's result, read back (its gradients are not kept: `None`)."""
         norm, threshold, scale, finite = [read_value(v) for v in
-                                          (self.global_norm, self.clip_norm, self.clip_scale, self.finite)]
+                                          (self.global_norm, self.threshold_used, self.clip_scale, self.finite)]
         finite = tf.cast(finite, tf.bool)
         return ClipResult(grads=[None] * n, global_norm=norm, scale=scale,
                           clipped=tf.logical_and(finite, norm > threshold), finite=finite,
@@ -267,7 +267,7 @@ class ClipUpdate:
             for (var, _), value in zip(pairs, values, strict=True):
                 var.assign(value)
 
-        def apply(grads, policy_values, scale_values, norm, squares, loss) -> None:
+        def apply_update(grads, policy_values, scale_values, norm, squares, loss) -> None:
             rewinding.before_apply()
             with no_second_reduction(self.stepper):
                 self.stepper.apply(grads, targets)
@@ -284,7 +284,7 @@ class ClipUpdate:
 
         args = ([g for g, _ in pairs], [v for _, v in policy], [v for _, v in next_scale], result.global_norm,
                 replica_squares, result.loss)
-        done = run_switch(action, [apply, nonfinite, lambda *_: rewinding.skip_one(),
+        done = run_switch(action, [apply_update, nonfinite, lambda *_: rewinding.skip_one(),
                                    lambda *_: rewinding.rewind(stop=False), lambda *_: rewinding.rewind(stop=True)],
                           args)
         with tf.control_dependencies([done]):

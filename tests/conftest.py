@@ -16,6 +16,8 @@ tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfigu
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["timing"]  # --file-times (tests/timing.py)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def no_process_left_behind():
@@ -64,33 +66,3 @@ def reference():
     import fitting
 
     return fitting.reference()
-
-
-def pytest_addoption(parser):
-    parser.addoption("--file-times", action="store_true",
-                     help="print where the time went: seconds per test file (setup, call and teardown summed), "
-                          "slowest first, with each file's tier and number of tests")
-
-
-_FILE_TIMES = {}  # file -> [seconds, tests, slow tests]
-
-
-def pytest_runtest_logreport(report):
-    entry = _FILE_TIMES.setdefault(report.nodeid.split("::")[0], [0.0, 0, 0])
-    entry[0] += report.duration
-    if report.when == "call" or (report.when == "setup" and report.skipped):
-        entry[1] += 1
-        entry[2] += "slow" in report.keywords
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not config.getoption("--file-times") or not _FILE_TIMES:
-        return
-    rows = sorted(_FILE_TIMES.items(), key=lambda kv: -kv[1][0])
-    total = sum(seconds for seconds, _, _ in _FILE_TIMES.values())
-    terminalreporter.section("seconds per file")
-    terminalreporter.write_line(f"{'seconds':>8} {'share':>6} {'tests':>5}  {'tier':<8} file")
-    for path, (seconds, tests, slow) in rows:
-        tier = "scenario" if slow == tests else "unit" if not slow else "mixed"
-        terminalreporter.write_line(f"{seconds:8.1f} {seconds / total:6.1%} {tests:5d}  {tier:<8} {path}")
-    terminalreporter.write_line(f"{total:8.1f} {1:6.0%} {sum(t for _, t, _ in _FILE_TIMES.values()):5d}  total")

@@ -244,3 +244,28 @@ def check_skip(name: str, api: str, lazy: bool, **backend) -> Tuple[List[str], L
 
 def all_cases():
     return [(name, api, lazy) for name in exported() for api in APIS for lazy in (False, True)]
+
+
+#: The optimizer run in every (API, built lazily or not) variant across processes.
+EVERY_VARIANT = "Adam"
+
+
+def across_processes_cases():
+    """The cases the 2-process workers run: ("match" or "skip", name, API, lazy).
+
+    Every exported optimizer once, in one of the four (API, lazy) variants in turn, and EVERY_VARIANT in all four;
+    each SKIP_CASES optimizer skipping a step through both APIs, lazily for one and built beforehand for the
+    other. The full cross product runs in one process under MirroredStrategy and without a strategy
+    (tests/unit/test_optimizer.py): what depends on the optimizer (its slots, its own `apply`, building it
+    lazily inside the step) is the same code whatever keeps the replicas identical, while what depends on the
+    engine (the collective, the variables it mirrors, lazy creation inside a multi-worker replica context) runs
+    here in every variant, through EVERY_VARIANT and the rotation."""
+    variants = [(api, lazy) for api in APIS for lazy in (False, True)]
+    cases = []
+    for i, name in enumerate(exported()):
+        chosen = variants if name == EVERY_VARIANT else [variants[i % len(variants)]]
+        cases += [("match", name, api, lazy) for api, lazy in chosen]
+    for i, name in enumerate(SKIP_CASES):
+        cases += [("skip", name, api, bool((i + j) % 2)) for j, api in enumerate(APIS)]
+    return cases
+

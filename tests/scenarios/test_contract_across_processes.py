@@ -1,6 +1,6 @@
 """Keras as the oracle across processes: every optimizer through 2-process MultiWorkerMirroredStrategy and
 horovodrun -np 2 equals its own apply on one device (the cases of tests/contract.py; in one process:
-tests/unit/test_apply.py)."""
+tests/unit/test_optimizer.py, which runs every optimizer in every variant)."""
 import json
 import os
 
@@ -14,8 +14,12 @@ WORKER = os.path.join(WORKERS, "contract_worker.py")
 
 def _check_workers(outs):
     ranks = [json.loads(o.read_text()) for o in outs]
-    expected = len(contract.all_cases()) + len(contract.SKIP_CASES) * len(contract.APIS) * 2
-    assert len(ranks[0]) == expected
+    cases = contract.across_processes_cases()
+    assert len(ranks[0]) == len(cases)
+    # Every exported optimizer, every (API, lazy) variant, every skip case ran.
+    assert {name for _, name, _, _ in cases} == set(contract.exported())
+    assert {(api, lazy) for _, _, api, lazy in cases} == {(a, z) for a in contract.APIS for z in (False, True)}
+    assert {name for kind, name, _, _ in cases if kind == "skip"} == set(contract.SKIP_CASES)
     failed = {k: v["mismatches"] for k, v in ranks[0].items() if v["mismatches"]}
     assert not failed, failed
     # Both processes end with the same values, bit for bit.

@@ -18,6 +18,9 @@ import zipfile
 import pytest
 from procs import ROOT
 
+# Its module-scoped fixtures are made once: under pytest-xdist every test of the module runs in one worker.
+pytestmark = pytest.mark.xdist_group("package")
+
 EXAMPLES = os.path.join(ROOT, "examples")
 CONSTRAINTS = os.path.join(ROOT, "constraints.txt")
 TF_VERSION = re.search(r"^tensorflow-cpu==(\S+)$", open(CONSTRAINTS).read(), re.M).group(1)

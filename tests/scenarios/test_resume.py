@@ -22,12 +22,15 @@ import tensorflow as tf
 
 from procs import ROOT, rank_process
 
+# Its module-scoped fixtures are made once: under pytest-xdist every test of the module runs in one worker.
+pytestmark = pytest.mark.xdist_group("resume")
+
 
 BIN = os.path.join(os.path.dirname(sys.executable), "distclip")
 HOROVODRUN = os.path.join(ROOT, "launch", "horovodrun.sh")
-STEPS, EVERY = 1000, 300
-JOB = ["train", "--steps", str(STEPS), "--length", "10", "--units", "8", "--batch-size", "16",
-       "--checkpoint-every", str(EVERY)]
+STEPS, EVERY = 400, 100
+SETTINGS = ["--length", "10", "--units", "8", "--batch-size", "16", "--checkpoint-every", str(EVERY)]
+JOB = ["train", "--steps", str(STEPS), *SETTINGS]
 
 
 def _env(tmp_path):
@@ -61,7 +64,7 @@ def _interrupt(cmd, env, out, how, victim=None):
             deadline = time.monotonic() + 180
             # SIGTERM once a step is done (every rank's handler is set by then); SIGKILL after the first checkpoint.
             wanted = (lambda: _lines(out / "metrics.csv") >= 2) if how == signal.SIGTERM else (
-                lambda: (out / "checkpoints" / "checkpoint").exists())  # written last: ckpt-300 is complete
+                lambda: (out / "checkpoints" / "checkpoint").exists())  # written last: the first checkpoint is complete
             while not wanted() and p.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             target = p if victim is None else victim(out)
@@ -174,7 +177,9 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, backend, how, uninter
         assert int(_state(resumed)["progress/step/.ATTRIBUTES/VARIABLE_VALUE"]) == at
     else:
         assert code == -signal.SIGKILL
-        at = EVERY
+        # Killed once the first checkpoint was complete: the newest one is where the resume starts.
+        at = int(tf.train.latest_checkpoint(str(resumed / "checkpoints")).rsplit("-", 1)[1])
+        assert at % EVERY == 0 and 0 < at < STEPS, at
         # The killed run's lock died with it; the file it leaves does not block --resume (nor should it).
         assert (resumed / ".distclip.lock").exists()
     assert "resuming" not in output
@@ -235,23 +240,23 @@ def test_sigterm_to_the_launch_script_checkpoints_every_rank(tmp_path, script, s
     assert int(_state(out)["progress/step/.ATTRIBUTES/VARIABLE_VALUE"]) == int(stopped.group(1))
 
 
-# A short job for the damage and kill cases: the run to resume stops at step 200 (checkpoints 100 and 200 kept),
-# the reference runs 400 steps uninterrupted; --steps may change on resume, and nothing else depends on it.
-SHORT = ["train", "--length", "10", "--units", "8", "--batch-size", "16", "--checkpoint-every", "100",
-         "--strategy", "mirrored"]
+# The damage and kill cases: the job under MirroredStrategy stopped at step 200 (checkpoints 100 and 200 kept),
+# resumed to STEPS; the reference is the uninterrupted mirrored run above (--steps may change on resume, and
+# nothing else depends on it).
+SHORT = ["train", *SETTINGS, "--strategy", "mirrored"]
 
 
 @pytest.fixture(scope="module")
-def short_runs(tmp_path_factory):
+def short_runs(tmp_path_factory, uninterrupted):
+    """{"at-200": the run stopped at step 200, "reference": the uninterrupted run}"""
     base = tmp_path_factory.mktemp("short")
     _run([BIN, *SHORT, "--steps", "200", "--out", str(base / "at-200")], _env(base))
-    _run([BIN, *SHORT, "--steps", "400", "--out", str(base / "reference")], _env(base))
-    return base
+    return {"at-200": base / "at-200", "reference": uninterrupted("mirrored")}
 
 
 def _copy_of_run_at_200(short_runs, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(short_runs / "at-200", out)
+    shutil.copytree(short_runs["at-200"], out)
     assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint", "ckpt-100.data-00000-of-00001", "ckpt-100.index",
                                                        "ckpt-200.data-00000-of-00001", "ckpt-200.index", "config.json"]
     return out
@@ -281,7 +286,7 @@ def test_resume_uses_the_newest_readable_checkpoint_and_keeps_a_damaged_one_asid
         _truncate(ckpts / "ckpt-200.data-00000-of-00001")
     else:
         (ckpts / "checkpoint").write_text("garbage {{{")
-    r = _run([BIN, *SHORT, "--steps", "400", "--out", str(out), "--resume"], _env(tmp_path))
+    r = _run([BIN, *SHORT, "--steps", str(STEPS), "--out", str(out), "--resume"], _env(tmp_path))
     assert f"resuming at step {resumes_at} from {ckpts}" in r.stderr, r.stderr[-3000:]
     if resumes_at == 100:
         assert f"cannot read {ckpts / 'ckpt-200'} (" in r.stderr and f"moved to {ckpts / 'damaged'}" in r.stderr
@@ -289,7 +294,7 @@ def test_resume_uses_the_newest_readable_checkpoint_and_keeps_a_damaged_one_asid
         assert sorted(os.listdir(ckpts / "damaged")) == kept  # set aside, not deleted
     else:
         assert "cannot read" not in r.stderr
-    _assert_same_run(short_runs / "reference", out)
+    _assert_same_run(short_runs["reference"], out)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -311,7 +316,7 @@ def test_resume_refuses_rather_than_train_from_scratch(tmp_path, short_runs, dam
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     # With config.json gone, a changed setting (--seed) would go unnoticed if the check were skipped.
     seed = [] if damage == "every-checkpoint-unreadable" else ["--seed", "5"]
-    r = subprocess.run([BIN, *SHORT, "--steps", "400", "--out", str(out), "--resume", *seed],
+    r = subprocess.run([BIN, *SHORT, "--steps", str(STEPS), "--out", str(out), "--resume", *seed],
                        capture_output=True, text=True, timeout=300, env=_env(tmp_path))
     assert r.returncode != 0 and message.format(ckpts=ckpts) in r.stderr, r.stderr[-3000:]
     assert "starting at step 0" not in r.stderr
@@ -323,7 +328,7 @@ def test_metrics_survive_kills_at_random_points_after_a_resume(tmp_path, short_r
     metrics.csv holds exactly the uninterrupted run's rows (the kept rows are rewritten atomically at once)."""
     out = _copy_of_run_at_200(short_runs, tmp_path)
     rng = random.Random(int(os.environ.get("DISTCLIP_TEST_SEED", time.time_ns() % 10**6)))
-    cmd = [BIN, *SHORT, "--steps", "400", "--out", str(out), "--resume"]
+    cmd = [BIN, *SHORT, "--steps", str(STEPS), "--out", str(out), "--resume"]
     for _ in range(3):
         with open(tmp_path / "killed.log", "w") as log:
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
@@ -339,4 +344,4 @@ def test_metrics_survive_kills_at_random_points_after_a_resume(tmp_path, short_r
         rows = (out / "metrics.csv").read_text().splitlines()
         assert len(rows) >= 201 and rows[0].startswith("step,"), len(rows)
     _run(cmd, _env(tmp_path))
-    _assert_same_run(short_runs / "reference", out)
+    _assert_same_run(short_runs["reference"], out)

@@ -14,6 +14,9 @@ from common import check_multiworker_outputs, max_abs_diff, reference_train
 from slurm_cluster import SlurmCluster
 from procs import ROOT, WORKERS
 
+# Its module-scoped fixtures are made once: under pytest-xdist every test of the module runs in one worker.
+pytestmark = pytest.mark.xdist_group("slurm")
+
 
 VENV = sys.prefix  # the venv running the tests
 

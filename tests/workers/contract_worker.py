@@ -33,8 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import contract  # noqa: E402
 
 results = {}
-cases = [("match", *c) for c in contract.all_cases()] + [
-    ("skip", name, api, lazy) for name in contract.SKIP_CASES for api in contract.APIS for lazy in (False, True)]
+cases = contract.across_processes_cases()
 for kind, name, api, lazy in cases:
     key = f"{kind} {name} {api} {'lazy' if lazy else 'built'}"
     try:

@@ -15,12 +15,13 @@ from typing import Dict, List, Sequence, Union
 import pytest
 
 #: Kinds of process, costliest first; a test that starts several counts under the first of them.
-KINDS = ("Slurm job", "horovodrun/mpirun job", "launcher", "venv/pip/build", "Python (TensorFlow) process", "other process",
-         "no process")
+KINDS = ("Slurm job", "horovodrun/mpirun job", "launcher", "venv/pip/build", "Python (TensorFlow) process",
+         "other process", "no process")
 
 _started: List[str] = []  # the kinds started by the test running in this process
 _by_file: Dict[str, List[float]] = {}  # file -> [seconds, tests, slow tests]
 _by_kind: Dict[str, List[float]] = {}  # kind -> [seconds, tests, processes]
+_seconds: Dict[str, float] = {}  # a test's seconds until its teardown report, which carries the kinds
 
 
 def kind(args: Union[str, Sequence[str]]) -> str:
@@ -93,8 +94,6 @@ def pytest_runtest_logreport(report):
     row[1] += 1
     row[2] += len(started)
 
-
-_seconds: Dict[str, float] = {}  # a test's seconds until its teardown report, which carries the kinds
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

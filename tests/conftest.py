@@ -1,22 +1,31 @@
 """Test set-up: split the CPU into 2 logical devices before TensorFlow initialises.
 
-Every test in this process shares one TensorFlow runtime (it is slow to start);
+Every test in a process shares one TensorFlow runtime (it is slow to start);
 tests that need their own processes (MultiWorkerMirroredStrategy, the CLI) spawn them.
 """
 import os
 import sys
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(__file__))
 
-import tensorflow as tf  # noqa: E402
-
-_cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-
-import pytest  # noqa: E402
-
 pytest_plugins = ["timing"]  # --file-times (tests/timing.py)
+
+
+def pytest_configure(config):
+    """Two logical CPU devices, in every process that collects the tests: pytest-xdist's workers, or pytest itself
+    without workers. Not in pytest-xdist's controller, which collects nothing: TensorFlow's import there (3 s)
+    would only delay the workers' start."""
+    controller = (getattr(config, "workerinput", None) is None and config.getoption("dist", "no") != "no"
+                  and not config.getoption("collectonly"))
+    if controller:
+        return
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -46,6 +55,8 @@ def temporary_files_in_the_test_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mirrored():
     """MirroredStrategy over the 2 logical CPU devices."""
+    import tensorflow as tf
+
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import keras
 import numpy as np
@@ -138,13 +138,19 @@ def inner_of(wrapper, api: str):
     return wrapper.optimizer if api == "ClipStep" else wrapper.inner_optimizer
 
 
-def run_distclip(name: str, api: str, lazy: bool, strategy=None, replica: int = 0, replicas: int = 1,
-                 mean: bool = False, steps: int = STEPS, poison: Optional[int] = None, constrained: bool = False):
-    """The same steps through distclip under `strategy` (None: Horovod or no strategy, this process is `replica`).
+class Run(NamedTuple):
+    """One run through distclip: the variables, the optimizer distclip wrapped, the distclip object, the per-step
+    norms, and per step the values of the variables and the optimizer's variables after it."""
+    variables: List[keras.Variable]
+    optimizer: keras.optimizers.Optimizer
+    wrapper: object
+    norms: List[float]
+    history: List[List[np.ndarray]]
 
-    Returns (variables, the optimizer distclip wrapped, the distclip object, per-step norms, and
-    per step the values of the variables and the optimizer's variables after it).
-    """
+
+def run_distclip(name: str, api: str, lazy: bool, strategy=None, replica: int = 0, replicas: int = 1,
+                 mean: bool = False, steps: int = STEPS, poison: Optional[int] = None, constrained: bool = False) -> Run:
+    """The same steps through distclip under `strategy` (None: Horovod or no strategy, this process is `replica`)."""
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         variables, optimizer = make_variables(constrained), factory(name)()
@@ -183,7 +189,7 @@ def run_distclip(name: str, api: str, lazy: bool, strategy=None, replica: int = 
 
         norms.append(step(grads_of_replica))
         history.append(values(variables + optimizer.variables))
-    return variables, optimizer, wrapper, norms, history
+    return Run(variables, optimizer, wrapper, norms, history)
 
 
 def values(variables) -> List[np.ndarray]:
@@ -205,8 +211,8 @@ def mismatches(got_vars, got_opt, ref_vars, ref_opt) -> List[str]:
 
 
 def check_case(name: str, api: str, lazy: bool, constrained: bool = False,
-               **backend) -> Tuple[List[str], List[np.ndarray]]:
-    """(what differs from the reference, an empty list when nothing does; the final values).
+               **backend) -> Tuple[List[str], Optional[Run]]:
+    """(what differs from the reference, an empty list when nothing does; the run, None for a refused class).
 
     A class in REFUSED must be refused with an error naming it and the feature.
     """
@@ -214,20 +220,21 @@ def check_case(name: str, api: str, lazy: bool, constrained: bool = False,
         try:
             run_distclip(name, api, lazy, steps=1, **backend)
         except distclip.ArgumentError as e:
-            return ([] if REFUSED[name] in str(e) and name in str(e) else [f"refused with an unclear error: {e}"]), []
-        return ["not refused"], []
+            return ([] if REFUSED[name] in str(e) and name in str(e) else [f"refused with an unclear error: {e}"]), None
+        return ["not refused"], None
     ref_vars, ref_opt = reference(name, constrained=constrained)
-    got_vars, got_opt, _, norms, history = run_distclip(name, api, lazy, constrained=constrained, **backend)
-    if [n > CLIP for n in norms] != [True, False, True, False]:
-        return [f"the threshold {CLIP} should bind on steps 0 and 2 only; norms {norms}"], history[-1]
-    return mismatches(got_vars, got_opt, ref_vars, ref_opt), history[-1]
+    run = run_distclip(name, api, lazy, constrained=constrained, **backend)
+    if [n > CLIP for n in run.norms] != [True, False, True, False]:
+        return [f"the threshold {CLIP} should bind on steps 0 and 2 only; norms {run.norms}"], run
+    return mismatches(run.variables, run.optimizer, ref_vars, ref_opt), run
 
 
-def check_skip(name: str, api: str, lazy: bool, **backend) -> Tuple[List[str], List[np.ndarray]]:
+def check_skip(name: str, api: str, lazy: bool, **backend) -> Tuple[List[str], Run]:
     """A NaN on one replica at step 2: nothing changes at that step, bit for bit, except a loss scale,
     which halves; `skipped_steps` is 1; the run then equals the reference without that step."""
     ref_vars, ref_opt = reference(name, poison=2)
-    got_vars, got_opt, wrapper, norms, history = run_distclip(name, api, lazy, poison=2, **backend)
+    run = run_distclip(name, api, lazy, poison=2, **backend)
+    got_vars, got_opt, wrapper, norms, history = run
     out = mismatches(got_vars, got_opt, ref_vars, ref_opt)
     paths = [v.path for v in got_vars + got_opt.variables]
     changed = [p for p, a, b in zip(paths, history[1], history[2]) if not np.array_equal(a, b)]
@@ -239,7 +246,7 @@ def check_skip(name: str, api: str, lazy: bool, **backend) -> Tuple[List[str], L
         out.append(f"the skipped step changed {changed}")
     if np.isfinite(norms[2]) or int(wrapper.skipped_steps.numpy()) != 1:
         out.append(f"norm {norms[2]}, skipped_steps {int(wrapper.skipped_steps.numpy())}")
-    return out, history[-1]
+    return out, run
 
 
 def all_cases():

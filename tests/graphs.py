@@ -36,6 +36,11 @@ def op_types(graph, seen=None) -> List[str]:
 HOST_ROUND_TRIPS = ("PyFunc", "PyFuncStateless", "EagerPyFunc", "Print", "PrintV2", "Assert")
 
 
+def host_round_trips(graph) -> List[str]:
+    """The HOST_ROUND_TRIPS types among the ops of `graph` and the functions nested in it, sorted; [] for none."""
+    return sorted(set(op_types(graph)) & set(HOST_ROUND_TRIPS))
+
+
 def reduced_elements(concrete) -> Tuple[int, int, int]:
     """(elements through CollectiveReduceV2 at the top of the step's graph, how many such ops there,
     elements in nested functions)."""

@@ -8,7 +8,7 @@ import distclip
 from common import (GLOBAL_BATCH, distributed_train, global_batch, make_model, max_abs_diff, reference_train,
                     replica_train_step, replica_values, shard)
 from fitting import CLIP, data, fit, keras_adam
-from graphs import collectives
+from graphs import collectives, host_round_trips
 
 
 K = 2
@@ -77,6 +77,7 @@ def test_accumulation_compiles_under_xla():
         return step.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables).global_norm
 
     norms = [float(train()) for _ in range(4)]
+    assert not host_round_trips(train.get_concrete_function().graph)
     ref_weights, ref_norms = reference_train(CLIP, 2, "sgd", batches=[(np.concatenate([x, x]), np.concatenate([y, y]))] * 2)
     assert max_abs_diff(model.get_weights(), ref_weights) <= 1e-5
     assert norms[1] == pytest.approx(ref_norms[0], rel=1e-5) and norms[3] == pytest.approx(ref_norms[1], rel=1e-5)

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 import distclip
 from common import distributed_train, global_batch, make_model, max_abs_diff, replica_values
+from graphs import host_round_trips
 
 
 NORMS = np.random.default_rng(3).lognormal(0.0, 1.0, size=40).astype("float32")
@@ -117,6 +118,7 @@ def test_policies_compile_under_xla(policy):
         outs = [[float(t) for t in train(tf.constant(s))] for s in (1.0, 1.0, 1.0, 30.0, 1.0)]
         if jit:
             assert "HloModule" in train.experimental_get_compiler_ir(tf.constant(1.0))(stage="hlo")
+            assert not host_round_trips(train.get_concrete_function(tf.constant(1.0)).graph)
         return model.get_weights(), outs
 
     w_xla, o_xla = run(True)

@@ -41,6 +41,7 @@ _EXPORTS = {
     "ContextError": "distclip._src.errors",
     "AutoClip": "distclip._src.policies",
     "SpikeClip": "distclip._src.policies",
+    "ZClip": "distclip._src.policies",
     "NoiseScale": "distclip._src.noise",
     "NoiseEstimate": "distclip._src.noise",
     "Rewind": "distclip._src.rewind",
@@ -55,7 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from distclip._src.clip import ClipResult, sync_and_clip  # noqa: F401
     from distclip._src.errors import ArgumentError, ContextError  # noqa: F401
     from distclip._src.noise import NoiseEstimate, NoiseScale  # noqa: F401
-    from distclip._src.policies import AutoClip, SpikeClip  # noqa: F401
+    from distclip._src.policies import AutoClip, SpikeClip, ZClip  # noqa: F401
     from distclip._src.reporter import ClipReporter  # noqa: F401
     from distclip._src.rewind import Rewind, RewindEvent, RewindLimitError  # noqa: F401
     from distclip._src.step import ClipStep  # noqa: F401

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 import distclip
+from reference_zclip import ReferenceZClip
 
 CLIP = 1.0
 STEPS = 4
@@ -73,6 +74,8 @@ FACTORIES: Dict[str, Callable[[], keras.optimizers.Optimizer]] = {
 NOT_OPTIMIZERS = {"Optimizer"}
 #: The non-finite skip is checked with these.
 SKIP_CASES = ("Adam", "Nadam", "LossScaleOptimizer")
+#: The ZClip case: Adam under `distclip.ZClip(**ZCLIP)`, whose threshold binds on step 2 (after 2 warm-up steps).
+ZCLIP = dict(z_thresh=0.05, warmup_steps=2, max_grad_norm=None)
 #: Classes distclip refuses, with what its error must say (none today).
 REFUSED: Dict[str, str] = {}
 
@@ -115,8 +118,10 @@ def loss_scale_of(optimizer) -> float:
     return 1.0
 
 
-def reference(name: str, steps: int = STEPS, poison: Optional[int] = None, constrained: bool = False):
-    """Single device: clip the whole gradients, then the optimizer's own apply. Returns (variables, optimizer).
+def reference(name: str, steps: int = STEPS, poison: Optional[int] = None, constrained: bool = False,
+              thresholds: Optional[List[float]] = None):
+    """Single device: clip the whole gradients (at CLIP, or at `thresholds[step]`), then the optimizer's own
+    apply. Returns (variables, optimizer).
 
     Step `poison` has a NaN gradient: a LossScaleOptimizer gets it (Keras's own
     skip: the scale halves); any other optimizer is not called at all.
@@ -128,7 +133,7 @@ def reference(name: str, steps: int = STEPS, poison: Optional[int] = None, const
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 optimizer.apply([g + np.nan for g in grads], variables)
             continue
-        clipped, _ = tf.clip_by_global_norm(grads, CLIP)
+        clipped, _ = tf.clip_by_global_norm(grads, CLIP if thresholds is None else thresholds[step])
         scale = loss_scale_of(optimizer)
         optimizer.apply([g * scale for g in clipped], variables)
     return variables, optimizer
@@ -149,15 +154,16 @@ class Run(NamedTuple):
 
 
 def run_distclip(name: str, api: str, lazy: bool, strategy=None, replica: int = 0, replicas: int = 1,
-                 mean: bool = False, steps: int = STEPS, poison: Optional[int] = None, constrained: bool = False) -> Run:
+                 mean: bool = False, steps: int = STEPS, poison: Optional[int] = None, constrained: bool = False,
+                 clip_norm: Any = CLIP) -> Run:
     """The same steps through distclip under `strategy` (None: Horovod or no strategy, this process is `replica`)."""
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         variables, optimizer = make_variables(constrained), factory(name)()
         if api == "ClipStep":
-            wrapper = distclip.ClipStep(optimizer, CLIP)
+            wrapper = distclip.ClipStep(optimizer, clip_norm)
         else:
-            wrapper = distclip.keras.ClipOptimizer(optimizer, CLIP)
+            wrapper = distclip.keras.ClipOptimizer(optimizer, clip_norm)
         if not lazy:
             wrapper.build(variables)
 
@@ -249,6 +255,21 @@ def check_skip(name: str, api: str, lazy: bool, **backend) -> Tuple[List[str], R
     return out, run
 
 
+def check_zclip(name: str, api: str, lazy: bool, **backend) -> Tuple[List[str], Run]:
+    """`distclip.ZClip(**ZCLIP)` equals, on one device, `tf.clip_by_global_norm` at the thresholds of its
+    reference code (reference_zclip.py) fed the whole gradients' norms, then the optimizer's own apply."""
+    zclip = ReferenceZClip(**ZCLIP)
+    norms = [float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in full_gradients(s))))
+             for s in range(STEPS)]
+    thresholds = [zclip.step(n) for n in norms]
+    ref_vars, ref_opt = reference(name, thresholds=thresholds)
+    run = run_distclip(name, api, lazy, clip_norm=distclip.ZClip(**ZCLIP), **backend)
+    out = mismatches(run.variables, run.optimizer, ref_vars, ref_opt)
+    if [n > t for n, t in zip(norms, thresholds)] != [False, False, True, False]:
+        out.append(f"ZClip should clip step 2 only; norms {norms}, thresholds {thresholds}")
+    return out, run
+
+
 def all_cases():
     return [(name, api, lazy) for name in exported() for api in APIS for lazy in (False, True)]
 
@@ -258,7 +279,7 @@ EVERY_VARIANT = "Adam"
 
 
 def across_processes_cases():
-    """The cases the 2-process workers run: ("match" or "skip", name, API, lazy).
+    """The cases the 2-process workers run: ("match", "skip" or "zclip", name, API, lazy).
 
     Every exported optimizer once, in one of the four (API, lazy) variants in turn, and EVERY_VARIANT in all four;
     each SKIP_CASES optimizer skipping a step through both APIs, lazily for one and built beforehand for the
@@ -274,5 +295,6 @@ def across_processes_cases():
         cases += [("match", name, api, lazy) for api, lazy in chosen]
     for i, name in enumerate(SKIP_CASES):
         cases += [("skip", name, api, bool((i + j) % 2)) for j, api in enumerate(APIS)]
+    cases += [("zclip", EVERY_VARIANT, api, api == "ClipOptimizer") for api in APIS]
     return cases
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 import keras
 import tensorflow as tf
 
-from distclip._src.checks import check_number
+from distclip._src.checks import check_integer, check_number
 from distclip._src.errors import ArgumentError
 from distclip._src.norm import NO_CLIP
 
@@ -259,4 +259,156 @@ class SpikeClip(Policy):
         return {"z": self.z, "decay": self.decay, "warmup": self.warmup, "initial_clip_norm": self.initial_clip_norm}
 
 
-POLICIES = {cls.__name__: cls for cls in (AutoClip, SpikeClip)}
+@keras.saving.register_keras_serializable(package="distclip")
+class ZClip(Policy):
+    """ZClip (Kumar et al., 2025): clips a norm whose z-score over moving averages of the norms is too high.
+
+    For the first `warmup_steps` finite steps the norms are only collected; at
+    the last of them the mean and the variance start as their plain mean and
+    (population) variance. After that, with `std = sqrt(var)` and
+    `z = (norm - mean) / (std + eps)`:
+
+        mode="zscore",     z > z_thresh:  c = (mean + z_thresh * std / (z / z_thresh)) * clip_factor
+                                            (clip_option="adaptive_scaling"), or c = mean ("mean")
+        mode="percentile", norm > mean + z_thresh * std:  c = mean + z_thresh * std
+        threshold = min(c, max_grad_norm)                   (on a spike)
+        threshold = min(bound, max_grad_norm)               (otherwise; bound = mean + z_thresh * (std + eps)
+                                                             in zscore mode, mean + z_thresh * std in percentile
+                                                             mode, so the norm is not clipped by it)
+        mean <- alpha * mean + (1 - alpha) * x
+        var  <- alpha * var + (1 - alpha) * (x - mean)^2     (with the new mean)
+
+    where x is c on a spike and the norm otherwise; with
+    `skip_update_on_spike=True` a spike leaves the averages as they were.
+    While warming up the threshold is `max_grad_norm` (no clipping if None).
+    These are the reference implementation's rules (bluorion-com/ZClip,
+    `zclip/zclip.py`), applied to the synchronized global norm; its defaults
+    too, `max_grad_norm=1.0` included. Units: those of the global norm.
+
+    Args:
+      alpha: the moving averages' smoothing factor, in [0, 1).
+      z_thresh: the z-score (or, in percentile mode, the number of standard deviations) that makes a spike, > 0.
+      max_grad_norm: a fixed cap applied on every step, > 0, or None: none.
+      eps: added to the standard deviation in the z-score, > 0.
+      warmup_steps: finite steps collected before the averages start, 1 to 2**62.
+      mode: "zscore" or "percentile".
+      clip_option: in zscore mode, what a spike is clipped to: "adaptive_scaling" or "mean" (percentile
+        mode takes the default only).
+      clip_factor: multiplies the adaptive threshold, > 0 (zscore mode with adaptive_scaling; 1.0 otherwise).
+      skip_update_on_spike: whether a spike leaves the moving averages unchanged.
+
+    Raises:
+      ArgumentError: a value out of range, named.
+    """
+
+    MODES = ("zscore", "percentile")
+    CLIP_OPTIONS = ("adaptive_scaling", "mean")
+
+    def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, max_grad_norm: Optional[float] = 1.0,
+                 eps: float = 1e-6, warmup_steps: int = 25, mode: str = "zscore",
+                 clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
+                 skip_update_on_spike: bool = False) -> None:
+        self.alpha = float(check_number("alpha", alpha, 0.0, 1.0, low_open=False, high_open=True))
+        self.z_thresh = float(check_number("z_thresh", z_thresh, 0.0))
+        if max_grad_norm is not None:
+            max_grad_norm = float(check_number("max_grad_norm", max_grad_norm, 0.0))
+        self.max_grad_norm = max_grad_norm
+        self.eps = float(check_number("eps", eps, 0.0))
+        check_integer("warmup_steps", warmup_steps, 1)
+        self.warmup_steps = int(warmup_steps)
+        for name, value, choices in (("mode", mode, self.MODES), ("clip_option", clip_option, self.CLIP_OPTIONS)):
+            if value not in choices:
+                raise ArgumentError(f"{name} must be one of {', '.join(map(repr, choices))}; got {name}={value!r}")
+        self.mode = mode
+        self.clip_option = clip_option
+        self.clip_factor = float(check_number("clip_factor", clip_factor, 0.0))
+        if mode == "percentile" and clip_option != "adaptive_scaling":
+            raise ArgumentError(f"clip_option applies in mode='zscore' only; got clip_option={clip_option!r} "
+                                f"with mode='percentile'")
+        if (mode, clip_option) != ("zscore", "adaptive_scaling") and self.clip_factor != 1.0:
+            raise ArgumentError(f"clip_factor applies with mode='zscore' and clip_option='adaptive_scaling' only; "
+                                f"got clip_factor={clip_factor!r} with mode={mode!r}, clip_option={clip_option!r}")
+        if not isinstance(skip_update_on_spike, bool):
+            raise ArgumentError(f"skip_update_on_spike must be True or False; "
+                                f"got skip_update_on_spike={skip_update_on_spike!r}")
+        self.skip_update_on_spike = skip_update_on_spike
+
+    def state_spec(self) -> StateSpec:
+        """The moving mean and variance of the norms, and how many finite steps were seen.
+
+        Returns:
+          name -> (shape, dtype, initial value): float32 `mean` and `var`, int64 `count`.
+        """
+        return {"mean": ((), tf.float32, 0.0), "var": ((), tf.float32, 0.0), "count": ((), tf.int64, 0)}
+
+    def threshold(self, state: State, norm: tf.Tensor) -> tf.Tensor:
+        """`min(c, max_grad_norm)` on a spike, `min(bound, max_grad_norm)` otherwise; `max_grad_norm` while
+        warming up.
+
+        Args:
+          state: the mean, variance and count before this step.
+          norm: this step's synchronized global norm (inf or NaN on a step that will be skipped).
+
+        Returns:
+          The threshold, a float32 scalar, in units of the global norm.
+        """
+        spike, clip_to, bound = self._judge(state, norm)
+        cap = tf.constant(NO_CLIP if self.max_grad_norm is None else self.max_grad_norm, tf.float32)
+        warming = state["count"] < self.warmup_steps
+        value = tf.where(warming, cap, tf.minimum(tf.where(spike, clip_to, bound), cap))
+        return tf.maximum(value, _FLOOR)
+
+    def update(self, state: State, norm: tf.Tensor) -> State:
+        """Warming up: the running mean and population variance of the norms. Then the moving averages of
+        the norm, or of what a spike was clipped to (unchanged on a spike with `skip_update_on_spike`).
+
+        Args:
+          state: the mean, variance and count before this step.
+          norm: this step's synchronized global norm (finite).
+
+        Returns:
+          The new mean, variance and count.
+        """
+        mean, var, count = state["mean"], state["var"], state["count"] + 1
+        # Warming up: Welford's running mean and population variance, equal to the plain ones at the last step.
+        n = tf.cast(count, tf.float32)
+        delta = norm - mean
+        warm_mean = mean + delta / n
+        warm_var = var + (delta * (norm - warm_mean) - var) / n
+        spike, clip_to, _ = self._judge(state, norm)
+        x = tf.where(spike, clip_to, norm)
+        ema_mean = self.alpha * mean + (1.0 - self.alpha) * x
+        ema_var = self.alpha * var + (1.0 - self.alpha) * tf.square(x - ema_mean)
+        if self.skip_update_on_spike:
+            ema_mean, ema_var = tf.where(spike, mean, ema_mean), tf.where(spike, var, ema_var)
+        warming = state["count"] < self.warmup_steps
+        return {"mean": tf.where(warming, warm_mean, ema_mean), "var": tf.where(warming, warm_var, ema_var),
+                "count": count}
+
+    def _judge(self, state: State, norm: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(whether `norm` is a spike, what a spike is clipped to, the bound below which nothing is clipped),
+        from the averages (meaningful once warmed up)."""
+        mean, std = state["mean"], tf.sqrt(state["var"])
+        if self.mode == "percentile":
+            bound = mean + self.z_thresh * std
+            return norm > bound, bound, bound
+        z = (norm - mean) / (std + self.eps)
+        if self.clip_option == "mean":
+            clip_to = mean
+        else:
+            clip_to = (mean + self.z_thresh * std / (z / self.z_thresh)) * self.clip_factor
+        return z > self.z_thresh, clip_to, mean + self.z_thresh * (std + self.eps)
+
+    def get_config(self) -> Dict[str, Any]:
+        """The arguments that rebuild this policy (Keras serialization).
+
+        Returns:
+          The constructor's arguments, by name.
+        """
+        return {"alpha": self.alpha, "z_thresh": self.z_thresh, "max_grad_norm": self.max_grad_norm,
+                "eps": self.eps, "warmup_steps": self.warmup_steps, "mode": self.mode,
+                "clip_option": self.clip_option, "clip_factor": self.clip_factor,
+                "skip_update_on_spike": self.skip_update_on_spike}
+
+
+POLICIES = {cls.__name__: cls for cls in (AutoClip, SpikeClip, ZClip)}

@@ -53,9 +53,9 @@ class ClipStep(StepBase, tf.Module):
         anywhere skips the step and halves the scale on every replica.
       clip_norm: a number, a scalar tensor or variable, a callable of the
         optimizer's iteration count (a Keras `LearningRateSchedule` works), a
-        policy (`distclip.AutoClip`, `distclip.SpikeClip`), or None: never
-        clip (the step synchronizes and applies, and still reports the norm,
-        as a baseline run to compare).
+        policy (`distclip.AutoClip`, `distclip.SpikeClip`, `distclip.ZClip`),
+        or None: never clip (the step synchronizes and applies, and still
+        reports the norm, as a baseline run to compare).
       nonfinite: "skip" (default): when the synchronized norm is inf or NaN,
         every replica skips the step together; variables, optimizer slots and
         `optimizer.iterations` stay as they were and `skipped_steps` grows by

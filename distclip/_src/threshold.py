@@ -2,7 +2,7 @@
 
 A threshold is one of
   * None: no clipping (the step synchronizes and applies the gradients, and reports their norm);
-  * a policy (`distclip.AutoClip`, `distclip.SpikeClip`), whose state `Threshold` keeps;
+  * a policy (`distclip.AutoClip`, `distclip.SpikeClip`, `distclip.ZClip`), whose state `Threshold` keeps;
   * a positive finite Python number (checked when it is given);
   * a scalar `tf.Tensor` or `tf.Variable` (checked when given if its value is
     known, and at every step otherwise, without a host sync);

@@ -1,4 +1,5 @@
-"""distclip._src.policies: their math against numpy, their state across replicas, checkpoints and XLA."""
+"""distclip._src.policies: their math against numpy (ZClip: against its reference code, transcribed), their state
+across replicas, checkpoints and XLA."""
 import os
 
 import keras
@@ -6,9 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import contract
 import distclip
 from common import distributed_train, global_batch, make_model, max_abs_diff, replica_values
 from graphs import host_round_trips
+from reference_zclip import ReferenceZClip
 
 
 NORMS = np.random.default_rng(3).lognormal(0.0, 1.0, size=40).astype("float32")
@@ -57,12 +60,46 @@ def test_spikeclip_initial_clip_norm_applies_while_warming_up():
     assert got[:3] == pytest.approx([2.5] * 3)
 
 
+@pytest.mark.parametrize("options", [
+    dict(warmup_steps=5, max_grad_norm=None), {}, dict(clip_option="mean", warmup_steps=5, max_grad_norm=None),
+    dict(mode="percentile", z_thresh=2.0, warmup_steps=5, max_grad_norm=None),
+    dict(alpha=0.9, clip_factor=0.7, skip_update_on_spike=True, warmup_steps=5, max_grad_norm=20.0),
+], ids=["zscore", "defaults", "mean", "percentile", "skip-update"])
+def test_zclip_gives_the_thresholds_of_the_reference_code(options):
+    got, state = _run_policy(distclip.ZClip(**options), NORMS)
+    reference = ReferenceZClip(**options)
+    want = [reference.step(float(n)) for n in NORMS]
+    clips = [t for t, (n, w) in enumerate(zip(NORMS, want)) if n > w]
+    # Where the reference clips, the threshold is its clip value; elsewhere nothing is clipped.
+    np.testing.assert_allclose([got[t] for t in clips], [want[t] for t in clips], rtol=1e-6)
+    assert all(got[t] >= NORMS[t] for t in range(len(NORMS)) if t not in clips)
+    np.testing.assert_allclose([float(state["mean"]), float(state["var"])], [reference.mean, reference.var],
+                               rtol=1e-5)
+    if options.get("warmup_steps") == 5:
+        assert {9, 25} <= set(clips), "the spikes are clipped"
+
+
+def test_zclip_under_mirrored_equals_its_reference_code_on_one_device(mirrored):
+    """The contract's ZClip case (tests/contract.py; across processes in the scenario tier)."""
+    found, run = contract.check_zclip("Adam", "ClipStep", True, strategy=mirrored, replicas=2)
+    assert not found, found
+    assert int(run.wrapper.policy_state["count"].numpy()) == contract.STEPS
+
+
 @pytest.mark.parametrize("make, named", [
     (lambda: distclip.AutoClip(percentile=-1), "percentile=-1"), (lambda: distclip.AutoClip(percentile=101), "percentile=101"),
     (lambda: distclip.AutoClip(history=0), "history=0"), (lambda: distclip.AutoClip(history=2.5), "history=2.5"),
     (lambda: distclip.SpikeClip(z=0), "z=0"), (lambda: distclip.SpikeClip(z=float("nan")), "z=nan"),
     (lambda: distclip.SpikeClip(decay=1.0), "decay=1.0"), (lambda: distclip.SpikeClip(warmup=0), "warmup=0"),
     (lambda: distclip.SpikeClip(initial_clip_norm=-1.0), "initial_clip_norm=-1.0"),
+    (lambda: distclip.ZClip(alpha=1.0), "alpha=1.0"), (lambda: distclip.ZClip(z_thresh=0), "z_thresh=0"),
+    (lambda: distclip.ZClip(max_grad_norm=0.0), "max_grad_norm=0.0"), (lambda: distclip.ZClip(eps=0), "eps=0"),
+    (lambda: distclip.ZClip(warmup_steps=0), "warmup_steps=0"), (lambda: distclip.ZClip(mode="z"), "mode='z'"),
+    (lambda: distclip.ZClip(clip_option="max"), "clip_option='max'"),
+    (lambda: distclip.ZClip(clip_factor=-1.0), "clip_factor=-1.0"),
+    (lambda: distclip.ZClip(mode="percentile", clip_option="mean"), "clip_option='mean' with mode='percentile'"),
+    (lambda: distclip.ZClip(clip_option="mean", clip_factor=0.5), "clip_factor=0.5 with mode='zscore'"),
+    (lambda: distclip.ZClip(skip_update_on_spike=1), "skip_update_on_spike=1"),
 ])
 def test_bad_policy_arguments_name_the_argument(make, named):
     with pytest.raises(distclip.ArgumentError) as e:
@@ -76,7 +113,9 @@ def test_sync_and_clip_refuses_a_policy():
         distclip.sync_and_clip([tf.ones([2])], distclip.AutoClip())
 
 
-@pytest.mark.parametrize("policy", [distclip.AutoClip(50.0, 4), distclip.SpikeClip(0.1, 0.5, 2)])
+# ZClip's state is SpikeClip's in shape and kind (mean, var, count): `slow`.
+@pytest.mark.parametrize("policy", [distclip.AutoClip(50.0, 4), distclip.SpikeClip(0.1, 0.5, 2), pytest.param(
+    distclip.ZClip(alpha=0.5, z_thresh=0.1, max_grad_norm=None, warmup_steps=2), marks=pytest.mark.slow)])
 def test_clipstep_policy_resumes_exactly_under_mirrored(mirrored, tmp_path, policy):
     steps = 6
     batches = [global_batch(s) for s in range(steps)]
@@ -100,7 +139,9 @@ def test_clipstep_policy_resumes_exactly_under_mirrored(mirrored, tmp_path, poli
     assert any(n[0] > t for n, t in zip(norms, thresholds))
 
 
-@pytest.mark.parametrize("policy", [distclip.AutoClip(50.0, 4), distclip.SpikeClip(1.0, 0.5, 2)])
+# SpikeClip: `slow` (the unit tier compiles it through fit: keras/test_optimizer.py).
+@pytest.mark.parametrize("policy", [distclip.AutoClip(50.0, 4), pytest.param(distclip.SpikeClip(1.0, 0.5, 2),
+                                    marks=pytest.mark.slow), distclip.ZClip(max_grad_norm=None, warmup_steps=2)])
 def test_policies_compile_under_xla(policy):
     x, y = global_batch(0)
 

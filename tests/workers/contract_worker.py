@@ -37,7 +37,7 @@ cases = contract.across_processes_cases()
 for kind, name, api, lazy in cases:
     key = f"{kind} {name} {api} {'lazy' if lazy else 'built'}"
     try:
-        check = contract.check_case if kind == "match" else contract.check_skip
+        check = {"match": contract.check_case, "skip": contract.check_skip, "zclip": contract.check_zclip}[kind]
         found, run = check(name, api, lazy, **backend)
         digest = hashlib.sha256(b"".join(v.tobytes() for v in (run.history[-1] if run else []))).hexdigest()
     except Exception as e:  # reported per case, so one failure does not hide the others

@@ -110,8 +110,8 @@ class ClipOptimizer(StepBase, keras.optimizers.Optimizer):
       clip_norm: threshold in units of the global norm: None (no clipping), a
         positive number, a `keras.optimizers.schedules.LearningRateSchedule` or
         callable of the step, or a policy (`distclip.AutoClip`,
-        `distclip.SpikeClip`) whose state is kept in this optimizer's
-        variables (saved with it).
+        `distclip.SpikeClip`, `distclip.ZClip`) whose state is kept in this
+        optimizer's variables (saved with it).
       nonfinite: as for `distclip.ClipStep` ("skip": `iterations` stays as it was too).
       reduction: as for `distclip.ClipStep`.
       backend: as for `distclip.ClipStep`.

@@ -91,6 +91,7 @@ def test_nonfinite_step_is_skipped_by_fit(mirrored):
 
 
 @pytest.mark.parametrize("clip_norm", [CLIP, distclip.AutoClip(50.0, 8), distclip.SpikeClip(2.0, 0.9, 2),
+                                       distclip.ZClip(mode="percentile", skip_update_on_spike=True),
                                        keras.optimizers.schedules.ExponentialDecay(1.0, 2, 0.5)])
 def test_config_round_trip(clip_norm):
     optimizer = distclip.keras.ClipOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), clip_norm, nonfinite="raise")

@@ -39,6 +39,7 @@ _EXPORTS = {
     "ReplicaMismatchError": "distclip.cluster.verify",
     "ArgumentError": "distclip._src.errors",
     "ContextError": "distclip._src.errors",
+    "AGC": "distclip._src.agc",
     "AutoClip": "distclip._src.policies",
     "SpikeClip": "distclip._src.policies",
     "ZClip": "distclip._src.policies",
@@ -53,6 +54,7 @@ __all__ = sorted(_EXPORTS) + ["cluster", "keras", "__version__"]
 if TYPE_CHECKING:  # pragma: no cover
     from distclip import cluster, keras  # noqa: F401
     from distclip._src.attribution import NonfiniteUpdate, ReplicaPlace  # noqa: F401
+    from distclip._src.agc import AGC  # noqa: F401
     from distclip._src.clip import ClipResult, sync_and_clip  # noqa: F401
     from distclip._src.errors import ArgumentError, ContextError  # noqa: F401
     from distclip._src.noise import NoiseEstimate, NoiseScale  # noqa: F401

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 import distclip
+import reference_agc
 from reference_zclip import ReferenceZClip
 
 CLIP = 1.0
@@ -76,6 +77,8 @@ NOT_OPTIMIZERS = {"Optimizer"}
 SKIP_CASES = ("Adam", "Nadam", "LossScaleOptimizer")
 #: The ZClip case: Adam under `distclip.ZClip(**ZCLIP)`, whose threshold binds on step 2 (after 2 warm-up steps).
 ZCLIP = dict(z_thresh=0.05, warmup_steps=2, max_grad_norm=None)
+#: The AGC case: `distclip.AGC(AGC_CLIPPING)` clips every unit on step 0, some on step 2, none on steps 1 and 3.
+AGC_CLIPPING = 1.0
 #: Classes distclip refuses, with what its error must say (none today).
 REFUSED: Dict[str, str] = {}
 
@@ -119,9 +122,13 @@ def loss_scale_of(optimizer) -> float:
 
 
 def reference(name: str, steps: int = STEPS, poison: Optional[int] = None, constrained: bool = False,
-              thresholds: Optional[List[float]] = None):
+              thresholds: Optional[List[float]] = None, agc: Optional[float] = None,
+              seen: Optional[List[Tuple[List[int], float]]] = None):
     """Single device: clip the whole gradients (at CLIP, or at `thresholds[step]`), then the optimizer's own
     apply. Returns (variables, optimizer).
+
+    With `agc` (lambda), each unit is first clipped against the variables' values (`reference_agc`, numpy),
+    and `seen` gets, per step, the elements in clipped units per variable and the norm after.
 
     Step `poison` has a NaN gradient: a LossScaleOptimizer gets it (Keras's own
     skip: the scale halves); any other optimizer is not called at all.
@@ -133,6 +140,11 @@ def reference(name: str, steps: int = STEPS, poison: Optional[int] = None, const
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 optimizer.apply([g + np.nan for g in grads], variables)
             continue
+        if agc is not None:
+            grads, counts = reference_agc.agc(grads, [v.numpy() for v in variables], agc)
+            grads = [tf.constant(g, tf.float32) for g in grads]
+            if seen is not None:
+                seen.append((counts, float(tf.linalg.global_norm(grads))))
         clipped, _ = tf.clip_by_global_norm(grads, CLIP if thresholds is None else thresholds[step])
         scale = loss_scale_of(optimizer)
         optimizer.apply([g * scale for g in clipped], variables)
@@ -155,15 +167,16 @@ class Run(NamedTuple):
 
 def run_distclip(name: str, api: str, lazy: bool, strategy=None, replica: int = 0, replicas: int = 1,
                  mean: bool = False, steps: int = STEPS, poison: Optional[int] = None, constrained: bool = False,
-                 clip_norm: Any = CLIP) -> Run:
+                 clip_norm: Any = CLIP, agc: Optional[float] = None) -> Run:
     """The same steps through distclip under `strategy` (None: Horovod or no strategy, this process is `replica`)."""
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         variables, optimizer = make_variables(constrained), factory(name)()
+        options = {} if agc is None else {"agc": distclip.AGC(agc)}
         if api == "ClipStep":
-            wrapper = distclip.ClipStep(optimizer, clip_norm)
+            wrapper = distclip.ClipStep(optimizer, clip_norm, **options)
         else:
-            wrapper = distclip.keras.ClipOptimizer(optimizer, clip_norm)
+            wrapper = distclip.keras.ClipOptimizer(optimizer, clip_norm, **options)
         if not lazy:
             wrapper.build(variables)
 
@@ -270,6 +283,25 @@ def check_zclip(name: str, api: str, lazy: bool, **backend) -> Tuple[List[str], 
     return out, run
 
 
+def check_agc(name: str, api: str, lazy: bool, **backend) -> Tuple[List[str], Run]:
+    """`distclip.AGC(AGC_CLIPPING)` with the global clip at CLIP equals, on one device, numpy's unit-wise clip
+    (`reference_agc`) then `tf.clip_by_global_norm`, then the optimizer's own apply; the norms it reports are
+    those after the unit-wise clip."""
+    seen: List[Tuple[List[int], float]] = []
+    ref_vars, ref_opt = reference(name, agc=AGC_CLIPPING, seen=seen)
+    run = run_distclip(name, api, lazy, agc=AGC_CLIPPING, **backend)
+    out = mismatches(run.variables, run.optimizer, ref_vars, ref_opt)
+    counts = [counts for counts, _ in seen]
+    sizes = [int(np.prod(s)) for s in SHAPES.values()]
+    if counts[0] != sizes or not 0 < sum(counts[2]) < sum(sizes) or any(counts[1] + counts[3]):
+        out.append(f"AGC should clip every unit on step 0, some on step 2, none on 1 and 3; clipped {counts}")
+    if not np.allclose(run.norms, [norm for _, norm in seen], rtol=RTOL):
+        out.append(f"the norms after AGC: {run.norms}, reference {[norm for _, norm in seen]}")
+    if [n > CLIP for _, n in seen] != [True, False, True, False]:
+        out.append(f"the threshold {CLIP} should bind after AGC on steps 0 and 2; norms {seen}")
+    return out, run
+
+
 def all_cases():
     return [(name, api, lazy) for name in exported() for api in APIS for lazy in (False, True)]
 
@@ -279,7 +311,7 @@ EVERY_VARIANT = "Adam"
 
 
 def across_processes_cases():
-    """The cases the 2-process workers run: ("match", "skip" or "zclip", name, API, lazy).
+    """The cases the 2-process workers run: ("match", "skip", "zclip" or "agc", name, API, lazy).
 
     Every exported optimizer once, in one of the four (API, lazy) variants in turn, and EVERY_VARIANT in all four;
     each SKIP_CASES optimizer skipping a step through both APIs, lazily for one and built beforehand for the
@@ -296,5 +328,6 @@ def across_processes_cases():
     for i, name in enumerate(SKIP_CASES):
         cases += [("skip", name, api, bool((i + j) % 2)) for j, api in enumerate(APIS)]
     cases += [("zclip", EVERY_VARIANT, api, api == "ClipOptimizer") for api in APIS]
+    cases += [("agc", EVERY_VARIANT, api, api == "ClipStep") for api in APIS]
     return cases
 

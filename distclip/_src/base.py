@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import keras
 
+from distclip._src.agc import AGC
 from distclip._src.noise import NoiseEstimate, NoiseScale
 from distclip._src.nonfinite import Nonfinite
 from distclip._src.options import BucketMB, StepOptions
@@ -33,7 +34,7 @@ class StepBase:
                  sparse_as_dense: bool = False, compression: Compression = None, accumulation_steps: int = 1,
                  bucket_mb: BucketMB = "auto", variable_norms: bool = False,
                  noise_scale: Optional[NoiseScale] = None, rewind: Optional[Rewind] = None,
-                 name: Optional[str] = None) -> None:
+                 agc: Optional[AGC] = None, name: Optional[str] = None) -> None:
         """Checks the options, starts the engine's object, then makes the update and its state.
 
         The arguments are documented once, on `distclip.ClipStep` (`ClipOptimizer` adds a dict `optimizer`).
@@ -47,6 +48,7 @@ class StepBase:
         self.clip_norm = clip_norm
         self.noise_scale = noise_scale
         self.rewind = rewind
+        self.agc = agc
         self._update = self._create_update(optimizer)
 
     def _start(self, optimizer: Any, name: Optional[str]) -> Any:

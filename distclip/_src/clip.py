@@ -6,6 +6,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 import tensorflow as tf
 
 from distclip._src import sync
+from distclip._src.agc import AGC, unit_factors
 from distclip._src.checks import check_gradients
 from distclip._src.errors import ArgumentError
 from distclip._src.nonfinite import Nonfinite, guarded_scale, nonfinite_variables, read_report, replica_report, skips
@@ -25,7 +26,8 @@ class ClipResult(NamedTuple):
         `None` entries stay `None`, `tf.IndexedSlices` stay sparse.
       global_norm: float32 scalar, `sqrt(sum_i ||g_i||_2^2)` over the synchronized
         gradients before clipping (the L2 norm of all of them as one vector, in the
-        gradients' own units). Identical on every replica.
+        gradients' own units); with `agc`, after the unit-wise clip and before the
+        global one. Identical on every replica.
       scale: float32 scalar actually multiplied into the gradients,
         `min(1, clip_norm / global_norm)`: at most 1. On a step skipped for a
         non-finite norm it is 0 (nothing is applied); with `nonfinite="propagate"`
@@ -40,7 +42,7 @@ class ClipResult(NamedTuple):
       nonfinite_variables: bool `[len(grads)]`: entry i is True where the
         synchronized gradient of variable i held an inf or a NaN.
       variable_norms: float32 `[len(grads)]`, `||g_i||_2` of each synchronized
-        gradient before clipping, in the units of `global_norm` (0 for a
+        gradient before clipping (with `agc`, after the unit-wise clip), in the units of `global_norm` (0 for a
         `None` gradient), with `variable_norms=True`; otherwise None.
       noise: the gradient noise scale estimates (`distclip.NoiseEstimate`)
         with `noise_scale=` on `ClipStep` or `ClipOptimizer`; otherwise None.
@@ -145,6 +147,8 @@ def clip_synchronized(
     micro_batches: int = 1,
     loss_scale: Optional[tf.Tensor] = None,
     loss: Optional[tf.Tensor] = None,
+    agc: Optional[AGC] = None,
+    weights: Optional[Sequence[Any]] = None,
 ) -> Tuple[ClipResult, tf.Tensor, Optional[tf.Tensor]]:
     """`sync_and_clip`'s reduce, measure, decide and scale, with the threshold a function of the norm.
 
@@ -161,6 +165,11 @@ def clip_synchronized(
     non-finite flag at its own index, and that sum (`distclip._src.nonfinite.replica_report`).
     A `loss` (this replica's, unscaled; a sum over micro-batches) rides there too, as one more element.
 
+    With `agc` (and `weights`, the variables of `grads`), each unit is first
+    clipped against its weights (`distclip._src.agc`): the norm measured, the
+    threshold decided on and the per-variable norms are those of what AGC
+    leaves, and its factors ride on the same multiply.
+
     Returns:
       The result; the threshold used; `sum_r ||f g_r||_2^2` over the
       replicas' own gradients g_r, with f the factor from the sums to the
@@ -172,11 +181,18 @@ def clip_synchronized(
     op = sync.resolve_reduction(options.reduction, backend)
     to_mean = _to_mean(op, backend, micro_batches, loss_scale)
     total = tf.add_n(r.squares) if r.squares else tf.zeros([], tf.float32)
-    norm = norm_from_squares(total, r.summed) * to_mean                                               # measure
+    squares, factors = r.squares, None
+    if agc is None:
+        norm = norm_from_squares(total, r.summed) * to_mean                                           # measure
+    else:
+        assert weights is not None
+        factors, squares = unit_factors(r.summed, [weights[i] for i in present], agc, to_mean)
+        norm = tf.sqrt(tf.add_n(squares)) * to_mean
     finite = tf.math.is_finite(norm)
     threshold = threshold_of(norm)                                                                     # decide
     scale = guarded_scale(options.nonfinite, clip_scale(norm, threshold), norm, finite)
-    clipped = scale_gradients(r.summed, scale * to_mean, zero_on_zero_scale=skips(options.nonfinite))  # scale
+    clipped = scale_gradients(r.summed, scale * to_mean, zero_on_zero_scale=skips(options.nonfinite),  # scale
+                              factors=None if factors is None else [tf.where(finite, a, 0.0) for a in factors])
 
     out_grads: List[Optional[Any]] = [None] * len(grads)
     for i, g in zip(present, clipped, strict=True):
@@ -185,7 +201,7 @@ def clip_synchronized(
         grads=out_grads, global_norm=norm, scale=scale, clipped=tf.logical_and(finite, norm > threshold),
         finite=finite, nonfinite_replicas=tf.logical_and(tf.logical_not(finite), r.flags),
         nonfinite_variables=_scatter(nonfinite_variables(r.summed, total), present, len(grads), False),
-        variable_norms=_variable_norms(r.squares, to_mean, present, len(grads)) if options.variable_norms else None,
+        variable_norms=_variable_norms(squares, to_mean, present, len(grads)) if options.variable_norms else None,
         loss=None if loss is None else r.loss_sum * _to_mean(op, backend, micro_batches, None))
     precise = r.wire_dtype in (tf.float32, tf.float64)  # a float16 sum of squares overflows at 65504
     return result, threshold, r.local_squares * to_mean * to_mean if precise else None

@@ -5,7 +5,7 @@ float16 or bfloat16 gradient neither overflows when squared nor loses the sum.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import tensorflow as tf
 
@@ -101,13 +101,19 @@ def scale_gradient(grad: Gradient, scale: tf.Tensor, *, zero_on_zero_scale: bool
     return mul(grad, tf.cast(scale, grad.dtype))
 
 
-def scale_gradients(grads: Sequence[Gradient], scale: tf.Tensor, *, zero_on_zero_scale: bool = False) -> List[Gradient]:
+def scale_gradients(grads: Sequence[Gradient], scale: tf.Tensor, *, zero_on_zero_scale: bool = False,
+                    factors: Optional[Sequence[tf.Tensor]] = None) -> List[Gradient]:
     """`[g * scale for g in grads]`, except that dense gradients skip the multiply when `scale == 1`.
 
     Most steps under a well-chosen threshold do not clip, and the multiply is a
     full read and write of every gradient: on those steps one `tf.cond` passes
     them through. (`tf.IndexedSlices` are always multiplied: they are small.)
+    With `factors` (one per gradient, broadcastable against it: AGC's), every
+    gradient is multiplied by `factor * scale`, in the same one multiply.
     """
+    if factors is not None:
+        return [scale_gradient(g, a * scale, zero_on_zero_scale=zero_on_zero_scale)
+                for g, a in zip(grads, factors, strict=True)]
     out = [scale_gradient(g, scale, zero_on_zero_scale=zero_on_zero_scale) if isinstance(g, tf.IndexedSlices) else g
            for g in grads]
     dense = [i for i, g in enumerate(grads) if not isinstance(g, tf.IndexedSlices)]

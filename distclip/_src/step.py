@@ -88,6 +88,10 @@ class ClipStep(StepBase, tf.Module):
       rewind: a `distclip.Rewind` to rewind to an in-memory snapshot and skip
         updates when the norm (or the loss given to `apply`) spikes, on every
         replica together; or None. Needs `nonfinite="skip"`.
+      agc: a `distclip.AGC` to clip each unit of the synchronized gradients
+        against its weights before the global clip (adaptive gradient
+        clipping, Brock et al., 2021), or None. With `clip_norm=None` it is
+        the only clipping. Not with `noise_scale`.
       name: the module's name and its variables' name scope (None: "clip_step").
 
     Raises:
@@ -101,7 +105,7 @@ class ClipStep(StepBase, tf.Module):
     def _create_update(self, optimizer: Any) -> ClipUpdate:
         with tf.name_scope(self.name):
             update = ClipUpdate(optimizer, self.clip_norm, self.options, "ClipStep", identical_variable,
-                                self.noise_scale, self.rewind)
+                                self.noise_scale, self.rewind, self.agc)
         self.optimizer = optimizer
         #: Steps skipped because the synchronized global norm was not finite.
         self.skipped_steps = update.state.skipped_steps

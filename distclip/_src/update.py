@@ -3,9 +3,10 @@
 Per update, top to bottom (`ClipUpdate.step`):
 
     reduce   g     = sum over replicas of each replica's gradients   (one packed collective, or one per bucket)
-    measure  norm  = ||g||_2 * f          f = 1/n for a mean, 1/k over k micro-batches, 1/S under a loss scale
+    (agc)    a_u   = min(1, clipping * max(||W_u||, eps) / ||f g_u||)   per unit u, with `agc=` (no collective)
+    measure  norm  = ||a g||_2 * f        f = 1/n for a mean, 1/k over k micro-batches, 1/S under a loss scale
     decide   scale = min(1, clip_norm / norm); finite = isfinite(norm)
-    scale    g    <- g * scale * f                                      (one multiply)
+    scale    g    <- g * a * scale * f                                  (one multiply; a = 1 without agc)
     apply    the optimizer's own `apply(g, variables)`, on every replica, or on none if not finite
     record   norm, threshold, scale, finite (and the loss scale's next value)
 
@@ -32,6 +33,7 @@ import tensorflow as tf
 
 from distclip._src import sync
 from distclip._src.accumulation import Accumulation
+from distclip._src.agc import AGC, unit_axes
 from distclip._src.checks import check_pairs
 from distclip._src.clip import ClipResult, clip_synchronized
 from distclip._src.nonfinite import skips
@@ -126,7 +128,7 @@ class ClipUpdate:
 
     def __init__(self, optimizer: Any, clip_norm: ClipNorm, options: StepOptions, owner: str,
                  make_variable: MakeVariable, noise_scale: Optional[NoiseScale] = None,
-                 rewind: Optional[Rewind] = None):
+                 rewind: Optional[Rewind] = None, agc: Optional[AGC] = None):
         check_optimizer(optimizer, options.nonfinite)
         self.optimizer = optimizer
         # The optimizer that takes the steps, and the LossScaleOptimizer around it (or None).
@@ -147,6 +149,12 @@ class ClipUpdate:
             raise ArgumentError(f"rewind needs nonfinite='skip' (a rewind skips updates in lockstep); "
                                 f"got nonfinite={options.nonfinite!r}")
         self.rewind = rewind
+        if agc is not None and not isinstance(agc, AGC):
+            raise ArgumentError(f"agc must be a distclip.AGC or None; got agc={agc!r}")
+        if agc is not None and noise_scale is not None:
+            raise ArgumentError(f"agc={agc!r} with a noise_scale: the noise scale compares the replicas' own "
+                                "gradients with their mean, which AGC changes unit by unit; use one or the other")
+        self.agc = agc
         self.strategy = tf.distribute.get_strategy()
         steps = options.accumulation_steps
         self.accumulation = Accumulation(steps, loss=rewind is not None) if steps > 1 else None
@@ -166,6 +174,9 @@ class ClipUpdate:
 
         `present` marks the variables that receive gradients (accumulators are made for those only).
         """
+        if self.agc is not None:
+            for v in variables:
+                unit_axes(v)  # refuses a variable AGC has no units for, before anything is created
         ensure_built(self.optimizer, self.stepper, variables)
         self.create_vectors(variables)
         if self.accumulation is not None:
@@ -221,7 +232,8 @@ class ClipUpdate:
             check_replicas(replicas, self.noise_scale)
         result, threshold, replica_squares = clip_synchronized(
             grads, backend, self.threshold.at(self.stepper.iterations), self.options,
-            micro_batches=self.options.accumulation_steps, loss_scale=loss_scale, loss=loss)
+            micro_batches=self.options.accumulation_steps, loss_scale=loss_scale, loss=loss, agc=self.agc,
+            weights=variables)
         if self.state.noise is not None and replica_squares is None:
             raise ArgumentError("noise_scale needs float32 or float64 gradients on the wire; these travel as "
                                 "float16, whose sums of squares overflow")

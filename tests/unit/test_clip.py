@@ -30,15 +30,17 @@ def test_one_packed_reduction(mirrored):
     assert our_nested == 0 and plain_nested == 0
 
 
-def test_variable_norms_and_the_noise_scale_add_nothing_to_the_collectives(mirrored):
-    """Both opt-ins read what the default step already has: the same collectives, the same elements."""
+def test_variable_norms_the_noise_scale_and_agc_add_nothing_to_the_collectives(mirrored):
+    """The opt-ins read what the default step already has (AGC: the mirrored weights): the same collectives,
+    the same elements."""
     x, y = global_batch()
     found = []
-    for options in ({}, {"variable_norms": True, "noise_scale": distclip.NoiseScale(global_batch_size=16)}):
+    for options in ({}, {"variable_norms": True, "noise_scale": distclip.NoiseScale(global_batch_size=16)},
+                    {"variable_norms": True, "agc": distclip.AGC(0.01)}):
         _, _, _, objs = distributed_train(mirrored, 0.5, 0, **options)
         found.append(sorted(collectives(objs["step"].get_concrete_function(shard(mirrored, x),
                                                                              shard(mirrored, y)).graph)))
-    assert found[0] == found[1] and len(found[0]) == mirrored.num_replicas_in_sync
+    assert found[0] == found[1] == found[2] and len(found[0]) == mirrored.num_replicas_in_sync
 
 
 def test_each_replica_measures_and_scales_its_own_copy_once(mirrored):

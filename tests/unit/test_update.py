@@ -53,6 +53,7 @@ def _configs():
         "SpikeClip": (sgd, distclip.SpikeClip(1.0, 0.9, 2, initial_clip_norm=0.5), {}),
         "accumulation": (sgd, 0.5, {"accumulation_steps": 2}),
         "loss-scale": (lso, 0.5, {}),
+        "agc": (sgd, 0.5, {"agc": distclip.AGC(0.05)}),
         "sparse-fp16": (sgd, 0.5, {"sparse_as_dense": True, "compression": "fp16"}),
     }
 

@@ -14,6 +14,7 @@ from distclip._src.errors import ArgumentError
 from distclip._src.keras import multiworker_fit
 from distclip._src.lockstep import create_variables
 from distclip._src.noise import NoiseScale
+from distclip._src.agc import AGC
 from distclip._src.rewind import Rewind
 from distclip._src.optimizer import optimizers_in
 from distclip._src.policies import Policy
@@ -122,6 +123,7 @@ class ClipOptimizer(StepBase, keras.optimizers.Optimizer):
       variable_norms: as for `distclip.ClipStep`.
       noise_scale: as for `distclip.ClipStep`.
       rewind: as for `distclip.ClipStep`.
+      agc: as for `distclip.ClipStep`.
       name: the optimizer's name (None: "clip_optimizer").
 
     Raises:
@@ -138,7 +140,7 @@ class ClipOptimizer(StepBase, keras.optimizers.Optimizer):
 
     def _create_update(self, optimizer: Any) -> ClipUpdate:
         update = ClipUpdate(optimizer, self.clip_norm, self.options, "ClipOptimizer", self._state_variable,
-                            self.noise_scale, self.rewind)
+                            self.noise_scale, self.rewind, self.agc)
         self.inner_optimizer = optimizer
         self.accumulation = update.accumulation
         if update.rewinding is not None:
@@ -389,6 +391,7 @@ class ClipOptimizer(StepBase, keras.optimizers.Optimizer):
             **self.options.as_dict(),
             "noise_scale": None if self.noise_scale is None else dataclasses.asdict(self.noise_scale),
             "rewind": None if self.rewind is None else dataclasses.asdict(self.rewind),
+            "agc": None if self.agc is None else dataclasses.asdict(self.agc),
         }
 
     @classmethod
@@ -411,4 +414,6 @@ class ClipOptimizer(StepBase, keras.optimizers.Optimizer):
             config["noise_scale"] = NoiseScale(**config["noise_scale"])
         if isinstance(config.get("rewind"), dict):
             config["rewind"] = Rewind(**config["rewind"])
+        if isinstance(config.get("agc"), dict):
+            config["agc"] = AGC(**config["agc"])
         return cls(optimizer, clip_norm, **config)

@@ -94,10 +94,11 @@ def test_nonfinite_step_is_skipped_by_fit(mirrored):
                                        distclip.ZClip(mode="percentile", skip_update_on_spike=True),
                                        keras.optimizers.schedules.ExponentialDecay(1.0, 2, 0.5)])
 def test_config_round_trip(clip_norm):
-    optimizer = distclip.keras.ClipOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), clip_norm, nonfinite="raise")
+    optimizer = distclip.keras.ClipOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), clip_norm, nonfinite="raise",
+                                             agc=distclip.AGC(0.02, eps=1e-4))
     config = keras.saving.serialize_keras_object(optimizer)
     again = keras.saving.deserialize_keras_object(config)
-    assert type(again) is distclip.keras.ClipOptimizer
+    assert type(again) is distclip.keras.ClipOptimizer and again.agc == distclip.AGC(0.02, eps=1e-4)
     assert again.get_config() == optimizer.get_config()
     assert again.inner_optimizer.get_config() == optimizer.inner_optimizer.get_config()
 

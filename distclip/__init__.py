@@ -46,6 +46,7 @@ _EXPORTS = {
     "NoiseScale": "distclip._src.noise",
     "NoiseEstimate": "distclip._src.noise",
     "Rewind": "distclip._src.rewind",
+    "SkipSpikes": "distclip._src.rewind",
     "RewindEvent": "distclip._src.rewind",
     "RewindLimitError": "distclip._src.rewind",
 }
@@ -60,7 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from distclip._src.noise import NoiseEstimate, NoiseScale  # noqa: F401
     from distclip._src.policies import AutoClip, SpikeClip, ZClip  # noqa: F401
     from distclip._src.reporter import ClipReporter  # noqa: F401
-    from distclip._src.rewind import Rewind, RewindEvent, RewindLimitError  # noqa: F401
+    from distclip._src.rewind import Rewind, RewindEvent, RewindLimitError, SkipSpikes  # noqa: F401
     from distclip._src.step import ClipStep  # noqa: F401
     from distclip._src.sync import broadcast_from_root  # noqa: F401
     from distclip.cluster.verify import ReplicaMismatchError, verify_replicas  # noqa: F401

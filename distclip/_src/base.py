@@ -15,7 +15,7 @@ from distclip._src.agc import AGC
 from distclip._src.noise import NoiseEstimate, NoiseScale
 from distclip._src.nonfinite import Nonfinite
 from distclip._src.options import BucketMB, StepOptions
-from distclip._src.rewind import Rewind, RewindEvent
+from distclip._src.rewind import Rewind, RewindEvent, SkipSpikes
 from distclip._src.sync import BackendName, Reduction
 from distclip._src.sync.wire import Compression
 from distclip._src.threshold import ClipNorm
@@ -34,7 +34,8 @@ class StepBase:
                  sparse_as_dense: bool = False, compression: Compression = None, accumulation_steps: int = 1,
                  bucket_mb: BucketMB = "auto", variable_norms: bool = False,
                  noise_scale: Optional[NoiseScale] = None, rewind: Optional[Rewind] = None,
-                 agc: Optional[AGC] = None, name: Optional[str] = None) -> None:
+                 agc: Optional[AGC] = None, skip_spikes: Optional[SkipSpikes] = None,
+                 name: Optional[str] = None) -> None:
         """Checks the options, starts the engine's object, then makes the update and its state.
 
         The arguments are documented once, on `distclip.ClipStep` (`ClipOptimizer` adds a dict `optimizer`).
@@ -49,6 +50,7 @@ class StepBase:
         self.noise_scale = noise_scale
         self.rewind = rewind
         self.agc = agc
+        self.skip_spikes = skip_spikes
         self._update = self._create_update(optimizer)
 
     def _start(self, optimizer: Any, name: Optional[str]) -> Any:
@@ -110,14 +112,20 @@ class StepBase:
     def rewinds(self) -> Any:
         """The int64 variable counting rewinds since the start, with `rewind` (else None)."""
         rewinding = self._update.rewinding
-        return None if rewinding is None else rewinding.rewinds
+        return None if rewinding is None or not rewinding.rewinds_on_spike else rewinding.rewinds
 
     @property
     def rewind_skipped_steps(self) -> Any:
         """The int64 variable counting the updates a rewind did not learn from (the spike's and the ones skipped
         after it), with `rewind` (else None)."""
         rewinding = self._update.rewinding
-        return None if rewinding is None else rewinding.skipped
+        return None if rewinding is None or not rewinding.rewinds_on_spike else rewinding.skipped
+
+    @property
+    def skipped_spikes(self) -> Any:
+        """The int64 variable counting the updates skipped as spikes, with `skip_spikes` (else None)."""
+        rewinding = self._update.rewinding
+        return None if rewinding is None or rewinding.rewinds_on_spike else rewinding.skipped
 
     def latest_rewind(self) -> Optional[RewindEvent]:
         """The latest rewind (read eagerly), or None before the first or without `rewind`.

@@ -69,7 +69,7 @@ class ClipReporter:
     Per update: `step` (from `first_step`), `loss` (NaN if not given),
     `global_norm` (synchronized, before clipping), `scale`, `clip_norm` (the
     threshold used), `clipped`, `skipped` and `action` (applied, nonfinite,
-    skipped, rewound or stopped), read from the step's state in one small
+    skipped, rewound, stopped or spike_skipped), read from the step's state in one small
     transfer; the per-replica and per-variable flags only for a non-finite
     update, the per-variable norms only every `variable_norms_every` updates.
     Nothing waits inside the traced step.
@@ -173,7 +173,7 @@ class ClipReporter:
         if now.updates == before.updates:
             return None
         self._latest = now
-        action = _action(before, now)
+        action = _action(before, now, spike_skips=self.step.skip_spikes is not None)
         clipped = int(action == "applied" and now.global_norm > now.threshold)
         skipped = action != "applied" and (action != "nonfinite" or self.step.options.nonfinite == "skip")
         row = {"step": self.next_step, "loss": now.loss, "global_norm": now.global_norm, "scale": now.scale,
@@ -188,6 +188,10 @@ class ClipReporter:
                 self._log.write_norms(self.next_step, self._names, norms)
         if action == "nonfinite":
             self._nonfinite(skipped)
+        if action == "spike_skipped":
+            loss = "" if math.isnan(now.loss) else f", loss {now.loss:.6g}"
+            self._line(f"step {self.next_step} skipped: a spike (global norm {now.global_norm:.6g}{loss}); "
+                       f"{now.rewind_skipped} skipped so far")
         self.next_step += 1
         if action in ("rewound", "stopped"):
             self._rewound(now.latest_rewind)
@@ -281,11 +285,12 @@ class ClipReporter:
             self._log.close()
 
 
-def _action(before: _Read, now: _Read) -> str:
+def _action(before: _Read, now: _Read, spike_skips: bool) -> str:
     """What the latest update did, from the counters before and after it (a rewind's skip count moves for a
-    skip, a rewind and a stop alike; the rewind count only for the last two)."""
+    skip, a rewind and a stop alike; the rewind count only for the last two; with `spike_skips` (a step with
+    `skip_spikes`), the skip count moves for a skipped spike alone)."""
     if now.rewind_skipped == before.rewind_skipped:
         return "applied" if now.finite else "nonfinite"
     if now.rewinds == before.rewinds:
-        return "skipped"
+        return "spike_skipped" if spike_skips else "skipped"
     return "stopped" if now.latest_rewind.stopped else "rewound"

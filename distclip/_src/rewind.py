@@ -1,4 +1,4 @@
-"""Rewind on a spike: a ring of in-memory snapshots, a spike detector, and what each update does with them.
+"""Rewind on a spike, or skip it: a spike detector, a ring of in-memory snapshots, and what each update does.
 
 With `rewind=distclip.Rewind(every=K, keep=R, skip=M, ...)` a clip step decides,
 from values identical on every replica (the synchronized norm, the loss when
@@ -15,8 +15,13 @@ given, its own counters), one action per update (`Rewinding.action`):
                                             (or the ring is empty), then the optimizer's own apply
 
 A spike is, once the window holds `window` applied updates: a finite norm
-(or loss) above `factor * mean` or `mean + zscore * std` of the window, a
-non-finite loss, or `nonfinite_in_row` non-finite norms in a row.
+(or loss) above `factor * mean` or `mean + zscore * std` of the window (or
+with `two_sided`, `|x - mean| > zscore * std`), a non-finite loss, or
+`nonfinite_in_row` non-finite norms in a row.
+
+With `skip_spikes=distclip.SkipSpikes(...)` the same detector decides, and a
+spike is only skipped (SKIP, on every replica together): nothing goes back and
+no ring is made.
 
 A snapshot holds every variable the step owns (the model's variables it
 updates, the optimizer's variables: slots, `iterations`, a loss scale, and
@@ -33,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Union
 
 import tensorflow as tf
 
@@ -60,11 +65,12 @@ class Rewind:
 
     Spike, once the window holds `window` applied updates (x the synchronized
     global norm, and the synchronized loss when `apply` is given one; mean and
-    std over the window's values):
+    std, the population's, over the window's values):
 
-        x > factor * mean    or    x > mean + zscore * std
+        x > factor * mean    or    x > mean + zscore * std     (|x - mean| > zscore * std with two_sided)
 
     or a non-finite loss, or `nonfinite_in_row` non-finite norms in a row.
+    To skip a spike without going back, use `distclip.SkipSpikes`.
 
     Args:
       every: K, 1 to 2**62, applied updates between snapshots.
@@ -75,6 +81,8 @@ class Rewind:
       factor: a number > 1, or None: no ratio test.
       zscore: a number > 0, or None: no z-score test.
       window: how many applied updates the mean and std are taken over (2 to 2**20).
+      two_sided: the z-score test on `|x - mean|` (OLMo-core's rule: an
+        update far below the mean is a spike too) instead of `x - mean`.
       nonfinite_in_row: m, 1 to 2**62, or None: non-finite norms are skipped
         as usual and never cause a rewind.
       max_rewinds: how many rewinds (1 to 2**20) may happen within
@@ -102,23 +110,71 @@ class Rewind:
     max_rewinds: int = 3
     max_rewinds_per: int = 1000
     placement: str = "host"
+    two_sided: bool = False
 
     def __post_init__(self) -> None:
         if self.placement not in ("host", "device"):
             raise ArgumentError(f"placement must be 'host' or 'device'; got placement={self.placement!r}")
+        _check_detector(self.factor, self.zscore, self.window, self.two_sided)
         # keep, window and max_rewinds size variables ([keep, ...], [2, window], [max_rewinds]); the memory
         # the ring needs is checked against this machine's once the variables are known (`create_ring`).
         for name, low, high in (("every", 1, LARGEST), ("keep", 1, MAX_KEEP), ("skip", 0, LARGEST),
-                                ("window", 2, MAX_WINDOW), ("max_rewinds", 1, MAX_WINDOW),
-                                ("max_rewinds_per", 1, LARGEST)):
+                                ("max_rewinds", 1, MAX_WINDOW), ("max_rewinds_per", 1, LARGEST)):
             check_integer(name, getattr(self, name), low, high)
         if self.nonfinite_in_row is not None:
             check_integer("nonfinite_in_row", self.nonfinite_in_row, 1)
-        for key, bound in (("factor", 1.0), ("zscore", 0.0)):
-            if getattr(self, key) is not None:
-                check_number(key, getattr(self, key), bound, rule=f"None or a finite number > {bound:g}")
         if self.factor is None and self.zscore is None and self.nonfinite_in_row is None:
             raise ArgumentError("Rewind needs a test: factor, zscore or nonfinite_in_row; got all three None")
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipSpikes:
+    """How a clip step skips a spike (pass as `skip_spikes=` to `ClipStep` or `ClipOptimizer`).
+
+    The detector of `distclip.Rewind`, with another response: on a spike every
+    replica skips that one update. It is not applied: variables, optimizer
+    slots, `iterations`, a loss scale and the threshold policy's state stay as
+    they were; the data stream goes on; nothing goes back. Spike, once the
+    window holds `window` applied updates (x the synchronized global norm, and
+    the synchronized loss when `apply` is given one; population mean and std
+    over the window's values, which a skipped update does not enter):
+
+        x > factor * mean    or    |x - mean| > zscore * std   (x - mean > zscore * std with two_sided=False)
+
+    or a non-finite loss. A non-finite norm is skipped as always
+    (`nonfinite="skip"`). The defaults are OLMo-core's `SkipStepOptimizer`'s
+    (a z-score of 6 on either side over 128 updates), except that the window
+    must be full and holds applied updates only.
+
+    Args:
+      factor: a number > 1, or None: no ratio test.
+      zscore: a number > 0, or None: no z-score test.
+      window: how many applied updates the mean and std are taken over (2 to 2**20).
+      two_sided: the z-score test on `|x - mean|` (an update far below the mean is skipped too).
+
+    Raises:
+      ArgumentError: a bad value, named with its range; or no test (factor and zscore both None).
+    """
+
+    factor: Optional[float] = None
+    zscore: Optional[float] = 6.0
+    window: int = 128
+    two_sided: bool = True
+
+    def __post_init__(self) -> None:
+        _check_detector(self.factor, self.zscore, self.window, self.two_sided)
+        if self.factor is None and self.zscore is None:
+            raise ArgumentError("SkipSpikes needs a test: factor or zscore; got both None")
+
+
+def _check_detector(factor: Optional[float], zscore: Optional[float], window: int, two_sided: bool) -> None:
+    """The detector's arguments, which `Rewind` and `SkipSpikes` share."""
+    check_integer("window", window, 2, MAX_WINDOW)
+    for key, value, bound in (("factor", factor, 1.0), ("zscore", zscore, 0.0)):
+        if value is not None:
+            check_number(key, value, bound, rule=f"None or a finite number > {bound:g}")
+    if not isinstance(two_sided, bool):
+        raise ArgumentError(f"two_sided must be True or False; got two_sided={two_sided!r}")
 
 
 class RewindEvent(NamedTuple):
@@ -161,12 +217,18 @@ class RewindLimitError(RuntimeError):
 
 
 class Rewinding(tf.Module):
-    """The ring, the detector's window and the counters of one clip step (all saved with it)."""
+    """The ring, the detector's window and the counters of one clip step (all saved with it).
 
-    def __init__(self, config: Rewind, name: str = "rewind"):
+    With a `SkipSpikes` config the ring stays empty and a spike is SKIP.
+    """
+
+    def __init__(self, config: Union[Rewind, SkipSpikes], name: str = "rewind"):
         super().__init__(name=name)
         self.config = config
-        w, r = config.window, config.keep
+        #: Whether a spike rewinds (`Rewind`) or is skipped (`SkipSpikes`).
+        self.rewinds_on_spike = isinstance(config, Rewind)
+        w = config.window
+        r, limit = (config.keep, config.max_rewinds) if isinstance(config, Rewind) else (1, 1)
         with self.name_scope:
             self.updates = identical_variable("updates", (), tf.int64, 0)
             self.history = identical_variable("history", (2, w), tf.float32, 0.0)  # norms, losses
@@ -180,29 +242,37 @@ class Rewinding(tf.Module):
             self.nonfinite_run = identical_variable("nonfinite_run", (), tf.int64, 0)
             self.rewinds = identical_variable("rewinds", (), tf.int64, 0)
             self.skipped = identical_variable("skipped", (), tf.int64, 0)
-            self.recent = identical_variable("recent", (config.max_rewinds,), tf.int64, -(2 ** 62))
+            self.recent = identical_variable("recent", (limit,), tf.int64, -(2 ** 62))
             self.latest = identical_variable("latest", (4,), tf.int64, 0)  # RewindEvent
         self.ring: List[Any] = []  # one [keep, ...] variable per owned variable, made by `create_ring`
         self._owned: List[Any] = []
 
     def create_ring(self, strategy: tf.distribute.Strategy, owned: Sequence[Any]) -> None:
-        """Makes one `[keep, *shape]` variable per variable of `owned` (where `placement` says), once."""
-        if self.ring:
+        """Makes one `[keep, *shape]` variable per variable of `owned` (where `placement` says), once; none when
+        a spike is skipped."""
+        if self.ring or not self.rewinds_on_spike:
             return
+        config = self._rewind
         owned = _distinct(owned)
-        check_ring_memory(self.config.keep, sum(tf.TensorShape(v.shape).num_elements() * tf.as_dtype(v.dtype).size
+        check_ring_memory(config.keep, sum(tf.TensorShape(v.shape).num_elements() * tf.as_dtype(v.dtype).size
                                                 for v in owned))
 
         def create():
-            where = _on_host(strategy) if self.config.placement == "host" else strategy.scope()
+            where = _on_host(strategy) if config.placement == "host" else strategy.scope()
             with where, self.name_scope:
-                self.ring = [tf.Variable(tf.zeros((self.config.keep, *v.shape), tf.as_dtype(v.dtype)),
+                self.ring = [tf.Variable(tf.zeros((config.keep, *v.shape), tf.as_dtype(v.dtype)),
                                          trainable=False, name=f"snapshot_{i}",
                                          synchronization=tf.VariableSynchronization.ON_WRITE,
                                          aggregation=tf.VariableAggregation.NONE) for i, v in enumerate(owned)]
 
         create_variables(create)
         self._owned = owned
+
+    @property
+    def _rewind(self) -> Rewind:
+        """The config, where a spike rewinds (the ring and the limit exist only then)."""
+        assert isinstance(self.config, Rewind), "only a Rewind has a ring and a limit"
+        return self.config
 
     def state(self) -> List[Any]:
         """Every variable of the rewind, in a fixed order: the counters, the window, then the ring (what a
@@ -213,7 +283,9 @@ class Rewinding(tf.Module):
 
     def snapshot_bytes(self) -> int:
         """Bytes one snapshot takes (the ring holds `keep` of them)."""
-        return sum(v.shape.num_elements() * v.dtype.size for v in self.ring) // self.config.keep
+        if not self.ring:
+            return 0
+        return sum(v.shape.num_elements() * v.dtype.size for v in self.ring) // self._rewind.keep
 
     def action(self, norm: tf.Tensor, finite: tf.Tensor, loss: Optional[tf.Tensor]) -> tf.Tensor:
         """This update's action (APPLY ... STOP), an int32 scalar identical on every replica; writes nothing."""
@@ -225,6 +297,8 @@ class Rewinding(tf.Module):
             loss_spike = tf.logical_or(tf.logical_not(tf.math.is_finite(loss)),
                                        tf.logical_and(full, self._beyond(loss, 1)))
             spike = tf.logical_or(spike, loss_spike)
+        if not isinstance(c, Rewind):
+            return tf.where(spike, SKIP, tf.where(finite, APPLY, NONFINITE))
         if c.nonfinite_in_row is not None:
             run = read_value(self.nonfinite_run) + 1
             spike = tf.logical_or(spike, tf.logical_and(tf.logical_not(finite), run >= c.nonfinite_in_row))
@@ -242,16 +316,19 @@ class Rewinding(tf.Module):
         if self.config.factor is not None:
             out = tf.logical_or(out, x > self.config.factor * mean)
         if self.config.zscore is not None:
-            out = tf.logical_or(out, x > mean + self.config.zscore * tf.math.reduce_std(window))
+            distance = tf.abs(x - mean) if self.config.two_sided else x - mean
+            out = tf.logical_or(out, distance > self.config.zscore * tf.math.reduce_std(window))
         return out
 
     def before_apply(self) -> None:
         """In APPLY, before the optimizer's apply: a snapshot if the ring is empty or `every` updates went by."""
-        due = tf.logical_or(read_value(self.ring_size) == 0, read_value(self.since_snapshot) >= self.config.every)
+        if not self.rewinds_on_spike:
+            return
+        due = tf.logical_or(read_value(self.ring_size) == 0, read_value(self.since_snapshot) >= self._rewind.every)
         tf.cond(due, self._snapshot, lambda: tf.constant(False))
 
     def _snapshot(self) -> tf.Tensor:
-        r = self.config.keep
+        r = self._rewind.keep
         start, size = read_value(self.ring_start), read_value(self.ring_size)
         slot = tf.math.floormod(start + size, r)
         for ring, v in zip(self.ring, self._owned, strict=True):
@@ -292,7 +369,7 @@ class Rewinding(tf.Module):
 
     def rewind(self, stop: bool) -> None:
         """In REWIND (or STOP): every owned variable back to the oldest snapshot; then skip M (or everything)."""
-        c = self.config
+        c = self._rewind
         start = read_value(self.ring_start)
         for ring, v in zip(self.ring, self._owned, strict=True):
             tf_variable(v).assign(tf.gather(ring, start))
@@ -334,9 +411,9 @@ class Rewinding(tf.Module):
         event = self.latest_event()
         assert event is not None
         self.stopped.assign(tf.zeros([], tf.int64))
-        self.recent.assign(tf.fill([self.config.max_rewinds], tf.constant(-(2 ** 62), tf.int64)))
+        c = self._rewind
+        self.recent.assign(tf.fill([c.max_rewinds], tf.constant(-(2 ** 62), tf.int64)))
         path = save() if save is not None else None
-        c = self.config
         where = (f"saved to {path}" if path else "not saved (nothing to save it with was given)" if save is None
                  else "saved by another process (rank 0 names where)")
         raise RewindLimitError(

@@ -92,6 +92,10 @@ class ClipStep(StepBase, tf.Module):
         against its weights before the global clip (adaptive gradient
         clipping, Brock et al., 2021), or None. With `clip_norm=None` it is
         the only clipping. Not with `noise_scale`.
+      skip_spikes: a `distclip.SkipSpikes` to skip an update whose norm (or
+        the loss given to `apply`) is a spike, on every replica together,
+        without going back (`skipped_spikes` counts them); or None. Not with
+        `rewind` (one detector, one answer). Needs `nonfinite="skip"`.
       name: the module's name and its variables' name scope (None: "clip_step").
 
     Raises:
@@ -105,7 +109,7 @@ class ClipStep(StepBase, tf.Module):
     def _create_update(self, optimizer: Any) -> ClipUpdate:
         with tf.name_scope(self.name):
             update = ClipUpdate(optimizer, self.clip_norm, self.options, "ClipStep", identical_variable,
-                                self.noise_scale, self.rewind, self.agc)
+                                self.noise_scale, self.rewind, self.agc, self.skip_spikes)
         self.optimizer = optimizer
         #: Steps skipped because the synchronized global norm was not finite.
         self.skipped_steps = update.state.skipped_steps
@@ -116,7 +120,7 @@ class ClipStep(StepBase, tf.Module):
         #: The noise scale's moving averages by name (empty without a `noise_scale`), saved with the step.
         self.noise_state = {} if noise is None else {
             "gradient_squared": noise.gradient_squared, "trace": noise.trace, "updates": noise.updates}
-        #: The rewind's ring, window and counters (None without `rewind`), saved with the step.
+        #: The rewind's ring, window and counters (None without `rewind` or `skip_spikes`), saved with the step.
         self.rewinding = update.rewinding
         return update
 
@@ -153,7 +157,7 @@ class ClipStep(StepBase, tf.Module):
           loss: this replica's loss (a float scalar, before any loss scaling),
             or None. It rides on the packed all-reduce (one element) and comes
             back reduced as the gradients are (`ClipResult.loss`); with
-            `rewind`, spikes in it rewind too.
+            `rewind`, spikes in it rewind too (with `skip_spikes`, are skipped).
 
         Returns:
           The synchronized, clipped gradients with the norm and scale; with

@@ -5,7 +5,7 @@ One row per update, in `metrics.csv` with the columns of `COLUMNS`:
 gradients' units), `scale` (the clip factor applied), `clip_norm` (the
 threshold used; inf for `clip_norm=None`), `clipped` (1: applied, clipped),
 `skipped` (1: not applied, whatever the reason) and `action` (`ACTIONS`:
-applied, nonfinite, skipped, rewound or stopped). The same scalars go to
+applied, nonfinite, skipped, rewound, stopped or spike_skipped). The same scalars go to
 TensorBoard event files under `tensorboard/`. (A metrics.csv of distclip 0.2.0
 has no `action`; a resumed run adds it to the kept rows.)
 
@@ -38,8 +38,9 @@ from distclip._src.rewind import RewindEvent
 
 COLUMNS = ("step", "loss", "global_norm", "scale", "clip_norm", "clipped", "skipped", "action")
 #: What an update did (the `action` column): applied; skipped for a non-finite norm (or applied as it was, with
-#: nonfinite="propagate"); skipped after a rewind; rewound on a spike; stopped at the rewind limit.
-ACTIONS = ("applied", "nonfinite", "skipped", "rewound", "stopped")
+#: nonfinite="propagate"); skipped after a rewind; rewound on a spike; stopped at the rewind limit; skipped as a
+#: spike (`skip_spikes`).
+ACTIONS = ("applied", "nonfinite", "skipped", "rewound", "stopped", "spike_skipped")
 NONFINITE_COLUMNS = ("step", "skipped", "replica", "worker", "host", "device", "variables")
 LAYER_COLUMNS = ("step", "layer", "norm")
 REWIND_COLUMNS = ("step", "to_step", "skip_through_step", "stopped")

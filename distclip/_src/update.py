@@ -13,8 +13,8 @@ Per update, top to bottom (`ClipUpdate.step`):
 The first four are `distclip._src.clip.clip_synchronized`; apply is
 `distclip._src.optimizer.apply_in_lockstep`; with `accumulation_steps=k` the
 step runs on every k-th call, on the accumulated sums
-(`distclip._src.accumulation`). With `rewind=`, apply is one of five actions
-decided from the synchronized norm (`ClipUpdate.take`, `distclip._src.rewind`).
+(`distclip._src.accumulation`). With `rewind=` or `skip_spikes=`, apply is one of
+five actions decided from the synchronized norm (`ClipUpdate.take`, `distclip._src.rewind`).
 
 Mixed precision: `LossScaleOptimizer(inner)` is the one order supported. The
 loss is multiplied by the dynamic scale S, so the synchronized gradients are S
@@ -44,7 +44,7 @@ from distclip._src.policies import Policy
 from distclip._src.threshold import ClipNorm, MakeVariable, Threshold, check_clip_norm
 from distclip._src.errors import ArgumentError, ContextError
 from distclip._src.lockstep import create_variables, run_switch
-from distclip._src.rewind import Rewind, Rewinding, owned_variables
+from distclip._src.rewind import Rewind, Rewinding, SkipSpikes, owned_variables
 from distclip._src.noise import NoiseScale, NoiseState, check_replicas
 from distclip._src.variables import identical_variable, read_value, tf_variable
 
@@ -128,7 +128,8 @@ class ClipUpdate:
 
     def __init__(self, optimizer: Any, clip_norm: ClipNorm, options: StepOptions, owner: str,
                  make_variable: MakeVariable, noise_scale: Optional[NoiseScale] = None,
-                 rewind: Optional[Rewind] = None, agc: Optional[AGC] = None):
+                 rewind: Optional[Rewind] = None, agc: Optional[AGC] = None,
+                 skip_spikes: Optional[SkipSpikes] = None):
         check_optimizer(optimizer, options.nonfinite)
         self.optimizer = optimizer
         # The optimizer that takes the steps, and the LossScaleOptimizer around it (or None).
@@ -145,8 +146,15 @@ class ClipUpdate:
         self.noise_scale = noise_scale
         if rewind is not None and not isinstance(rewind, Rewind):
             raise ArgumentError(f"rewind must be a distclip.Rewind or None; got rewind={rewind!r}")
-        if rewind is not None and options.nonfinite != "skip":
-            raise ArgumentError(f"rewind needs nonfinite='skip' (a rewind skips updates in lockstep); "
+        if skip_spikes is not None and not isinstance(skip_spikes, SkipSpikes):
+            raise ArgumentError(f"skip_spikes must be a distclip.SkipSpikes or None; got skip_spikes={skip_spikes!r}")
+        if rewind is not None and skip_spikes is not None:
+            raise ArgumentError(f"rewind and skip_spikes are two answers to one spike detector; pass one; got "
+                                f"rewind={rewind!r} and skip_spikes={skip_spikes!r}")
+        detector = rewind or skip_spikes
+        if detector is not None and options.nonfinite != "skip":
+            name = "rewind" if rewind is not None else "skip_spikes"
+            raise ArgumentError(f"{name} needs nonfinite='skip' (it skips updates in lockstep); "
                                 f"got nonfinite={options.nonfinite!r}")
         self.rewind = rewind
         if agc is not None and not isinstance(agc, AGC):
@@ -157,10 +165,10 @@ class ClipUpdate:
         self.agc = agc
         self.strategy = tf.distribute.get_strategy()
         steps = options.accumulation_steps
-        self.accumulation = Accumulation(steps, loss=rewind is not None) if steps > 1 else None
+        self.accumulation = Accumulation(steps, loss=detector is not None) if steps > 1 else None
         self.state = StepState(make_variable, noise_scale)
         self.threshold = Threshold(self.clip_norm, make_variable)
-        self.rewinding = None if rewind is None else Rewinding(rewind)
+        self.rewinding = None if detector is None else Rewinding(detector)
 
     def saved_state(self) -> List[Any]:
         """distclip's own variables that a rewind restores: the policy's, the skip count, the noise scale's."""
@@ -257,7 +265,8 @@ class ClipUpdate:
 
     def take(self, result: ClipResult, threshold: tf.Tensor, replica_squares: Optional[tf.Tensor], replicas: int,
              variables: List[Any]) -> ClipResult:
-        """With `rewind`: `step` after the clip, as one of five actions taken on every replica together.
+        """With `rewind` or `skip_spikes`: `step` after the clip, as one of five actions taken on every replica
+        together (`skip_spikes` takes three: APPLY, NONFINITE, SKIP).
 
         The action comes from the synchronized norm and loss (`Rewinding.action`);
         what the plain step always writes (the policy's and the loss scale's next
@@ -296,9 +305,10 @@ class ClipUpdate:
 
         args = ([g for g, _ in pairs], [v for _, v in policy], [v for _, v in next_scale], result.global_norm,
                 replica_squares, result.loss)
-        done = run_switch(action, [apply_update, nonfinite, lambda *_: rewinding.skip_one(),
-                                   lambda *_: rewinding.rewind(stop=False), lambda *_: rewinding.rewind(stop=True)],
-                          args)
+        branches = [apply_update, nonfinite, lambda *_: rewinding.skip_one()]
+        if rewinding.rewinds_on_spike:
+            branches += [lambda *_: rewinding.rewind(stop=False), lambda *_: rewinding.rewind(stop=True)]
+        done = run_switch(action, branches, args)
         with tf.control_dependencies([done]):
             return result._replace(noise=None if noise is None else noise.latest())
 

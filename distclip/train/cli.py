@@ -60,6 +60,16 @@ def _rewind(text: str) -> Tuple[int, ...]:
     return every, keep, skip
 
 
+def _skip_spikes(text: str) -> Tuple[float, ...]:
+    """ZSCORE,WINDOW; their ranges are `distclip.SkipSpikes`'s, checked in `main`."""
+    try:
+        zscore, window = text.split(",")
+        return float(zscore), int(window)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--skip-spikes must be ZSCORE,WINDOW (a number and an integer); "
+                                         f"got {text!r}") from None
+
+
 def _factor(text: str) -> float:
     try:
         value = float(text)
@@ -128,8 +138,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--rewind-window", type=_int_in(2, 2 ** 20), default=None, metavar="N",
                    help="with --rewind: the last N applied steps the mean is taken over (no spike before N steps; "
                         f"with --rewind, None means {d.rewind_window})")
+    t.add_argument("--skip-spikes", type=_skip_spikes, default=d.skip_spikes, metavar="ZSCORE,WINDOW",
+                   help="skip, on every replica together, a step whose norm or loss is more than ZSCORE standard "
+                        "deviations from its mean over the last WINDOW applied steps, either way (OLMo-core's "
+                        "rule; distclip.SkipSpikes); nothing goes back. Not with --rewind")
     t.add_argument("--spike-at", type=_steps, default=d.spike_at, metavar="STEP[,STEP...]",
-                   help="multiply the targets of these steps' batches by 100, to see a spike (and a rewind)")
+                   help="multiply the targets of these steps' batches by 100, to see a spike (and a rewind or a skip)")
     pl = sub.add_parser(
         "plot",
         help="draw a run's metrics.csv (from distclip train or distclip.keras.ClipLogger) as a PNG",
@@ -182,6 +196,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
         if beyond:
             p.error(f"--{name.replace('_', '-')} {','.join(map(str, beyond))}: beyond --steps {args.steps} "
                     f"(steps are numbered 0 to {args.steps - 1}), so it would never happen")
+    if args.rewind and args.skip_spikes:
+        p.error("--rewind and --skip-spikes are two answers to one spike detector; pass one")
     if args.move_aside and args.resume:
         p.error("--move-aside moves an earlier run's outputs away for a new run; --resume continues that run")
     cfg = Config(**{k: v for k, v in vars(args).items() if k != "command"})
@@ -193,6 +209,13 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
         except ArgumentError as e:
             p.error(f"--rewind {','.join(map(str, cfg.rewind))} (with --rewind-factor {cfg.rewind_factor:g}, "
                     f"--rewind-window {cfg.rewind_window}): {e}")
+    if cfg.skip_spikes:
+        from distclip import ArgumentError
+
+        try:
+            cfg.skip_spikes_config()
+        except ArgumentError as e:
+            p.error(f"--skip-spikes {cfg.skip_spikes[0]:g},{cfg.skip_spikes[1]}: {e}")
     return cfg
 
 
@@ -256,7 +279,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"  held-out MSE (1024 sequences):                  {summary['eval_mse']:.4g}\n"
         f"  steps clipped: {summary['steps_clipped']}   steps skipped (non-finite norm): {summary['steps_skipped']}\n"
         + (f"  steps not learned from after a spike (rewound or skipped): {summary['steps_skipped_by_rewind']}\n"
-           if cfg.rewind else "") +
+           if cfg.rewind else "")
+        + (f"  spikes skipped (--skip-spikes): {summary['spikes_skipped']}\n" if cfg.skip_spikes else "") +
         f"  replicas identical: {summary['variables_verified_identical']} variables checked (verify_replicas)\n"
         + "".join(f"  {s['line']}\n" for s in summary["nonfinite_steps"][:10])
         + (f"  ... {len(summary['nonfinite_steps']) - 10} more in nonfinite.csv\n"

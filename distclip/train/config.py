@@ -31,6 +31,7 @@ class Config:
     # adding RNN's norm alone reaches 11 times its 50-step mean, clipped and harmless)
     rewind_window: int = 50  # applied steps the mean is taken over
     spike_at: Tuple[int, ...] = ()  # steps whose targets are multiplied by 100 (to see a rewind)
+    skip_spikes: Tuple[float, ...] = ()  # (zscore, window): skip a spike (distclip.SkipSpikes); (): never
 
     def rewind_config(self) -> Any:
         """The `distclip.Rewind` of `--rewind` (None without)."""
@@ -41,6 +42,20 @@ class Config:
         every, keep, skip = self.rewind
         return distclip.Rewind(every=every, keep=keep, skip=skip, factor=self.rewind_factor,
                                window=self.rewind_window)
+
+    def skip_spikes_config(self) -> Any:
+        """The `distclip.SkipSpikes` of `--skip-spikes` (None without): OLMo-core's two-sided z-score rule."""
+        if not self.skip_spikes:
+            return None
+        import distclip
+
+        zscore, window = self.skip_spikes
+        return distclip.SkipSpikes(zscore=zscore, window=int(window))
+
+    @property
+    def detects_spikes(self) -> bool:
+        """Whether the step has a spike detector (`--rewind` or `--skip-spikes`), which takes the loss too."""
+        return bool(self.rewind or self.skip_spikes)
 
     @property
     def nonfinite(self) -> Literal["skip", "propagate"]:
@@ -64,7 +79,8 @@ MAY_CHANGE = {
 
 #: Settings that add state to the checkpoint: they cannot be added or changed on --resume (the checkpoint
 #: does not hold their state), so a change is refused with that reason.
-ADDS_STATE = {"rewind": "--rewind", "noise_scale": "--noise-scale", "rewind_window": "--rewind-window"}
+ADDS_STATE = {"rewind": "--rewind", "noise_scale": "--noise-scale", "rewind_window": "--rewind-window",
+              "skip_spikes": "--skip-spikes"}
 
 
 def flag(name: str) -> str:

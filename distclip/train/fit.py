@@ -46,7 +46,7 @@ def run(cfg: Config, runner) -> dict:
         optimizer = ClipOptimizer(keras.optimizers.SGD(cfg.learning_rate, momentum=0.9), cfg.clip_norm,
                                   nonfinite=cfg.nonfinite, variable_norms=cfg.variable_norms_every > 0,
                                   noise_scale=NoiseScale(cfg.batch_size) if cfg.noise_scale else None,
-                                  rewind=cfg.rewind_config())
+                                  rewind=cfg.rewind_config(), skip_spikes=cfg.skip_spikes_config())
         model.compile(optimizer=optimizer, loss="mse")
         optimizer.build(model.trainable_variables)
     progress = Progress()

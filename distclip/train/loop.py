@@ -21,7 +21,7 @@ def build(cfg: Config):
     clip = distclip.ClipStep(optimizer, cfg.clip_norm, nonfinite=cfg.nonfinite,
                              variable_norms=cfg.variable_norms_every > 0,
                              noise_scale=distclip.NoiseScale(cfg.batch_size) if cfg.noise_scale else None,
-                             rewind=cfg.rewind_config())
+                             rewind=cfg.rewind_config(), skip_spikes=cfg.skip_spikes_config())
     clip.build(model.trainable_variables)
     return model, optimizer, clip
 
@@ -40,7 +40,7 @@ def run(cfg: Config, runner) -> dict:
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(tf.square(model(x, training=True) - y)) / loss_denominator
         return loss, clip.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables,
-                                loss=loss if cfg.rewind else None)
+                                loss=loss if cfg.detects_spikes else None)
 
     train_step = runner.compile(replica_fn, cfg.batch_size)
     # Every rank, together (it all-gathers where each replica runs); rank 0 writes the files.

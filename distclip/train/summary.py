@@ -39,6 +39,7 @@ def finish(cfg: Config, runner, model, optimizer, step, *, final_loss: float, cl
         # from (the spike's and the ones skipped after it).
         "steps_skipped": runner.read(step.skipped_steps),
         "steps_skipped_by_rewind": 0 if step.rewind_skipped_steps is None else runner.read(step.rewind_skipped_steps),
+        "spikes_skipped": 0 if step.skipped_spikes is None else runner.read(step.skipped_spikes),
         "variables_verified_identical": checked,
         "nonfinite_steps": [{"step": r.step, "skipped": r.skipped, "replicas": [p._asdict() for p in r.replicas],
                              "variables": r.variables, "line": r.line()} for r in nonfinite],

@@ -153,6 +153,21 @@ def test_train_fit_equals_the_custom_loop(tmp_path):
 TINY = ["train", "--length", "5", "--units", "4", "--batch-size", "8"]
 
 
+def test_train_skips_a_spike(tmp_path):
+    """`--skip-spikes`: step 25's spike is skipped on its own (nothing goes back), marked in metrics.csv, said on
+    stderr and counted in the summary."""
+    r = _run([BIN, *TINY, "--steps", "30", "--skip-spikes", "6,10", "--spike-at", "25", "--out", str(tmp_path / "s")])
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    with open(tmp_path / "s" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(i, row["action"]) for i, row in enumerate(rows) if row["action"] != "applied"] == [(25, "spike_skipped")]
+    assert rows[25]["skipped"] == "1"
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["spikes_skipped"] == 1 and summary["steps_skipped_by_rewind"] == 0 and summary["rewinds"] == []
+    assert "spikes skipped (--skip-spikes): 1" in r.stdout
+    assert f"step 25 skipped: a spike (global norm {float(rows[25]['global_norm']):.6g}" in r.stderr
+
+
 def _files(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 

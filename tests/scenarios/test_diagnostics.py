@@ -1,4 +1,4 @@
-"""Non-finite attribution, the gradient noise scale and rewind across processes: Horovod and
+"""Non-finite attribution, the gradient noise scale, rewind and skip_spikes across processes: Horovod and
 MultiWorkerMirroredStrategy."""
 import json
 import os
@@ -49,3 +49,5 @@ def test_attribution_noise_scale_and_rewind_across_processes(tmp_path, mode):
     # A spike at update 10 goes back to the snapshot before update 4; bit for bit the run without updates 4-12.
     assert ranks[0]["rewind"] == [10, 4, 12, False]
     assert ranks[0]["rewind_equals_oracle"]
+    # Skipping the spike instead: bit for bit the run that never saw batch 9.
+    assert ranks[0]["skipped_spikes"] == 1 and ranks[0]["skip_equals_oracle"]

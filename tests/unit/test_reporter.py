@@ -22,7 +22,7 @@ def _loop(strategy, **options):
             with tf.GradientTape() as tape:
                 loss = tf.reduce_sum(tf.square(model(x) - y)) / GLOBAL_BATCH
             r = clip.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables,
-                           loss=loss if "rewind" in options else None)
+                           loss=loss if {"rewind", "skip_spikes"} & set(options) else None)
             return loss, r.global_norm, r.scale
 
         loss, norm, scale = strategy.run(replica_fn, args=(x, y))
@@ -102,6 +102,25 @@ def test_accumulating_calls_report_nothing_and_the_limit_saves_the_last_good_sta
     tf.train.Checkpoint(model=fresh).read(path).expect_partial()
     for got, want in zip(fresh.get_weights(), model.get_weights(), strict=True):  # the last good snapshot
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_skipped_spike_is_a_row_and_a_line(tmp_path, capfd):
+    skip_spikes = distclip.SkipSpikes(factor=4.0, zscore=None, window=3)
+    model, _, clip, step = _loop(tf.distribute.get_strategy(), skip_spikes=skip_spikes)
+    reporter = distclip.ClipReporter(clip, model.trainable_variables, log_dir=str(tmp_path))
+    returned = []
+    for s in range(8):
+        x, y = global_batch(s)
+        returned.append([float(v) for v in step(x, y * 100.0 if s == 6 else y)])
+        reporter.report(loss=returned[-1][0])
+    reporter.close()
+    rows = _csv(tmp_path / "metrics.csv")
+    assert [r["action"] for r in rows] == ["applied"] * 6 + ["spike_skipped", "applied"]
+    loss, norm, _ = returned[6]
+    assert rows[6]["skipped"] == "1" and (float(rows[6]["global_norm"]), float(rows[6]["loss"])) == (norm, loss)
+    assert f"distclip: step 6 skipped: a spike (global norm {norm:.6g}, loss {loss:.6g}); 1 skipped so far" in \
+        capfd.readouterr().err
+    assert int(clip.skipped_spikes.numpy()) == 1 and reporter.rewinds == []
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

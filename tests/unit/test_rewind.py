@@ -1,4 +1,4 @@
-"""Rewind on a spike: a rewinding run equals the run in which the skipped batches' updates never happened.
+"""Rewind on a spike, or skip it: the run equals the run in which the skipped batches' updates never happened.
 
 The oracle is distclip without `rewind`, called on the same batch stream minus the batches a rewind
 discarded (the run it must equal, bit for bit), and Keras's own `fit` on that shorter stream.
@@ -13,6 +13,8 @@ from common import GLOBAL_BATCH, global_batch, make_model, make_optimizer, repli
 from graphs import collectives, host_round_trips
 
 RW = dict(every=3, keep=2, skip=2, factor=4.0, window=3)
+#: The same detector, skipping: batch 9 (update 10) is the spike.
+SKIP = dict(factor=4.0, zscore=None, window=3)
 
 
 def batches(n=16, poison=(9,), scale=100.0, nan=()):
@@ -25,7 +27,7 @@ def batches(n=16, poison=(9,), scale=100.0, nan=()):
 
 
 def train(strategy, stream, rewind=None, skip=(), loss=True, opt="adam", clip_norm=1.0, mixed=False,
-          accumulation=1, objects=None):
+          accumulation=1, objects=None, skip_spikes=None):
     """ClipStep under `strategy` over `stream`, not calling the step for the batches in `skip`.
 
     Returns (every variable on every replica: model, optimizer, clip state; the step; the traced step)."""
@@ -35,7 +37,8 @@ def train(strategy, stream, rewind=None, skip=(), loss=True, opt="adam", clip_no
             optimizer = make_optimizer(opt)
             if mixed:
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=2.0 ** 4)
-            clip = distclip.ClipStep(optimizer, clip_norm, rewind=rewind, accumulation_steps=accumulation)
+            clip = distclip.ClipStep(optimizer, clip_norm, rewind=rewind, accumulation_steps=accumulation,
+                                     skip_spikes=skip_spikes)
             clip.build(model.trainable_variables)
     else:
         model, optimizer, clip = objects
@@ -68,7 +71,8 @@ def discarded(event, accumulation=1):
     return set(range((event.to - 1) * accumulation, event.skip_through * accumulation))
 
 
-@pytest.mark.parametrize("placement", ["host", "device"])
+# The device ring differs from the host ring only in where it lives: `slow`.
+@pytest.mark.parametrize("placement", ["host", pytest.param("device", marks=pytest.mark.slow)])
 def test_a_rewind_equals_the_run_without_the_discarded_batches(mirrored, placement):
     stream = batches()
     got, (_, _, clip), _ = train(mirrored, stream, distclip.Rewind(**RW, placement=placement))
@@ -83,6 +87,35 @@ def test_a_rewind_equals_the_run_without_the_discarded_batches(mirrored, placeme
     assert_same(got, want)
 
 
+def test_a_skipped_spike_equals_the_run_without_that_batch(mirrored):
+    stream = batches()
+    got, (_, optimizer, clip), _ = train(mirrored, stream, skip_spikes=distclip.SkipSpikes(**SKIP))
+    assert int(clip.skipped_spikes.numpy()) == 1 and clip.latest_rewind() is None and clip.rewinding.ring == []
+    assert int(optimizer.iterations.numpy()) == len(stream) - 1  # nothing went back
+    want, _, _ = train(mirrored, stream, None, skip={9})
+    assert_same(got, want)
+
+
+def test_the_two_sided_rule_skips_a_dip_too():
+    """OLMo-core's rule: |x - mean| > zscore * std. Norms 1, 1.2, 0.8, 1.1, then 0.01 and 1: the dip is a spike
+    only with `two_sided`; the oracle is the step without skip_spikes, not called for the skipped gradient."""
+    norms = [1.0, 1.2, 0.8, 1.1, 0.01, 1.0]
+
+    def run(skip_spikes, skip=()):
+        variable = tf.Variable(tf.ones([4]))
+        step = distclip.ClipStep(keras.optimizers.Adam(0.1), 5.0, skip_spikes=skip_spikes)
+        for i, n in enumerate(norms):
+            if i not in skip:
+                step.apply([tf.constant([n, 0.0, 0.0, 0.0])], [variable])
+        return variable.numpy(), step
+
+    for two_sided, skipped in ((True, 1), (False, 0)):
+        got, step = run(distclip.SkipSpikes(zscore=3.0, window=4, two_sided=two_sided))
+        assert int(step.skipped_spikes.numpy()) == skipped
+        want, _ = run(None, skip={4} if skipped else ())
+        np.testing.assert_array_equal(got, want)
+
+
 def test_a_run_without_spikes_is_unchanged_by_rewind(mirrored):
     stream = batches(n=10, poison=())
     got, (_, _, clip), _ = train(mirrored, stream, distclip.Rewind(**RW))
@@ -95,13 +128,14 @@ def test_a_run_without_spikes_is_unchanged_by_rewind(mirrored):
 def test_rewind_adds_no_collective_and_the_loss_one_element(mirrored):
     stream = batches(n=1, poison=())
     counts = {}
-    for name, rewind, loss in (("off", None, False), ("on", distclip.Rewind(**RW), False),
-                               ("loss", distclip.Rewind(**RW), True)):
-        _, _, step = train(mirrored, stream, rewind, loss=loss)
+    for name, rewind, loss, skip_spikes in (("off", None, False, None), ("on", distclip.Rewind(**RW), False, None),
+                                            ("loss", distclip.Rewind(**RW), True, None),
+                                            ("skip", None, False, distclip.SkipSpikes(**SKIP))):
+        _, _, step = train(mirrored, stream, rewind, loss=loss, skip_spikes=skip_spikes)
         x, y = stream[0]
         graph = step.get_concrete_function(shard(mirrored, x), shard(mirrored, y)).graph
         counts[name] = sorted(n for n, _ in collectives(graph))
-    assert counts["on"] == counts["off"]
+    assert counts["on"] == counts["off"] == counts["skip"]
     assert len(counts["loss"]) == len(counts["off"]) and sum(counts["loss"]) == sum(counts["off"]) + 2  # per device
 
 
@@ -114,13 +148,20 @@ def test_the_ring_is_in_host_memory_and_its_size_is_reported(mirrored):
     assert clip.rewinding.snapshot_bytes() == 12 * params + 8 + 4 + 8
 
 
-def test_mixed_precision_and_accumulation_rewind_to_the_oracle(mirrored):
+@pytest.mark.parametrize("answer", ["rewind", pytest.param("skip_spikes", marks=pytest.mark.slow)])
+def test_mixed_precision_and_accumulation_rewind_to_the_oracle(mirrored, answer):
     stream = batches(n=24, poison=(19,))
-    rewind = distclip.Rewind(**RW)
-    got, (_, optimizer, clip), _ = train(mirrored, stream, rewind, mixed=True, accumulation=2)
-    event = clip.latest_rewind()
-    assert event is not None and event.at == 10
-    want, _, _ = train(mirrored, stream, None, mixed=True, accumulation=2, skip=discarded(event, 2), loss=False)
+    if answer == "rewind":
+        got, (_, optimizer, clip), _ = train(mirrored, stream, distclip.Rewind(**RW), mixed=True, accumulation=2)
+        event = clip.latest_rewind()
+        assert event is not None and event.at == 10
+        skip = discarded(event, 2)
+    else:
+        got, (_, optimizer, clip), _ = train(mirrored, stream, mixed=True, accumulation=2,
+                                             skip_spikes=distclip.SkipSpikes(**SKIP))
+        assert int(clip.skipped_spikes.numpy()) == 1
+        skip = {18, 19}  # update 10's two micro-batches
+    want, _, _ = train(mirrored, stream, None, mixed=True, accumulation=2, skip=skip, loss=False)
     assert_same(got, want)  # the loss scale and its counter included (LossScaleOptimizer.variables)
 
 
@@ -169,9 +210,26 @@ def test_a_checkpoint_taken_while_skipping_resumes_the_rewind(mirrored, tmp_path
     assert_same(got, want)
 
 
-def test_rewind_compiles_with_xla_and_adds_no_host_op():
+@pytest.mark.slow  # the same state as a rewind's (test_a_checkpoint_taken_while_skipping_resumes_the_rewind), less the ring
+def test_a_checkpoint_keeps_the_window_of_skip_spikes(mirrored, tmp_path):
+    """Cut before the spike: the restored window must be full for batch 9 to be skipped as uninterrupted."""
+    stream, skip_spikes = batches(), distclip.SkipSpikes(**SKIP)
+    want, _, _ = train(mirrored, stream, skip_spikes=skip_spikes)
+    _, objects, _ = train(mirrored, stream[:8], skip_spikes=skip_spikes)
+    path = tf.train.Checkpoint(model=objects[0], optimizer=objects[1], clip=objects[2]).write(str(tmp_path / "c"))
+    _, fresh, _ = train(mirrored, [], skip_spikes=skip_spikes)
+    tf.train.Checkpoint(model=fresh[0], optimizer=fresh[1], clip=fresh[2]).read(path).assert_consumed()
+    got, _, _ = train(mirrored, stream[8:], objects=fresh)
+    assert_same(got, want)
+    assert int(fresh[2].skipped_spikes.numpy()) == 1
+
+
+@pytest.mark.parametrize("answer", ["rewind", "skip_spikes"])
+def test_rewind_compiles_with_xla_and_adds_no_host_op(answer):
     model, optimizer = make_model(), make_optimizer("sgd")
-    clip = distclip.ClipStep(optimizer, 1.0, rewind=distclip.Rewind(**RW))
+    options = ({"rewind": distclip.Rewind(**RW)} if answer == "rewind"
+               else {"skip_spikes": distclip.SkipSpikes(**SKIP)})
+    clip = distclip.ClipStep(optimizer, 1.0, **options)
     clip.build(model.trainable_variables)
 
     @tf.function(jit_compile=True)
@@ -182,34 +240,46 @@ def test_rewind_compiles_with_xla_and_adds_no_host_op():
 
     for x, y in batches(n=6, poison=(5,)):
         step(x, y)
-    assert clip.latest_rewind() == distclip.RewindEvent(at=6, to=1, skip_through=8, stopped=False)
+    if answer == "rewind":
+        assert clip.latest_rewind() == distclip.RewindEvent(at=6, to=1, skip_through=8, stopped=False)
+    else:
+        assert int(clip.skipped_spikes.numpy()) == 1 and int(optimizer.iterations.numpy()) == 5
     graph = step.get_concrete_function(*global_batch()).graph
     assert not host_round_trips(graph)
 
 
-def test_fit_rewinds_to_the_fit_without_the_discarded_batches(mirrored):
+# ClipOptimizer's SKIP is the rewind's (fast); its decision is ClipStep's (test_a_skipped_spike_equals_...): `slow`.
+@pytest.mark.parametrize("answer", ["rewind", pytest.param("skip_spikes", marks=pytest.mark.slow)])
+def test_fit_rewinds_to_the_fit_without_the_discarded_batches(mirrored, answer):
     stream = batches(n=14, poison=(9,))
 
-    def fit(stream, rewind):
+    def fit(stream, rewind, skip_spikes=None):
         with mirrored.scope():
             model = make_model()
-            optimizer = distclip.keras.ClipOptimizer(make_optimizer("adam"), 1.0, rewind=rewind)
+            optimizer = distclip.keras.ClipOptimizer(make_optimizer("adam"), 1.0, rewind=rewind,
+                                                     skip_spikes=skip_spikes)
             model.compile(optimizer=optimizer, loss="mse")
         x = np.concatenate([b[0] for b in stream])
         y = np.concatenate([b[1] for b in stream])
         model.fit(x, y, batch_size=GLOBAL_BATCH, shuffle=False, epochs=1, verbose=0)
         return model, optimizer
 
-    model, optimizer = fit(stream, distclip.Rewind(**RW))
-    event = optimizer.latest_rewind()
-    assert event == distclip.RewindEvent(at=10, to=4, skip_through=12, stopped=False)
-    oracle, oracle_optimizer = fit([b for i, b in enumerate(stream) if i not in discarded(event)], None)
+    if answer == "rewind":
+        model, optimizer = fit(stream, distclip.Rewind(**RW))
+        event = optimizer.latest_rewind()
+        assert event == distclip.RewindEvent(at=10, to=4, skip_through=12, stopped=False)
+        skip = discarded(event)
+    else:
+        model, optimizer = fit(stream, None, distclip.SkipSpikes(**SKIP))
+        assert int(optimizer.skipped_spikes.numpy()) == 1
+        skip = {9}
+    oracle, oracle_optimizer = fit([b for i, b in enumerate(stream) if i not in skip], None)
     for got, want in zip(model.get_weights(), oracle.get_weights(), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
     assert int(optimizer.iterations.numpy()) == int(oracle_optimizer.iterations.numpy())
-    config = optimizer.get_config()
-    assert config["rewind"]["every"] == 3
-    assert distclip.keras.ClipOptimizer.from_config(config).rewind == distclip.Rewind(**RW)
+    again = distclip.keras.ClipOptimizer.from_config(optimizer.get_config())
+    assert (again.rewind, again.skip_spikes) == (optimizer.rewind, optimizer.skip_spikes)
+    assert again.rewind == (distclip.Rewind(**RW) if answer == "rewind" else None)
 
 
 @pytest.mark.parametrize("kwargs, named", [
@@ -226,6 +296,23 @@ def test_fit_rewinds_to_the_fit_without_the_discarded_batches(mirrored):
 def test_bad_rewind_arguments_are_named(kwargs, named):
     with pytest.raises(distclip.ArgumentError, match=named.replace("(", r"\(")):
         distclip.Rewind(**kwargs)
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda: distclip.SkipSpikes(window=1), "window=1"), (lambda: distclip.SkipSpikes(zscore=0), "zscore=0"),
+    (lambda: distclip.SkipSpikes(factor=1.0), "factor=1.0"), (lambda: distclip.Rewind(2, two_sided=1), "two_sided=1"),
+    (lambda: distclip.SkipSpikes(zscore=None), "both None"),
+    (lambda: distclip.ClipStep(make_optimizer("sgd"), 1.0, skip_spikes=distclip.Rewind(every=2)),
+     "skip_spikes=Rewind("),
+    (lambda: distclip.ClipStep(make_optimizer("sgd"), 1.0, skip_spikes=distclip.SkipSpikes(), nonfinite="raise"),
+     "skip_spikes needs nonfinite='skip'"),
+    (lambda: distclip.ClipStep(make_optimizer("sgd"), 1.0, skip_spikes=distclip.SkipSpikes(),
+                               rewind=distclip.Rewind(every=2)), "pass one; got rewind=Rewind("),
+])
+def test_bad_skip_spikes_arguments_are_named(make, named):
+    with pytest.raises(distclip.ArgumentError) as e:
+        make()
+    assert named in str(e.value), str(e.value)
 
 
 def test_a_ring_larger_than_memory_is_refused_when_building_before_anything_is_made():

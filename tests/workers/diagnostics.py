@@ -1,6 +1,6 @@
 """One process of a 2-replica run (Horovod, or MultiWorkerMirroredStrategy under mpirun): which replica and
 variable made a step non-finite, the gradient noise scale on a problem with a closed-form answer, and a
-rewind on a spike against the run without the batches it discarded.
+rewind on a spike, and a skipped spike, against the run without the batches they discarded.
 
     diagnostics.py horovod|multiworker OUT_DIR
 
@@ -124,11 +124,12 @@ for _ in range(300):
     noise = noise_step(shard(xs), shard(ys))
 
 
-# 3. Rewind: batch 9's targets are 100 times too large; the oracle never calls the step on the discarded batches.
-def rewind_run(rewind, skip=()):
+# 3. Rewind, or skip the spike: batch 9's targets are 100 times too large; the oracle never calls the step on
+# the discarded batches.
+def rewind_run(skip=(), **answer):
     with scope():
         net, adam = make_model(), make_optimizer("adam")
-        step = distclip.ClipStep(adam, 1.0, rewind=rewind)
+        step = distclip.ClipStep(adam, 1.0, **answer)
         step.build(net.trainable_variables)
 
     @tf.function
@@ -143,13 +144,21 @@ def rewind_run(rewind, skip=()):
         x, y = global_batch(i)
         if i not in skip:
             train(shard(x), shard(y * 100.0 if i == 9 else y))
-    return [np.array(v.numpy()) for v in net.trainable_variables + adam.variables], step.latest_rewind()
+    return [np.array(v.numpy()) for v in net.trainable_variables + adam.variables], step
 
 
-got, event = rewind_run(distclip.Rewind(every=3, keep=2, skip=2, factor=4.0, window=3))
-want, _ = rewind_run(None, skip=set(range(event.to - 1, event.skip_through)))
+def same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+got, rewound = rewind_run(rewind=distclip.Rewind(every=3, keep=2, skip=2, factor=4.0, window=3))
+event = rewound.latest_rewind()
+want, _ = rewind_run(skip=set(range(event.to - 1, event.skip_through)))
+skipping, skipper = rewind_run(skip_spikes=distclip.SkipSpikes(factor=4.0, zscore=None, window=3))
+without_spike, _ = rewind_run(skip={9})
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"places": places, "cases": cases, "noise": [float(v) for v in noise],
                "skipped": int(clip.skipped_steps.numpy()), "rewind": list(event),
-               "rewind_equals_oracle": all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)),
+               "rewind_equals_oracle": same(got, want), "skipped_spikes": int(skipper.skipped_spikes.numpy()),
+               "skip_equals_oracle": same(skipping, without_spike),
                "rewound_weights": [v.ravel().tolist() for v in got]}, f)

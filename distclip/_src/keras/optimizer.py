@@ -15,7 +15,7 @@ from distclip._src.keras import multiworker_fit
 from distclip._src.lockstep import create_variables
 from distclip._src.noise import NoiseScale
 from distclip._src.agc import AGC
-from distclip._src.rewind import Rewind
+from distclip._src.rewind import Rewind, SkipSpikes
 from distclip._src.optimizer import optimizers_in
 from distclip._src.policies import Policy
 from distclip._src.base import StepBase
@@ -124,6 +124,7 @@ class ClipOptimizer(StepBase, keras.optimizers.Optimizer):
       noise_scale: as for `distclip.ClipStep`.
       rewind: as for `distclip.ClipStep`.
       agc: as for `distclip.ClipStep`.
+      skip_spikes: as for `distclip.ClipStep` (`iterations` stays as it was on a skipped spike too).
       name: the optimizer's name (None: "clip_optimizer").
 
     Raises:
@@ -140,7 +141,7 @@ class ClipOptimizer(StepBase, keras.optimizers.Optimizer):
 
     def _create_update(self, optimizer: Any) -> ClipUpdate:
         update = ClipUpdate(optimizer, self.clip_norm, self.options, "ClipOptimizer", self._state_variable,
-                            self.noise_scale, self.rewind, self.agc)
+                            self.noise_scale, self.rewind, self.agc, self.skip_spikes)
         self.inner_optimizer = optimizer
         self.accumulation = update.accumulation
         if update.rewinding is not None:
@@ -392,6 +393,7 @@ class ClipOptimizer(StepBase, keras.optimizers.Optimizer):
             "noise_scale": None if self.noise_scale is None else dataclasses.asdict(self.noise_scale),
             "rewind": None if self.rewind is None else dataclasses.asdict(self.rewind),
             "agc": None if self.agc is None else dataclasses.asdict(self.agc),
+            "skip_spikes": None if self.skip_spikes is None else dataclasses.asdict(self.skip_spikes),
         }
 
     @classmethod
@@ -414,6 +416,8 @@ class ClipOptimizer(StepBase, keras.optimizers.Optimizer):
             config["noise_scale"] = NoiseScale(**config["noise_scale"])
         if isinstance(config.get("rewind"), dict):
             config["rewind"] = Rewind(**config["rewind"])
+        if isinstance(config.get("skip_spikes"), dict):
+            config["skip_spikes"] = SkipSpikes(**config["skip_spikes"])
         if isinstance(config.get("agc"), dict):
             config["agc"] = AGC(**config["agc"])
         return cls(optimizer, clip_norm, **config)

@@ -23,6 +23,10 @@ from distclip.train import cli
     (["--checkpoint-every", "-1"], "--checkpoint-every: must be an integer from 0 to"),
     (["--variable-norms-every", "1e3"], "--variable-norms-every: must be an integer from 0 to"),
     (["--nan-at", "-3"], f"expected step numbers from 0 to {2 ** 62} separated by commas, got '-3'"),
+    (["--skip-spikes", "6"], "--skip-spikes must be ZSCORE,WINDOW (a number and an integer); got '6'"),
+    (["--skip-spikes", "0,10"], "--skip-spikes 0,10: zscore must be None or a finite number > 0; got zscore=0.0"),
+    (["--skip-spikes", "6,1"], "--skip-spikes 6,1: window must be an integer from 2 to"),
+    (["--rewind", "5,2,1", "--skip-spikes", "6,10"], "--rewind and --skip-spikes are two answers to one spike"),
     (["--resume", "--move-aside"], "--move-aside moves an earlier run's outputs away for a new run; --resume"),
 ])
 def test_bad_or_ignored_flags_are_usage_errors(flags, message, capsys):

@@ -102,18 +102,18 @@ def unit_squares(x: Gradient, axes: Axes) -> tf.Tensor:
     return tf.reduce_sum(tf.square(values), axis=axes, keepdims=True)
 
 
-def unit_factors(grads: Sequence[Gradient], weights: Sequence[Any], agc: AGC,
+def unit_factors(grad_squares: Sequence[tf.Tensor], weights: Sequence[Any], agc: AGC,
                  to_mean: Any) -> Tuple[List[tf.Tensor], List[tf.Tensor]]:
     """Each unit's factor, and each gradient's squared norm after it.
 
-    `grads` are reduced sums; `to_mean` turns them into the gradients that are
-    clipped (G = g * to_mean). Per unit, with u = ||g_i|| * to_mean and
-    m = clipping * max(||W_i||, eps):
+    `grad_squares` are `unit_squares` of the reduced sums; `to_mean` turns the
+    sums into the gradients that are clipped (G = g * to_mean). Per unit, with
+    u = ||g_i|| * to_mean and m = clipping * max(||W_i||, eps):
 
         a_i = 1 if u < m else m / max(u, 1e-6)
 
     Args:
-      grads: the reduced gradients (dense or `tf.IndexedSlices`).
+      grad_squares: `unit_squares` of each reduced gradient (measured once, as the sums arrive).
       weights: their variables, in the same order (units as `unit_axes` defines them).
       agc: the clipping and eps.
       to_mean: scalar factor from the sums to G.
@@ -123,9 +123,8 @@ def unit_factors(grads: Sequence[Gradient], weights: Sequence[Any], agc: AGC,
       units of the sums). A non-finite unit gives a non-finite square (the step is then not finite).
     """
     factors, squares = [], []
-    for g, w in zip(grads, weights, strict=True):
+    for g_squares, w in zip(grad_squares, weights, strict=True):
         ax = unit_axes(w)
-        g_squares = unit_squares(g, ax)
         unit_norm = tf.sqrt(g_squares) * to_mean
         limit = agc.clipping * tf.maximum(tf.sqrt(unit_squares(tf.convert_to_tensor(w), ax)), agc.eps)
         factor = tf.where(unit_norm < limit, tf.ones_like(unit_norm), limit / tf.maximum(unit_norm, _DIV_EPS))

@@ -6,7 +6,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 import tensorflow as tf
 
 from distclip._src import sync
-from distclip._src.agc import AGC, unit_factors
+from distclip._src.agc import AGC, Axes, unit_axes, unit_factors, unit_squares
 from distclip._src.checks import check_gradients
 from distclip._src.errors import ArgumentError
 from distclip._src.nonfinite import Nonfinite, guarded_scale, nonfinite_variables, read_report, replica_report, skips
@@ -177,16 +177,18 @@ def clip_synchronized(
       report travelled as float16 or bfloat16 (float16 gradients on the wire), too narrow for it.
     """
     present = [i for i, g in enumerate(grads) if g is not None]
-    r = _reduce([grads[i] for i in present], backend, options, loss)                                 # reduce
+    weights = [] if weights is None else [weights[i] for i in present]
+    units = None if agc is None else [unit_axes(w) for w in weights]
+    r = _reduce([grads[i] for i in present], backend, options, loss, units)                          # reduce
     op = sync.resolve_reduction(options.reduction, backend)
     to_mean = _to_mean(op, backend, micro_batches, loss_scale)
-    total = tf.add_n(r.squares) if r.squares else tf.zeros([], tf.float32)
     squares, factors = r.squares, None
     if agc is None:
+        total = tf.add_n(squares) if squares else tf.zeros([], tf.float32)
         norm = norm_from_squares(total, r.summed) * to_mean                                           # measure
     else:
-        assert weights is not None
-        factors, squares = unit_factors(r.summed, [weights[i] for i in present], agc, to_mean)
+        total = tf.add_n([tf.reduce_sum(u) for u in r.squares])
+        factors, squares = unit_factors(r.squares, weights, agc, to_mean)
         norm = tf.sqrt(tf.add_n(squares)) * to_mean
     finite = tf.math.is_finite(norm)
     threshold = threshold_of(norm)                                                                     # decide
@@ -208,8 +210,8 @@ def clip_synchronized(
 
 
 class _Reduced(NamedTuple):
-    """What the packed all-reduce brought back: the summed gradients and each one's squared norm, and the
-    replicas' report (non-finite flags, the sum of their own squares, the loss's sum)."""
+    """What the packed all-reduce brought back: the summed gradients and each one's squared norm (per unit
+    with AGC), and the replicas' report (non-finite flags, the sum of their own squares, the loss's sum)."""
 
     summed: List[Any]
     squares: List[Any]
@@ -219,8 +221,12 @@ class _Reduced(NamedTuple):
     wire_dtype: tf.DType
 
 
-def _reduce(local: List[Any], backend: sync.Backend, options: StepOptions, loss: Optional[tf.Tensor]) -> _Reduced:
-    """Sums `local` over replicas in one packed collective per bucket; the report rides on the last one."""
+def _reduce(local: List[Any], backend: sync.Backend, options: StepOptions, loss: Optional[tf.Tensor],
+            units: Optional[List[Axes]] = None) -> _Reduced:
+    """Sums `local` over replicas in one packed collective per bucket; the report rides on the last one.
+
+    Each sum is measured as it arrives: its squared norm, or with `units` (AGC's axes per gradient) its
+    `unit_squares`, so that AGC reads each gradient once to measure it."""
     n = backend.num_replicas()
     sent, dtypes = wire.encode(local, sparse_as_dense=options.sparse_as_dense, compression=options.compression)
     # The report travels in the gradients' dtype: a strategy packs one buffer of one dtype per collective.
@@ -238,7 +244,7 @@ def _reduce(local: List[Any], backend: sync.Backend, options: StepOptions, loss:
         out = backend.all_reduce_sum([sent[i] for i in bucket] + extra)
         reduced = wire.decode(out[:len(bucket)], [dtypes[i] for i in bucket])
         for i, g in zip(bucket, reduced, strict=True):  # each bucket's share of the norm, as soon as it arrives
-            summed[i], squares[i] = g, squared_norm(g)
+            summed[i], squares[i] = g, squared_norm(g) if units is None else unit_squares(g, units[i])
         if extra:
             flags, local_squares = read_report(out[-1], n)
             loss_sum = tf.cast(out[-1][-1], tf.float32)

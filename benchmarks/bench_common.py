@@ -95,6 +95,21 @@ def arg_parser(doc: str, batch_default: int, batch_help: str) -> argparse.Argume
     return p
 
 
+def horovod_report(script: str, model, args: argparse.Namespace, times: Dict[str, List[float]],
+                   ratios: List[float], norms: List[float], target: str) -> None:
+    """`report` on rank 0 of a Horovod benchmark: its command line and setup (ranks, `model`'s size, the flags)."""
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    if hvd.rank() != 0:
+        return
+    params = sum(int(tf.size(v)) for v in model.trainable_variables)
+    report(" ".join([".venv/bin/horovodrun", "--gloo", "-np", str(hvd.size()), "-H", f"localhost:{hvd.size()}",
+                     ".venv/bin/python", f"benchmarks/{script}"] + sys.argv[1:]),
+           f"Horovod x{hvd.size()}, MLP {params / 1e6:.2f}M params, Adam, batch {args.batch_size} per rank, "
+           f"{args.rounds} alternating rounds of {args.steps} steps", times, ratios, norms, args.clip_norm, target)
+
+
 def strategy_step(strategy, model, optimizer, clip, global_batch: int):
     """A traced training step under `strategy`: ClipStep's `apply` (or, with `clip=None`, the optimizer's own
     `apply`, which reduces the gradients itself). Returns step(x, y) -> (global loss, pre-clip norm or NaN)."""

@@ -18,7 +18,7 @@ import horovod.tensorflow as hvd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import distclip  # noqa: E402
-from bench_common import alternate, arg_parser, build, data, horovod_step, report  # noqa: E402
+from bench_common import alternate, arg_parser, build, data, horovod_step, horovod_report  # noqa: E402
 
 MODELS = {"5M": dict(hidden=2048, layers=2), "50M": dict(hidden=4096, layers=4)}
 
@@ -37,13 +37,7 @@ def main() -> int:
             clip = distclip.ClipStep(optimizer, clip_norm=args.clip_norm, bucket_mb=bucket_mb)
             steps[label] = horovod_step(model, optimizer, clip, x, y)
         times, ratios, norms = alternate(steps, args.rounds, args.steps)
-        if hvd.rank() == 0:
-            params = sum(int(tf.size(v)) for v in model.trainable_variables)
-            report(" ".join([".venv/bin/horovodrun", "--gloo", "-np", str(hvd.size()), "-H", f"localhost:{hvd.size()}",
-                             ".venv/bin/python", "benchmarks/horovod_buckets.py"] + sys.argv[1:]),
-                   f"Horovod x{hvd.size()}, MLP {params / 1e6:.2f}M params, Adam, batch {args.batch_size} per rank, "
-                   f"{args.rounds} alternating rounds of {args.steps} steps", times, ratios, norms, args.clip_norm,
-                   "< 1.0 to make buckets the default")
+        horovod_report("horovod_buckets.py", model, args, times, ratios, norms, "< 1.0 to make buckets the default")
     return 0
 
 

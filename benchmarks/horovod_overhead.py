@@ -19,7 +19,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import distclip  # noqa: E402
-from bench_common import alternate, arg_parser, build, data, horovod_step, report  # noqa: E402
+from bench_common import alternate, arg_parser, build, data, horovod_step, horovod_report  # noqa: E402
 
 
 def main() -> int:
@@ -45,13 +45,7 @@ def main() -> int:
     ours = horovod_step(clip_model, clip_opt, clip, x, y)
 
     times, ratios, norms = alternate({"hvd.allreduce + clip + apply": today, "ClipStep": ours}, args.rounds, args.steps)
-    if hvd.rank() == 0:
-        params = sum(int(tf.size(v)) for v in clip_model.trainable_variables)
-        report(" ".join([".venv/bin/horovodrun", "--gloo", "-np", str(hvd.size()), "-H", f"localhost:{hvd.size()}",
-                         ".venv/bin/python", "benchmarks/horovod_overhead.py"] + sys.argv[1:]),
-               f"Horovod x{hvd.size()}, MLP {params / 1e6:.2f}M params, Adam, batch {args.batch_size} per rank, "
-               f"{args.rounds} alternating rounds of {args.steps} steps",
-               times, ratios, norms, args.clip_norm, "<= 1.0")
+    horovod_report("horovod_overhead.py", clip_model, args, times, ratios, norms, "<= 1.0")
     return 0
 
 

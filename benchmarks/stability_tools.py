@@ -21,7 +21,7 @@ import horovod.tensorflow as hvd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import distclip  # noqa: E402
-from bench_common import alternate, arg_parser, build, data, horovod_step, report  # noqa: E402
+from bench_common import alternate, arg_parser, build, data, horovod_step, horovod_report  # noqa: E402
 
 TOOLS = ("agc", "zclip", "autoclip", "skip-spikes", "rewind")
 
@@ -53,13 +53,8 @@ def main() -> int:
     steps = {"ClipStep": horovod_step(plain_model, plain_opt, plain, x, y),
              f"ClipStep + {args.tool}": horovod_step(tool_model, tool_opt, tool, x, y)}
     times, ratios, norms = alternate(steps, args.rounds, args.steps)
-    if hvd.rank() == 0:
-        params = sum(int(tf.size(v)) for v in plain_model.trainable_variables)
-        report(" ".join([".venv/bin/horovodrun", "--gloo", "-np", str(hvd.size()), "-H", f"localhost:{hvd.size()}",
-                         ".venv/bin/python", "benchmarks/stability_tools.py"] + sys.argv[1:]),
-               f"Horovod x{hvd.size()}, MLP {params / 1e6:.2f}M params, Adam, batch {args.batch_size} per rank, "
-               f"{args.rounds} alternating rounds of {args.steps} steps",
-               times, ratios, norms, args.clip_norm, "none (measured for docs/guide/agc.md and docs/guide/rewind.md)")
+    horovod_report("stability_tools.py", plain_model, args, times, ratios, norms,
+                   "none (measured for docs/benchmarks.md#stability-tools)")
     return 0
 
 

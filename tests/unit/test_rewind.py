@@ -380,6 +380,44 @@ def test_a_keras_file_keeps_the_rewind_and_continues_as_the_uninterrupted_fit(tm
             np.testing.assert_array_equal(g, w)
 
 
+@pytest.mark.slow  # the mechanism of the test above, with SkipSpikes' state and ZClip's
+def test_a_keras_file_keeps_skip_spikes_and_zclip_and_continues_as_the_uninterrupted_fit(tmp_path):
+    """Saved after 8 batches (the window full, ZClip warmed up), loaded, then `fit` on the rest, whose batch 9 is
+    skipped as a spike: equal to the uninterrupted `fit`, bit for bit."""
+    stream = batches(n=12, poison=(9,))
+    x = np.concatenate([b[0] for b in stream])
+    y = np.concatenate([b[1] for b in stream])
+
+    def fit(model, first, last):
+        model.fit(x[first * GLOBAL_BATCH:last * GLOBAL_BATCH], y[first * GLOBAL_BATCH:last * GLOBAL_BATCH],
+                  batch_size=GLOBAL_BATCH, shuffle=False, epochs=1, verbose=0)
+
+    def compiled():
+        model = make_model()
+        model.compile(optimizer=distclip.keras.ClipOptimizer(
+            make_optimizer("adam"), distclip.ZClip(z_thresh=1.0, warmup_steps=2, max_grad_norm=None),
+            skip_spikes=distclip.SkipSpikes(**SKIP)), loss="mse")
+        return model
+
+    def everything(model):
+        return [v.numpy() for v in [*model.variables, *model.optimizer.variables,
+                                    *model.optimizer.rewinding.state()]]
+
+    whole = compiled()
+    fit(whole, 0, 12)
+    assert int(whole.optimizer.skipped_spikes.numpy()) == 1
+    part = compiled()
+    fit(part, 0, 8)
+    part.save(tmp_path / "at-8.keras")
+    loaded = keras.saving.load_model(tmp_path / "at-8.keras")
+    assert (loaded.optimizer.skip_spikes, type(loaded.optimizer.clip_norm)) == (distclip.SkipSpikes(**SKIP),
+                                                                                distclip.ZClip)
+    fit(loaded, 8, 12)
+    assert int(loaded.optimizer.skipped_spikes.numpy()) == 1
+    for g, w in zip(everything(loaded), everything(whole), strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_fit_at_the_limit_saves_last_good_where_and_as_the_docs_say(tmp_path):
     """ClipLogger at the limit: `log_dir/last_good/ckpt` holds the last good snapshot as
     `tf.train.Checkpoint(model=model, optimizer=optimizer)`, and restoring it the documented way into a fresh

@@ -36,6 +36,25 @@ def make_optimizer(name: str, **kwargs):
             "adam": lambda: keras.optimizers.Adam(0.05, **kwargs)}[name]()
 
 
+def zero_moments_by_hand(optimizer) -> None:
+    """What `Rewind(reset_moments=True)` does after a rewind, by hand: Keras's moment slots of Adam (`_momentums`,
+    `_velocities`) and SGD (`momentums`), by their Keras names, set to zero."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    for name in ("_momentums", "_velocities", "momentums"):
+        for v in getattr(inner, name, None) or []:
+            v.assign(tf.zeros_like(v))
+
+
+def lr_factor_by_hand(factor: float, updates: int, ramp: str, j: int) -> np.float32:
+    """The learning-rate factor of the j-th applied update after a rewind (j from 1), from `Rewind`'s docstring,
+    in float32 numpy."""
+    if j > updates:
+        return np.float32(1.0)
+    if ramp == "step":
+        return np.float32(factor)
+    return np.float32(factor) + np.float32(1.0 - factor) * np.float32(j - 1) / np.float32(updates)
+
+
 def reference_train(clip_norm: float, steps: int, opt: str = "adam", batches=None):
     """Single device, mean loss over the global batch, tf.clip_by_global_norm, optimizer.apply."""
     model, optimizer = make_model(), make_optimizer(opt)

@@ -11,7 +11,11 @@ Keras optimizer (`keras.src.optimizers.base_optimizer`, `keras.src.backend.tenso
     while distclip applies gradients it reduced already (`set_reduction`, `restore_reduction`);
   * `_check_variables_are_known` and `_trainable_variables`: the variables a built optimizer serves;
   * `_distribution_strategy`: the strategy an optimizer was created under;
-  * `_variables`: an optimizer's own variables, without those of the optimizers it wraps.
+  * `_variables`: an optimizer's own variables, without those of the optimizers it wraps;
+  * `_learning_rate` and `_get_current_learning_rate`: where an optimizer keeps its learning rate (a
+    variable, a schedule or a callable) and how `apply` reads it (`learning_rate_times`, after a rewind);
+  * the moment slots of each optimizer class in `MOMENT_SLOTS` (`_momentums`, `_velocities`, ...), which a
+    rewind with `reset_moments` sets to zero.
 TensorFlow:
   * `tf.__internal__.distribute.strategy_supports_no_merge_call`: whether a strategy steps through
     `merge_call` (MirroredStrategy on CPU does);
@@ -25,13 +29,15 @@ Keras trainer (`keras.src.backend.tensorflow.trainer`), for the MultiWorkerMirro
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import types
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
 
-from distclip._src.errors import ContextError
+from distclip._src.errors import ArgumentError, ContextError
 
 #: The releases these entries were checked with, for the error message.
 TESTED = "Keras 3.15 with TensorFlow 2.17 to 2.21"
@@ -91,6 +97,98 @@ def optimizer_strategy(optimizer: Any) -> tf.distribute.Strategy:
 def own_variables(optimizer: Any) -> List[Any]:
     """The variables `optimizer` made itself (`iterations`, its slots), not those of an optimizer it wraps."""
     return list(_require(optimizer, "_variables", "keras.optimizers.Optimizer._variables"))
+
+
+class _ScaledRate:
+    """Stands for an optimizer's `_learning_rate` while replicas apply: each replica thread reads its own rate."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+        self.rates: Dict[int, tf.Tensor] = {}
+
+    def __call__(self) -> tf.Tensor:
+        return self.rates[threading.get_ident()]
+
+
+_rate_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def learning_rate_times(optimizer: Any, factor: tf.Tensor) -> Iterator[None]:
+    """Within the block (traced into the step), `optimizer.learning_rate` is its value now times `factor`.
+
+    Keras's `apply` reads the rate through `_get_current_learning_rate()` (the
+    variable of a float rate, a schedule at `iterations`, or a callable's
+    value); for the block `_learning_rate` is a callable returning that value
+    times `factor`, so the update and the decoupled weight decay both use it.
+    MirroredStrategy traces its replicas in threads, one at a time, each
+    pausing inside `apply` (at its `merge_call`) while the others enter: each
+    thread reads its own rate; the first to enter installs the callable and
+    the last to leave puts the original back.
+    """
+    current = _require(optimizer, "_get_current_learning_rate", "keras.optimizers.Optimizer._get_current_learning_rate")
+    if "_learning_rate" not in vars(optimizer):
+        raise _missing("keras.optimizers.Optimizer._learning_rate")
+    me = threading.get_ident()
+    with _rate_lock:
+        installed = vars(optimizer)["_learning_rate"]
+        scaled = installed if isinstance(installed, _ScaledRate) else _ScaledRate(installed)
+        # object.__setattr__: Keras's tracking would record these as the optimizer's state.
+        object.__setattr__(optimizer, "_learning_rate", scaled.original)  # Keras reads the rate as it is
+        try:
+            rate = tf.convert_to_tensor(current())
+        finally:
+            object.__setattr__(optimizer, "_learning_rate", scaled)
+        scaled.rates[me] = rate * tf.cast(factor, rate.dtype)
+    try:
+        yield
+    finally:
+        with _rate_lock:
+            del scaled.rates[me]
+            if not scaled.rates:
+                object.__setattr__(optimizer, "_learning_rate", scaled.original)
+
+
+#: The moment slots `Rewind(reset_moments=True)` sets to zero, by `keras.optimizers` class name (a subclass, such
+#: as AdamW, has its parent's): attributes each holding one slot variable per trainable variable, the first always
+#: present once built, the others where an option makes them (Adam's amsgrad, RMSprop's momentum and centered).
+MOMENT_SLOTS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("Adam", ("_momentums", "_velocities", "_velocity_hats")),
+    ("Nadam", ("_momentums", "_velocities")),
+    ("Lamb", ("_momentums", "_velocities")),
+    ("Adamax", ("_m", "_u")),
+    ("Lion", ("_momentums",)),
+    ("RMSprop", ("_velocities", "_momentums", "_average_gradients")),
+    ("SGD", ("momentums",)),
+)
+
+
+def moment_slot_names(optimizer: Any) -> Tuple[str, ...]:
+    """The attributes of `optimizer`'s moment slots (`MOMENT_SLOTS`).
+
+    Raises:
+      ArgumentError: an optimizer without moment slots, or one distclip does not know, named.
+    """
+    for name, slots in MOMENT_SLOTS:
+        if isinstance(optimizer, getattr(keras.optimizers, name)):
+            if name == "SGD" and not optimizer.momentum:
+                raise ArgumentError("reset_moments=True: SGD(momentum=0) has no moment slots to reset")
+            return slots
+    known = ", ".join(name for name, _ in MOMENT_SLOTS)
+    raise ArgumentError(f"reset_moments=True: {type(optimizer).__name__} has no moment slots distclip knows "
+                        f"(it resets those of {known} and their subclasses); got optimizer={optimizer!r}")
+
+
+def moment_slots(optimizer: Any) -> List[Any]:
+    """The moment slot variables of a built `optimizer` (`moment_slot_names`), in attribute order."""
+    names = moment_slot_names(optimizer)
+    slots = []
+    for i, name in enumerate(names):
+        values = getattr(optimizer, name, None)
+        if values is None and i == 0:
+            raise _missing(f"{type(optimizer).__name__}.{name}")
+        slots += [v for v in values or [] if v is not None]
+    return slots
 
 
 def strategy_merges() -> bool:

@@ -21,7 +21,8 @@ with `two_sided`, `|x - mean| > zscore * std`), a non-finite loss, or
 
 With `skip_spikes=distclip.SkipSpikes(...)` the same detector decides, and a
 spike is only skipped (SKIP, on every replica together): nothing goes back and
-no ring is made.
+no ring is made; the skipped spike's finite values enter the window (with a
+rewind, spikes never do).
 
 A snapshot holds every variable the step owns (the model's variables it
 updates, the optimizer's variables: slots, `iterations`, a loss scale, and
@@ -94,10 +95,22 @@ class Rewind:
         variables, one copy per replica. A step compiled with XLA on an
         accelerator (`jit_compile=True`, TPUStrategy) reaches the device's
         memory only: use "device" there.
+      lr_factor: f, a number in (0, 1), or None: after each rewind, the
+        learning rate of the next `lr_updates` applied updates is multiplied
+        by a factor that starts at f (see `lr_ramp`); give both or neither.
+      lr_updates: K, 1 to 2**62, or None: how many applied updates the factor lasts.
+      lr_ramp: "linear": the j-th applied update after the rewind (j = 1 .. K)
+        has the factor f + (1 - f) * (j - 1) / K, back to 1 after K; "step":
+        f for K updates, then 1. Only with `lr_factor`.
+      reset_moments: after each rewind, the optimizer's moment slots (Adam's,
+        AdamW's, Nadam's and Lamb's first and second moments, Adamax's, Lion's,
+        RMSprop's, SGD's momentum) are set to zero (SPAM's reset); another
+        optimizer is refused by name when the step is made.
 
     Raises:
-      ArgumentError: a bad value, named with its range; or no test at all
-        (factor, zscore and nonfinite_in_row all None).
+      ArgumentError: a bad value, named with its range; no test at all
+        (factor, zscore and nonfinite_in_row all None); or only one of
+        `lr_factor` and `lr_updates`, or `lr_ramp` without them.
     """
 
     every: int
@@ -111,10 +124,27 @@ class Rewind:
     max_rewinds_per: int = 1000
     placement: str = "host"
     two_sided: bool = False
+    lr_factor: Optional[float] = None
+    lr_updates: Optional[int] = None
+    lr_ramp: str = "linear"
+    reset_moments: bool = False
 
     def __post_init__(self) -> None:
         if self.placement not in ("host", "device"):
             raise ArgumentError(f"placement must be 'host' or 'device'; got placement={self.placement!r}")
+        if self.lr_ramp not in ("linear", "step"):
+            raise ArgumentError(f"lr_ramp must be 'linear' or 'step'; got lr_ramp={self.lr_ramp!r}")
+        if (self.lr_factor is None) != (self.lr_updates is None):
+            raise ArgumentError(f"lr_factor and lr_updates go together (the factor, and for how many applied "
+                                f"updates); got lr_factor={self.lr_factor!r} and lr_updates={self.lr_updates!r}")
+        if self.lr_factor is None and self.lr_ramp != "linear":
+            raise ArgumentError(f"lr_ramp={self.lr_ramp!r} shapes the learning-rate factor after a rewind; "
+                                "without lr_factor nothing would use it")
+        if self.lr_factor is not None:
+            check_number("lr_factor", self.lr_factor, 0.0, 1.0, high_open=True)
+            check_integer("lr_updates", self.lr_updates, 1, LARGEST)
+        if not isinstance(self.reset_moments, bool):
+            raise ArgumentError(f"reset_moments must be True or False; got reset_moments={self.reset_moments!r}")
         _check_detector(self.factor, self.zscore, self.window, self.two_sided)
         # keep, window and max_rewinds size variables ([keep, ...], [2, window], [max_rewinds]); the memory
         # the ring needs is checked against this machine's once the variables are known (`create_ring`).
@@ -135,16 +165,18 @@ class SkipSpikes:
     replica skips that one update. It is not applied: variables, optimizer
     slots, `iterations`, a loss scale and the threshold policy's state stay as
     they were; the data stream goes on; nothing goes back. Spike, once the
-    window holds `window` applied updates (x the synchronized global norm, and
-    the synchronized loss when `apply` is given one; population mean and std
-    over the window's values, which a skipped update does not enter):
+    window holds `window` values (x the synchronized global norm, and the
+    synchronized loss when `apply` is given one; population mean and std over
+    the window's values):
 
         x > factor * mean    or    |x - mean| > zscore * std   (x - mean > zscore * std with two_sided=False)
 
     or a non-finite loss. A non-finite norm is skipped as always
-    (`nonfinite="skip"`). The defaults are OLMo-core's `SkipStepOptimizer`'s
-    (a z-score of 6 on either side over 128 updates), except that the window
-    must be full and holds applied updates only.
+    (`nonfinite="skip"`). A skipped spike's values enter the window (where
+    both are finite), as in OLMo-core's `SkipStepOptimizer`, so that a lasting
+    shift of the norm or the loss is skipped only until the window has seen
+    it. The defaults are OLMo-core's (a z-score of 6 on either side over 128
+    updates), except that the window must be full.
 
     Args:
       factor: a number > 1, or None: no ratio test.
@@ -244,14 +276,19 @@ class Rewinding(tf.Module):
             self.skipped = identical_variable("skipped", (), tf.int64, 0)
             self.recent = identical_variable("recent", (limit,), tf.int64, -(2 ** 62))
             self.latest = identical_variable("latest", (4,), tf.int64, 0)  # RewindEvent
+            # Applied updates left at a lowered learning rate (only with Rewind.lr_factor).
+            ramps = isinstance(config, Rewind) and config.lr_factor is not None
+            self.lr_left = identical_variable("lr_left", (), tf.int64, 0) if ramps else None
         self.ring: List[Any] = []  # one [keep, ...] variable per owned variable, made by `create_ring`
         self._owned: List[Any] = []
+        self._moments: List[Any] = []  # set to zero after a rewind, with Rewind.reset_moments
 
-    def create_ring(self, strategy: tf.distribute.Strategy, owned: Sequence[Any]) -> None:
+    def create_ring(self, strategy: tf.distribute.Strategy, owned: Sequence[Any], moments: Sequence[Any] = ()) -> None:
         """Makes one `[keep, *shape]` variable per variable of `owned` (where `placement` says), once; none when
-        a spike is skipped."""
+        a spike is skipped. `moments`: the optimizer's moment slots, which a rewind with `reset_moments` zeroes."""
         if self.ring or not self.rewinds_on_spike:
             return
+        self._moments = list(moments)
         config = self._rewind
         owned = _distinct(owned)
         check_ring_memory(config.keep, sum(tf.TensorShape(v.shape).num_elements() * tf.as_dtype(v.dtype).size
@@ -279,7 +316,8 @@ class Rewinding(tf.Module):
         `tf.train.Checkpoint` of the step saves, and `ClipOptimizer` puts into a `.keras` file)."""
         return [self.updates, self.history, self.history_count, self.since_snapshot, self.ring_start,
                 self.ring_size, self.snapshot_updates, self.skip_left, self.stopped, self.nonfinite_run,
-                self.rewinds, self.skipped, self.recent, self.latest, *self.ring]
+                self.rewinds, self.skipped, self.recent, self.latest,
+                *([] if self.lr_left is None else [self.lr_left]), *self.ring]
 
     def snapshot_bytes(self) -> int:
         """Bytes one snapshot takes (the ring holds `keep` of them)."""
@@ -342,8 +380,26 @@ class Rewinding(tf.Module):
         self.since_snapshot.assign(tf.zeros([], tf.int64))
         return tf.constant(True)
 
-    def after_apply(self, norm: tf.Tensor, loss: Optional[tf.Tensor]) -> None:
-        """In APPLY, after the update: the window takes in its norm (and loss); counters move on."""
+    def lr_factor(self) -> Optional[tf.Tensor]:
+        """In APPLY: this update's learning-rate factor (float32; 1 once `lr_updates` applied updates went by
+        since the latest rewind), or None without `Rewind.lr_factor`.
+
+            linear:  f + (1 - f) * (j - 1) / K   for the j-th applied update after the rewind, j = 1 .. K
+            step:    f
+        """
+        if self.lr_left is None:
+            return None
+        c = self._rewind
+        assert c.lr_factor is not None and c.lr_updates is not None
+        left = read_value(self.lr_left)
+        low = tf.constant(c.lr_factor, tf.float32)
+        if c.lr_ramp == "linear":
+            done = tf.cast(c.lr_updates - left, tf.float32)  # j - 1
+            low = low + tf.constant(1.0 - c.lr_factor, tf.float32) * done / tf.constant(c.lr_updates, tf.float32)
+        return tf.where(left > 0, low, tf.ones([], tf.float32))
+
+    def _remember(self, norm: tf.Tensor, loss: Optional[tf.Tensor]) -> None:
+        """The window takes in a norm (and loss), in place of its oldest."""
         w = self.config.window
         count = read_value(self.history_count)
         slot = tf.math.floormod(count, w)
@@ -351,8 +407,14 @@ class Rewinding(tf.Module):
         self.history.assign(tf.tensor_scatter_nd_update(
             read_value(self.history), tf.stack([tf.constant([0, 1], tf.int64), tf.fill([2], slot)], axis=1), values))
         self.history_count.assign(count + 1)
+
+    def after_apply(self, norm: tf.Tensor, loss: Optional[tf.Tensor]) -> None:
+        """In APPLY, after the update: the window takes in its norm (and loss); counters move on."""
+        self._remember(norm, loss)
         self.since_snapshot.assign(read_value(self.since_snapshot) + 1)
         self.nonfinite_run.assign(tf.zeros([], tf.int64))
+        if self.lr_left is not None:
+            self.lr_left.assign(tf.maximum(read_value(self.lr_left) - 1, 0))
         self._count()
 
     def after_nonfinite(self) -> None:
@@ -360,19 +422,30 @@ class Rewinding(tf.Module):
         self.nonfinite_run.assign(read_value(self.nonfinite_run) + 1)
         self._count()
 
-    def skip_one(self) -> None:
-        """In SKIP: one skipped update (the skip count goes down, unless stopped)."""
+    def skip_one(self, norm: tf.Tensor, loss: Optional[tf.Tensor]) -> None:
+        """In SKIP: one skipped update (the skip count goes down, unless stopped). A skipped spike's norm and
+        loss enter the window where both are finite (`SkipSpikes`), so that a lasting shift is learned."""
+        if not self.rewinds_on_spike:
+            finite = tf.math.is_finite(norm)
+            if loss is not None:
+                finite = tf.logical_and(finite, tf.math.is_finite(tf.cast(loss, tf.float32)))
+            tf.cond(finite, lambda: self._remember(norm, loss) or tf.constant(True), lambda: tf.constant(False))
         self.skip_left.assign(tf.where(read_value(self.stopped) > 0, read_value(self.skip_left),
                                        tf.maximum(read_value(self.skip_left) - 1, 0)))
         self.skipped.assign(read_value(self.skipped) + 1)
         self._count()
 
     def rewind(self, stop: bool) -> None:
-        """In REWIND (or STOP): every owned variable back to the oldest snapshot; then skip M (or everything)."""
+        """In REWIND (or STOP): every owned variable back to the oldest snapshot (the moment slots then to zero,
+        with `reset_moments`; the learning-rate factor restarts, with `lr_factor`); then skip M (or everything)."""
         c = self._rewind
         start = read_value(self.ring_start)
         for ring, v in zip(self.ring, self._owned, strict=True):
             tf_variable(v).assign(tf.gather(ring, start))
+        for v in self._moments if c.reset_moments else ():
+            tf_variable(v).assign(tf.zeros(v.shape, v.dtype))
+        if self.lr_left is not None:
+            self.lr_left.assign(tf.constant(c.lr_updates, tf.int64))
         at = read_value(self.updates) + 1
         to = tf.gather(read_value(self.snapshot_updates), start)
         self.latest.assign(tf.stack([at, to, at if stop else at + c.skip, tf.constant(int(stop), tf.int64)]))

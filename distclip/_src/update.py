@@ -31,7 +31,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
-from distclip._src import sync
+from distclip._src import internals, sync
 from distclip._src.accumulation import Accumulation
 from distclip._src.agc import AGC, unit_axes
 from distclip._src.checks import check_pairs
@@ -156,6 +156,8 @@ class ClipUpdate:
             name = "rewind" if rewind is not None else "skip_spikes"
             raise ArgumentError(f"{name} needs nonfinite='skip' (it skips updates in lockstep); "
                                 f"got nonfinite={options.nonfinite!r}")
+        if rewind is not None and rewind.reset_moments:
+            internals.moment_slot_names(self.stepper)  # refuses an optimizer without moment slots, by name
         self.rewind = rewind
         if agc is not None and not isinstance(agc, AGC):
             raise ArgumentError(f"agc must be a distclip.AGC or None; got agc={agc!r}")
@@ -198,8 +200,10 @@ class ClipUpdate:
             check_replicas(replicas, self.noise_scale)
         self.state.create_vectors(self.strategy, replicas, len(variables), self.options.variable_norms)
         if self.rewinding is not None:
+            moments = internals.moment_slots(self.stepper) if self.rewind is not None and self.rewind.reset_moments \
+                else []
             self.rewinding.create_ring(
-                self.strategy, owned_variables(variables, self.optimizer.variables, self.saved_state()))
+                self.strategy, owned_variables(variables, self.optimizer.variables, self.saved_state()), moments)
 
     @property
     def pending_micro_batches(self) -> int:
@@ -290,7 +294,9 @@ class ClipUpdate:
 
         def apply_update(grads, policy_values, scale_values, norm, squares, loss) -> None:
             rewinding.before_apply()
-            with no_second_reduction(self.stepper):
+            factor = rewinding.lr_factor()
+            with no_second_reduction(self.stepper), contextlib.nullcontext() if factor is None else \
+                    internals.learning_rate_times(self.stepper, factor):
                 self.stepper.apply(grads, targets)
             assign(policy, policy_values)
             assign(next_scale, scale_values)
@@ -305,7 +311,10 @@ class ClipUpdate:
 
         args = ([g for g, _ in pairs], [v for _, v in policy], [v for _, v in next_scale], result.global_norm,
                 replica_squares, result.loss)
-        branches = [apply_update, nonfinite, lambda *_: rewinding.skip_one()]
+        def skip(grads, policy_values, scale_values, norm, squares, loss) -> None:
+            rewinding.skip_one(norm, loss)
+
+        branches = [apply_update, nonfinite, skip]
         if rewinding.rewinds_on_spike:
             branches += [lambda *_: rewinding.rewind(stop=False), lambda *_: rewinding.rewind(stop=True)]
         done = run_switch(action, branches, args)

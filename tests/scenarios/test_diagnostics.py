@@ -51,3 +51,5 @@ def test_attribution_noise_scale_and_rewind_across_processes(tmp_path, mode):
     assert ranks[0]["rewind_equals_oracle"]
     # Skipping the spike instead: bit for bit the run that never saw batch 9.
     assert ranks[0]["skipped_spikes"] == 1 and ranks[0]["skip_equals_oracle"]
+    # With a learning-rate ramp and Adam's moments reset after it: the same changes made by hand.
+    assert ranks[0]["after_equals_oracle"]

@@ -105,3 +105,51 @@ def test_the_trainer_builds_from_one_batch_under_its_strategy_and_its_functions_
     assert not model.optimizer.built
     internals.symbolic_build(model, (np.zeros((4, 2), "float32"), np.zeros((4, 1), "float32")))
     assert model.optimizer.built and model.compiled_loss is not None
+
+
+@pytest.mark.parametrize("rate", [0.5, keras.optimizers.schedules.ExponentialDecay(0.5, 1, 0.5)], ids=["float", "schedule"])
+def test_the_learning_rate_is_scaled_inside_the_block_on_every_replica_and_is_the_same_object_after(mirrored, rate):
+    """Keras's own apply, inside the block, takes the step an optimizer with the scaled rate takes (the oracle:
+    SGD built with that rate); MirroredStrategy traces its replicas in threads, each must read its own rate."""
+    with mirrored.scope():
+        v, w = tf.Variable([1.0, 2.0]), tf.Variable([1.0, 2.0])
+        scaled = keras.optimizers.SGD(rate)
+        scaled.build([v])
+        scaled.iterations.assign(1)  # the schedule's rate at step 1: 0.25
+        oracle = keras.optimizers.SGD(0.25 * 0.5)
+        oracle.build([w])
+    original = vars(scaled)["_learning_rate"]
+
+    @tf.function
+    def step():
+        def fn():
+            with internals.learning_rate_times(scaled, tf.constant(0.5)):
+                scaled.apply([tf.constant([1.0, 1.0])], [v])
+            oracle.apply([tf.constant([1.0, 1.0])], [w])
+        mirrored.run(fn)
+
+    if isinstance(rate, float):
+        oracle.learning_rate.assign(0.5 * 0.5)
+    step()
+    for a, b in zip(mirrored.experimental_local_results(v), mirrored.experimental_local_results(w), strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert vars(scaled)["_learning_rate"] is original
+
+
+@pytest.mark.parametrize("name, kwargs, not_moments", [
+    ("Adam", {"amsgrad": True}, ()), ("AdamW", {}, ()), ("Nadam", {}, ("_u_product",)), ("Lamb", {}, ()),
+    ("Adamax", {}, ()), ("Lion", {}, ()), ("RMSprop", {"momentum": 0.9, "centered": True}, ()),
+    ("SGD", {"momentum": 0.9}, ()),
+])
+def test_the_moment_slots_are_every_optimizer_variable_but_its_counters(name, kwargs, not_moments):
+    """Keras as the oracle: a built optimizer's variables less `iterations`, `learning_rate` and its other scalar
+    counters are exactly what `moment_slots` returns, one per trainable variable and attribute."""
+    optimizer = getattr(keras.optimizers, name)(**kwargs)
+    a, b = tf.Variable([1.0, 2.0]), tf.Variable([[3.0]])
+    optimizer.build([a, b])
+    slots = internals.moment_slots(optimizer)
+    counters = {id(optimizer.iterations), id(vars(optimizer)["_learning_rate"]),
+                *(id(getattr(optimizer, attr)) for attr in not_moments)}
+    rest = [v for v in optimizer.variables if id(v) not in counters]
+    assert [id(v) for v in slots] and sorted(id(v) for v in slots) == sorted(id(v) for v in rest)
+    assert {tuple(v.shape) for v in slots} == {(2,), (1, 1)}

@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 import distclip
-from common import GLOBAL_BATCH, global_batch, make_model, make_optimizer, replica_values, shard
+from common import GLOBAL_BATCH, global_batch, lr_factor_by_hand, make_model, make_optimizer, replica_values, shard, \
+    zero_moments_by_hand
 from graphs import collectives, host_round_trips
 
 RW = dict(every=3, keep=2, skip=2, factor=4.0, window=3)
@@ -27,14 +28,14 @@ def batches(n=16, poison=(9,), scale=100.0, nan=()):
 
 
 def train(strategy, stream, rewind=None, skip=(), loss=True, opt="adam", clip_norm=1.0, mixed=False,
-          accumulation=1, objects=None, skip_spikes=None):
+          accumulation=1, objects=None, skip_spikes=None, opt_kwargs=None):
     """ClipStep under `strategy` over `stream`, not calling the step for the batches in `skip`.
 
     Returns (every variable on every replica: model, optimizer, clip state; the step; the traced step)."""
     if objects is None:
         with strategy.scope():
             model = make_model()
-            optimizer = make_optimizer(opt)
+            optimizer = make_optimizer(opt, **(opt_kwargs or {}))
             if mixed:
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=2.0 ** 4)
             clip = distclip.ClipStep(optimizer, clip_norm, rewind=rewind, accumulation_steps=accumulation,
@@ -96,9 +97,50 @@ def test_a_skipped_spike_equals_the_run_without_that_batch(mirrored):
     assert_same(got, want)
 
 
-def test_the_two_sided_rule_skips_a_dip_too():
+AFTER = dict(lr_factor=0.25, lr_updates=3, reset_moments=True)
+
+
+@pytest.mark.parametrize("opt, after, mixed, accumulation", [
+    ("adam", AFTER, False, 1),
+    # SGD's momentum, the stepped factor: the same mechanism with another optimizer's slots.
+    pytest.param("sgd", dict(lr_factor=0.5, lr_updates=2, lr_ramp="step", reset_moments=True), False, 1,
+                 marks=pytest.mark.slow),
+    pytest.param("adam", AFTER, True, 2, marks=pytest.mark.slow),
+], ids=["adam", "sgd-momentum-step", "mixed-accumulation"])
+def test_after_a_rewind_the_learning_rate_and_moments_change_as_made_by_hand(mirrored, opt, after, mixed,
+                                                                             accumulation):
+    """The oracle: the run without rewind on the batches the rewind kept, with the moment slots set to zero by
+    hand where the rewind went back, and the learning rate of the next K applied updates set by hand."""
+    kwargs = {"momentum": 0.9} if opt == "sgd" else {}
+    k = accumulation
+    stream = batches(n=32, poison=(19,)) if k > 1 else batches()
+    got, (_, _, clip), _ = train(mirrored, stream, distclip.Rewind(**RW, **after), opt=opt, opt_kwargs=kwargs,
+                                 mixed=mixed, accumulation=k)
+    event = clip.latest_rewind()
+    assert event == distclip.RewindEvent(at=10, to=4, skip_through=12, stopped=False)
+    assert int(clip.rewinding.lr_left.numpy()) == max(0, after["lr_updates"] - (len(stream) // k - 12))
+
+    _, (model, optimizer, plain), step = train(mirrored, stream[:(event.to - 1) * k], None, opt=opt,
+                                               opt_kwargs=kwargs, mixed=mixed, accumulation=k, loss=False)
+    zero_moments_by_hand(optimizer)
+    rate = getattr(optimizer, "inner_optimizer", optimizer).learning_rate
+    base = np.float32(rate.numpy())
+    for j, i in enumerate(range(event.skip_through * k, len(stream), k), start=1):
+        rate.assign(base * lr_factor_by_hand(after["lr_factor"], after["lr_updates"], after.get("lr_ramp", "linear"),
+                                             j))
+        for x, y in stream[i:i + k]:
+            step(shard(mirrored, x), shard(mirrored, y))
+    rate.assign(base)
+    want = replica_values(mirrored, [*model.trainable_variables, *optimizer.variables, *plain.policy_state.values(),
+                                     plain.skipped_steps])
+    assert_same(got, want)
+
+
+def test_the_two_sided_rule_skips_a_dip_too_and_a_lasting_shift_only_until_the_window_sees_it():
     """OLMo-core's rule: |x - mean| > zscore * std. Norms 1, 1.2, 0.8, 1.1, then 0.01 and 1: the dip is a spike
-    only with `two_sided`; the oracle is the step without skip_spikes, not called for the skipped gradient."""
+    only with `two_sided`; the oracle is the step without skip_spikes, not called for the skipped gradient.
+    Then 1, 1.2, 0.8, 1.1 and 10 four times: the first 10 is skipped and enters the window (mean 3.3, std 3.9),
+    so the next are not; a window of applied updates only would skip every one after the shift."""
     norms = [1.0, 1.2, 0.8, 1.1, 0.01, 1.0]
 
     def run(skip_spikes, skip=()):
@@ -114,6 +156,10 @@ def test_the_two_sided_rule_skips_a_dip_too():
         assert int(step.skipped_spikes.numpy()) == skipped
         want, _ = run(None, skip={4} if skipped else ())
         np.testing.assert_array_equal(got, want)
+    norms = [1.0, 1.2, 0.8, 1.1, 10.0, 10.0, 10.0, 10.0]
+    got, step = run(distclip.SkipSpikes(zscore=3.0, window=4))
+    assert int(step.skipped_spikes.numpy()) == 1
+    np.testing.assert_array_equal(got, run(None, skip={4})[0])
 
 
 def test_a_run_without_spikes_is_unchanged_by_rewind(mirrored):
@@ -198,11 +244,12 @@ def test_the_limit_stops_training_at_the_last_good_snapshot(mirrored, tmp_path):
 
 
 def test_a_checkpoint_taken_while_skipping_resumes_the_rewind(mirrored, tmp_path):
+    """Cut in the skips after a rewind, with the learning rate still to ramp up after them."""
     stream = batches()
-    rewind = distclip.Rewind(**RW)
+    rewind = distclip.Rewind(**RW, **AFTER)
     want, _, _ = train(mirrored, stream, rewind)
     _, objects, _ = train(mirrored, stream[:11], rewind)  # rewound at update 10, one of two skips left
-    assert int(objects[2].rewinding.skip_left.numpy()) == 1
+    assert int(objects[2].rewinding.skip_left.numpy()) == 1 and int(objects[2].rewinding.lr_left.numpy()) == 3
     path = tf.train.Checkpoint(model=objects[0], optimizer=objects[1], clip=objects[2]).write(str(tmp_path / "c"))
     _, fresh, _ = train(mirrored, [], rewind)
     tf.train.Checkpoint(model=fresh[0], optimizer=fresh[1], clip=fresh[2]).read(path).assert_consumed()
@@ -226,8 +273,8 @@ def test_a_checkpoint_keeps_the_window_of_skip_spikes(mirrored, tmp_path):
 
 @pytest.mark.parametrize("answer", ["rewind", "skip_spikes"])
 def test_rewind_compiles_with_xla_and_adds_no_host_op(answer):
-    model, optimizer = make_model(), make_optimizer("sgd")
-    options = ({"rewind": distclip.Rewind(**RW)} if answer == "rewind"
+    model, optimizer = make_model(), make_optimizer("sgd", momentum=0.9)
+    options = ({"rewind": distclip.Rewind(**RW, **AFTER)} if answer == "rewind"
                else {"skip_spikes": distclip.SkipSpikes(**SKIP)})
     clip = distclip.ClipStep(optimizer, 1.0, **options)
     clip.build(model.trainable_variables)
@@ -292,6 +339,12 @@ def test_fit_rewinds_to_the_fit_without_the_discarded_batches(mirrored, answer):
     (dict(every=2, skip=2 ** 63 - 1), f"skip must be an integer from 0 to {2 ** 62}; got skip={2 ** 63 - 1}"),
     (dict(every=2, max_rewinds_per=2 ** 64), f"max_rewinds_per must be an integer from 1 to {2 ** 62}"),
     (dict(every=2, keep=10 ** 12), f"keep must be an integer from 1 to {2 ** 16}; got keep={10 ** 12}"),
+    (dict(every=2, lr_factor=1.0, lr_updates=5), "lr_factor must be a number > 0.0 and < 1.0; got lr_factor=1.0"),
+    (dict(every=2, lr_factor=0.5), "lr_factor and lr_updates go together"),
+    (dict(every=2, lr_factor=0.5, lr_updates=0), f"lr_updates must be an integer from 1 to {2 ** 62}; got lr_updates=0"),
+    (dict(every=2, lr_ramp="step"), "lr_ramp='step' shapes the learning-rate factor after a rewind; without lr_factor"),
+    (dict(every=2, lr_factor=0.5, lr_updates=5, lr_ramp="cosine"), "lr_ramp must be 'linear' or 'step'"),
+    (dict(every=2, reset_moments="yes"), "reset_moments must be True or False; got reset_moments='yes'"),
 ])
 def test_bad_rewind_arguments_are_named(kwargs, named):
     with pytest.raises(distclip.ArgumentError, match=named.replace("(", r"\(")):
@@ -308,6 +361,10 @@ def test_bad_rewind_arguments_are_named(kwargs, named):
      "skip_spikes needs nonfinite='skip'"),
     (lambda: distclip.ClipStep(make_optimizer("sgd"), 1.0, skip_spikes=distclip.SkipSpikes(),
                                rewind=distclip.Rewind(every=2)), "pass one; got rewind=Rewind("),
+    (lambda: distclip.ClipStep(keras.optimizers.Adagrad(), 1.0, rewind=distclip.Rewind(2, reset_moments=True)),
+     "reset_moments=True: Adagrad has no moment slots distclip knows (it resets those of Adam, Nadam, Lamb"),
+    (lambda: distclip.keras.ClipOptimizer(make_optimizer("sgd"), 1.0, rewind=distclip.Rewind(2, reset_moments=True)),
+     "reset_moments=True: SGD(momentum=0) has no moment slots to reset"),
 ])
 def test_bad_skip_spikes_arguments_are_named(make, named):
     with pytest.raises(distclip.ArgumentError) as e:
@@ -344,8 +401,10 @@ def test_a_keras_file_keeps_the_rewind_and_continues_as_the_uninterrupted_fit(tm
     """`model.save` / `keras.saving.load_model` at three points (the window not yet full, in the skip phase after
     a rewind, and after the limit stopped the rewinds), then `fit` on the rest of the stream: equal to the
     uninterrupted `fit`, bit for bit (the oracle: Keras's own saving and `fit`). The threshold is an `AutoClip`,
-    so its state (the norms seen) goes through the file too."""
-    rewind = distclip.Rewind(every=3, keep=1, skip=2, factor=4.0, window=3, max_rewinds=1, max_rewinds_per=100)
+    so its state (the norms seen) goes through the file too, and so does the learning-rate factor's after the
+    rewind."""
+    rewind = distclip.Rewind(every=3, keep=1, skip=2, factor=4.0, window=3, max_rewinds=1, max_rewinds_per=100,
+                             **AFTER)
     stream = batches(n=16, poison=(6, 11))
     x = np.concatenate([b[0] for b in stream])
     y = np.concatenate([b[1] for b in stream])
@@ -368,6 +427,7 @@ def test_a_keras_file_keeps_the_rewind_and_continues_as_the_uninterrupted_fit(tm
         part.compile(optimizer=clip_optimizer(), loss="mse")
         fit(part, 0, cut)
         assert int(getattr(part.optimizer.rewinding, state).numpy()) > 0 or state == "history_count"
+        assert int(part.optimizer.rewinding.lr_left.numpy()) == (0 if cut == 2 else 3)  # set by each rewind
         part.save(tmp_path / f"at-{cut}.keras")
         loaded = keras.saving.load_model(tmp_path / f"at-{cut}.keras")
         assert type(loaded.optimizer) is distclip.keras.ClipOptimizer

@@ -33,7 +33,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import distclip  # noqa: E402
-from common import GLOBAL_BATCH, global_batch, make_model, make_optimizer  # noqa: E402
+from common import GLOBAL_BATCH, global_batch, lr_factor_by_hand, make_model, make_optimizer, \
+    zero_moments_by_hand  # noqa: E402
 from distclip._src.attribution import replica_places  # noqa: E402
 
 REPLICAS = 2
@@ -126,7 +127,8 @@ for _ in range(300):
 
 # 3. Rewind, or skip the spike: batch 9's targets are 100 times too large; the oracle never calls the step on
 # the discarded batches.
-def rewind_run(skip=(), **answer):
+def rewind_run(skip=(), before=None, **answer):
+    """`before(i, optimizer)`: called before batch i (what the oracle of `lr_factor`/`reset_moments` does by hand)."""
     with scope():
         net, adam = make_model(), make_optimizer("adam")
         step = distclip.ClipStep(adam, 1.0, **answer)
@@ -142,6 +144,8 @@ def rewind_run(skip=(), **answer):
 
     for i in range(16):
         x, y = global_batch(i)
+        if before is not None:
+            before(i, adam)
         if i not in skip:
             train(shard(x), shard(y * 100.0 if i == 9 else y))
     return [np.array(v.numpy()) for v in net.trainable_variables + adam.variables], step
@@ -156,9 +160,24 @@ event = rewound.latest_rewind()
 want, _ = rewind_run(skip=set(range(event.to - 1, event.skip_through)))
 skipping, skipper = rewind_run(skip_spikes=distclip.SkipSpikes(factor=4.0, zscore=None, window=3))
 without_spike, _ = rewind_run(skip={9})
+# After the rewind, the learning rate ramps up over 3 applied updates and Adam's moments start from zero: the
+# oracle makes the same changes by hand, where the rewind went back and before each of the next 3 batches.
+after, _ = rewind_run(rewind=distclip.Rewind(every=3, keep=2, skip=2, factor=4.0, window=3, lr_factor=0.25,
+                                             lr_updates=3, reset_moments=True))
+base = np.float32(make_optimizer("adam").learning_rate.numpy())
+
+
+def by_hand(i, optimizer):
+    if i == event.skip_through:
+        zero_moments_by_hand(optimizer)
+    if i >= event.skip_through:
+        optimizer.learning_rate.assign(base * lr_factor_by_hand(0.25, 3, "linear", i - event.skip_through + 1))
+
+
+after_by_hand, _ = rewind_run(skip=set(range(event.to - 1, event.skip_through)), before=by_hand)
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"places": places, "cases": cases, "noise": [float(v) for v in noise],
                "skipped": int(clip.skipped_steps.numpy()), "rewind": list(event),
                "rewind_equals_oracle": same(got, want), "skipped_spikes": int(skipper.skipped_spikes.numpy()),
-               "skip_equals_oracle": same(skipping, without_spike),
+               "skip_equals_oracle": same(skipping, without_spike), "after_equals_oracle": same(after, after_by_hand),
                "rewound_weights": [v.ravel().tolist() for v in got]}, f)

@@ -7,7 +7,7 @@ lockstep. Rank 0 prints the median per-round ratio (with the tool / without).
     .venv/bin/horovodrun --gloo -np 2 -H localhost:2 .venv/bin/python benchmarks/stability_tools.py --tool agc
 
 Tools: agc (`AGC(0.01)` before the global clip), zclip (`ZClip(max_grad_norm=None)` as the threshold),
-autoclip (`AutoClip()`), skip-spikes (`SkipSpikes()`, on the norm) and rewind (`Rewind(every=10**9)`: one
+autoclip (`AutoClip()`), spikeclip (`SpikeClip()`), skip-spikes (`SkipSpikes()`, on the norm) and rewind (`Rewind(every=10**9)`: one
 snapshot, taken while warming up; no spike).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tensorflow as tf  # noqa: E402
 import distclip  # noqa: E402
 from bench_common import alternate, arg_parser, build, data, horovod_step, horovod_report  # noqa: E402
 
-TOOLS = ("agc", "zclip", "autoclip", "skip-spikes", "rewind")
+TOOLS = ("agc", "zclip", "autoclip", "spikeclip", "skip-spikes", "rewind")
 
 
 def with_tool(tool: str, clip_norm: float) -> dict:
@@ -32,6 +32,7 @@ def with_tool(tool: str, clip_norm: float) -> dict:
         "agc": {"clip_norm": clip_norm, "agc": distclip.AGC(0.01)},
         "zclip": {"clip_norm": distclip.ZClip(max_grad_norm=None)},
         "autoclip": {"clip_norm": distclip.AutoClip()},
+        "spikeclip": {"clip_norm": distclip.SpikeClip()},
         "skip-spikes": {"clip_norm": clip_norm, "skip_spikes": distclip.SkipSpikes()},
         "rewind": {"clip_norm": clip_norm, "rewind": distclip.Rewind(every=10 ** 9)},
     }[tool]

@@ -6,21 +6,24 @@ import importlib.util
 import math
 import os
 import sys
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 from distclip.cluster import STRATEGIES
-from distclip.train.config import Config
+from distclip.train.config import POLICY_NAMES, Config
 
 
-def _clip_norm(text: str) -> Optional[float]:
+def _clip_norm(text: str) -> Union[float, str, None]:
     if text.lower() == "none":
         return None
+    if text.lower() in POLICY_NAMES:
+        return text.lower()
+    choices = f"a positive finite number, 'none' or a policy ({', '.join(POLICY_NAMES)})"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--clip-norm must be a positive number or 'none'; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--clip-norm must be {choices}; got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"--clip-norm must be a positive finite number or 'none'; got {text!r}")
+        raise argparse.ArgumentTypeError(f"--clip-norm must be {choices}; got {text!r}")
     return value
 
 
@@ -60,24 +63,30 @@ def _rewind(text: str) -> Tuple[int, ...]:
     return every, keep, skip
 
 
-def _skip_spikes(text: str) -> Tuple[float, ...]:
-    """ZSCORE,WINDOW; their ranges are `distclip.SkipSpikes`'s, checked in `main`."""
-    try:
-        zscore, window = text.split(",")
-        return float(zscore), int(window)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--skip-spikes must be ZSCORE,WINDOW (a number and an integer); "
-                                         f"got {text!r}") from None
+def _number_and_integer(flag: str, names: str):
+    """An argparse type: NUMBER,INTEGER (such as ZSCORE,WINDOW); their ranges are the library's, checked in
+    `_check`."""
+    def parse(text: str) -> Tuple[float, ...]:
+        try:
+            number, integer = text.split(",")
+            return float(number), int(integer)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be {names} (a number and an integer); "
+                                             f"got {text!r}") from None
+    return parse
 
 
-def _factor(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 1):
-        raise argparse.ArgumentTypeError(f"--rewind-factor must be a finite number > 1; got {text!r}")
-    return value
+def _number_above(flag: str, low: float, what: str = ""):
+    """An argparse type: a finite number above `low`, else a usage error naming the flag and the value."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > low):
+            raise argparse.ArgumentTypeError(f"{flag} must be a finite number > {low:g}{what}; got {text!r}")
+        return value
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -99,7 +108,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--replicas", type=_int_in(1, 4096), default=d.replicas,
                    help="replicas for --strategy mirrored (GPUs, or logical CPU devices)")
     t.add_argument("--clip-norm", type=_clip_norm, default=d.clip_norm,
-                   help="global-norm threshold, or 'none' to train without clipping")
+                   help="global-norm threshold; 'none' to train without clipping; or a threshold policy with its "
+                        "defaults: autoclip (distclip.AutoClip), spikeclip (distclip.SpikeClip), zclip "
+                        "(distclip.ZClip, which caps at 1.0)")
     t.add_argument("--steps", type=_int_in(1, LARGEST), default=d.steps)
     t.add_argument("--batch-size", type=_int_in(1, 2 ** 20), default=d.batch_size,
                    help="global batch size, split over the replicas")
@@ -132,16 +143,26 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--rewind", type=_rewind, default=d.rewind, metavar="EVERY,KEEP,SKIP",
                    help="on a spike of the norm or the loss, every replica goes back to the oldest of KEEP in-memory "
                         "snapshots taken every EVERY steps and skips the next SKIP steps (distclip.Rewind)")
-    t.add_argument("--rewind-factor", type=_factor, default=None, metavar="F",
+    t.add_argument("--rewind-factor", type=_number_above("--rewind-factor", 1), default=None, metavar="F",
                    help=f"with --rewind: a spike is a norm or loss above F times its mean over the window "
                         f"(with --rewind, None means {d.rewind_factor:g})")
     t.add_argument("--rewind-window", type=_int_in(2, 2 ** 20), default=None, metavar="N",
                    help="with --rewind: the last N applied steps the mean is taken over (no spike before N steps; "
                         f"with --rewind, None means {d.rewind_window})")
-    t.add_argument("--skip-spikes", type=_skip_spikes, default=d.skip_spikes, metavar="ZSCORE,WINDOW",
+    t.add_argument("--rewind-lr", type=_number_and_integer("--rewind-lr", "FACTOR,UPDATES"), default=d.rewind_lr, metavar="FACTOR,UPDATES",
+                   help="with --rewind: the next UPDATES applied updates after a rewind run at the learning rate "
+                        "times a factor ramped linearly from FACTOR back to 1 (distclip.Rewind lr_factor, "
+                        "lr_updates)")
+    t.add_argument("--rewind-reset-moments", action="store_true",
+                   help="with --rewind: SGD's momentum is set to zero after a rewind (distclip.Rewind "
+                        "reset_moments)")
+    t.add_argument("--skip-spikes", type=_number_and_integer("--skip-spikes", "ZSCORE,WINDOW"), default=d.skip_spikes, metavar="ZSCORE,WINDOW",
                    help="skip, on every replica together, a step whose norm or loss is more than ZSCORE standard "
                         "deviations from its mean over the last WINDOW applied steps, either way (OLMo-core's "
                         "rule; distclip.SkipSpikes); nothing goes back. Not with --rewind")
+    t.add_argument("--agc", type=_number_above("--agc", 0, " (AGC's clipping)"), default=d.agc, metavar="LAMBDA",
+                   help="clip each unit's gradient to LAMBDA times its weight's norm (distclip.AGC, Brock et al. "
+                        "2021), before the --clip-norm clip. Not with --noise-scale")
     t.add_argument("--spike-at", type=_steps, default=d.spike_at, metavar="STEP[,STEP...]",
                    help="multiply the targets of these steps' batches by 100, to see a spike (and a rewind or a skip)")
     pl = sub.add_parser(
@@ -189,6 +210,10 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
                  if v is not None]
         if given:
             p.error(f"{' and '.join(given)} set how --rewind detects a spike; without --rewind nothing would use them")
+        given = [f for f, v in (("--rewind-lr", args.rewind_lr), ("--rewind-reset-moments", args.rewind_reset_moments))
+                 if v]
+        if given:
+            p.error(f"{' and '.join(given)} set what follows a rewind; without --rewind nothing would use them")
     args.rewind_factor = d.rewind_factor if args.rewind_factor is None else args.rewind_factor
     args.rewind_window = d.rewind_window if args.rewind_window is None else args.rewind_window
     for name in ("nan_at", "spike_at"):
@@ -198,6 +223,9 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
                     f"(steps are numbered 0 to {args.steps - 1}), so it would never happen")
     if args.rewind and args.skip_spikes:
         p.error("--rewind and --skip-spikes are two answers to one spike detector; pass one")
+    if args.agc is not None and args.noise_scale:
+        p.error("--agc changes each replica's gradient unit by unit, and --noise-scale compares the replicas' "
+                "gradients with their mean; pass one")
     if args.move_aside and args.resume:
         p.error("--move-aside moves an earlier run's outputs away for a new run; --resume continues that run")
     cfg = Config(**{k: v for k, v in vars(args).items() if k != "command"})
@@ -207,8 +235,9 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
         try:
             cfg.rewind_config()
         except ArgumentError as e:
+            lr = f", --rewind-lr {cfg.rewind_lr[0]:g},{cfg.rewind_lr[1]}" if cfg.rewind_lr else ""
             p.error(f"--rewind {','.join(map(str, cfg.rewind))} (with --rewind-factor {cfg.rewind_factor:g}, "
-                    f"--rewind-window {cfg.rewind_window}): {e}")
+                    f"--rewind-window {cfg.rewind_window}{lr}): {e}")
     if cfg.skip_spikes:
         from distclip import ArgumentError
 
@@ -274,7 +303,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 3
     print(
         f"\ndistclip train: {summary['strategy']} x{summary['replicas']}, clip_norm={cfg.clip_norm}, "
-        f"{cfg.steps} steps\n"
+        + ("" if cfg.agc is None else f"AGC {cfg.agc:g}, ") + f"{cfg.steps} steps\n"
         f"  final loss (mean training MSE, last 100 steps): {summary['final_loss']:.4g}\n"
         f"  held-out MSE (1024 sequences):                  {summary['eval_mse']:.4g}\n"
         f"  steps clipped: {summary['steps_clipped']}   steps skipped (non-finite norm): {summary['steps_skipped']}\n"

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+#: The threshold policies `--clip-norm` takes by name, each with its class's defaults.
+POLICY_NAMES = ("autoclip", "spikeclip", "zclip")
 
 
 @dataclass
 class Config:
     strategy: str = "auto"
     replicas: int = 2
-    clip_norm: Optional[float] = 1.0
+    clip_norm: Union[float, str, None] = 1.0  # a threshold, None (no clipping), or one of POLICY_NAMES
     steps: int = 10000
     batch_size: int = 64
     length: int = 50
@@ -30,8 +33,28 @@ class Config:
     rewind_factor: float = 20.0  # a spike: norm or loss above this many times their mean over the window (the
     # adding RNN's norm alone reaches 11 times its 50-step mean, clipped and harmless)
     rewind_window: int = 50  # applied steps the mean is taken over
+    rewind_lr: Tuple[float, ...] = ()  # (factor, updates): the learning rate after a rewind (Rewind.lr_factor)
+    rewind_reset_moments: bool = False  # SGD's momentum set to zero after a rewind (Rewind.reset_moments)
     spike_at: Tuple[int, ...] = ()  # steps whose targets are multiplied by 100 (to see a rewind)
     skip_spikes: Tuple[float, ...] = ()  # (zscore, window): skip a spike (distclip.SkipSpikes); (): never
+    agc: Optional[float] = None  # AGC's clipping (lambda): unit-wise clipping before the global clip; None: off
+
+    def threshold(self) -> Any:
+        """The step's `clip_norm`: the number, None, or the named `distclip` policy with its defaults."""
+        if not isinstance(self.clip_norm, str):
+            return self.clip_norm
+        import distclip
+
+        return {"autoclip": distclip.AutoClip, "spikeclip": distclip.SpikeClip,
+                "zclip": distclip.ZClip}[self.clip_norm]()
+
+    def agc_config(self) -> Any:
+        """The `distclip.AGC` of `--agc` (None without)."""
+        if self.agc is None:
+            return None
+        import distclip
+
+        return distclip.AGC(clipping=self.agc)
 
     def rewind_config(self) -> Any:
         """The `distclip.Rewind` of `--rewind` (None without)."""
@@ -40,8 +63,11 @@ class Config:
         import distclip
 
         every, keep, skip = self.rewind
+        factor, updates = self.rewind_lr or (None, None)
         return distclip.Rewind(every=every, keep=keep, skip=skip, factor=self.rewind_factor,
-                               window=self.rewind_window)
+                               window=self.rewind_window, lr_factor=factor,
+                               lr_updates=None if updates is None else int(updates),
+                               reset_moments=self.rewind_reset_moments)
 
     def skip_spikes_config(self) -> Any:
         """The `distclip.SkipSpikes` of `--skip-spikes` (None without): OLMo-core's two-sided z-score rule."""
@@ -59,8 +85,9 @@ class Config:
 
     @property
     def nonfinite(self) -> Literal["skip", "propagate"]:
-        """Without clipping the run is plain SGD (a non-finite step applies NaN, as it would); with it, skipped."""
-        return "propagate" if self.clip_norm is None else "skip"
+        """Without clipping (no threshold, no AGC) the run is plain SGD (a non-finite step applies NaN, as it
+        would); with it, skipped."""
+        return "propagate" if self.clip_norm is None and self.agc is None else "skip"
 
 
 #: What may change between a run and its `--resume`, and why; every other setting must be as the run was
@@ -80,7 +107,7 @@ MAY_CHANGE = {
 #: Settings that add state to the checkpoint: they cannot be added or changed on --resume (the checkpoint
 #: does not hold their state), so a change is refused with that reason.
 ADDS_STATE = {"rewind": "--rewind", "noise_scale": "--noise-scale", "rewind_window": "--rewind-window",
-              "skip_spikes": "--skip-spikes"}
+              "skip_spikes": "--skip-spikes", "rewind_lr": "--rewind-lr"}
 
 
 def flag(name: str) -> str:

@@ -43,10 +43,11 @@ def run(cfg: Config, runner) -> dict:
     """
     with runner.scope():
         model = adding.model(cfg.length, cfg.units, cfg.seed, cfg.recurrent_gain)
-        optimizer = ClipOptimizer(keras.optimizers.SGD(cfg.learning_rate, momentum=0.9), cfg.clip_norm,
+        optimizer = ClipOptimizer(keras.optimizers.SGD(cfg.learning_rate, momentum=0.9), cfg.threshold(),
                                   nonfinite=cfg.nonfinite, variable_norms=cfg.variable_norms_every > 0,
                                   noise_scale=NoiseScale(cfg.batch_size) if cfg.noise_scale else None,
-                                  rewind=cfg.rewind_config(), skip_spikes=cfg.skip_spikes_config())
+                                  rewind=cfg.rewind_config(), skip_spikes=cfg.skip_spikes_config(),
+                                  agc=cfg.agc_config())
         model.compile(optimizer=optimizer, loss="mse")
         optimizer.build(model.trainable_variables)
     progress = Progress()

@@ -18,10 +18,11 @@ def build(cfg: Config):
     """The model, its optimizer and the clip step, under the runner's scope."""
     model = adding.model(cfg.length, cfg.units, cfg.seed, cfg.recurrent_gain)
     optimizer = keras.optimizers.SGD(cfg.learning_rate, momentum=0.9)
-    clip = distclip.ClipStep(optimizer, cfg.clip_norm, nonfinite=cfg.nonfinite,
+    clip = distclip.ClipStep(optimizer, cfg.threshold(), nonfinite=cfg.nonfinite,
                              variable_norms=cfg.variable_norms_every > 0,
                              noise_scale=distclip.NoiseScale(cfg.batch_size) if cfg.noise_scale else None,
-                             rewind=cfg.rewind_config(), skip_spikes=cfg.skip_spikes_config())
+                             rewind=cfg.rewind_config(), skip_spikes=cfg.skip_spikes_config(),
+                             agc=cfg.agc_config())
     clip.build(model.trainable_variables)
     return model, optimizer, clip
 

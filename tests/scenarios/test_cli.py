@@ -70,7 +70,7 @@ def test_train_without_clipping_and_bad_flags(tmp_path):
     assert "clip_norm=None" in r.stdout
 
     bad = _run([BIN, "train", "--clip-norm", "-1"])
-    assert bad.returncode == 2 and "--clip-norm must be a positive finite number or 'none'; got '-1'" in bad.stderr
+    assert bad.returncode == 2 and "--clip-norm must be a positive finite number, 'none' or a policy" in bad.stderr
 
 
 @pytest.mark.parametrize("fit", [False, True], ids=["loop", "fit"])
@@ -166,6 +166,47 @@ def test_train_skips_a_spike(tmp_path):
     assert summary["spikes_skipped"] == 1 and summary["steps_skipped_by_rewind"] == 0 and summary["rewinds"] == []
     assert "spikes skipped (--skip-spikes): 1" in r.stdout
     assert f"step 25 skipped: a spike (global norm {float(rows[25]['global_norm']):.6g}" in r.stderr
+
+
+def test_train_with_zclip_and_agc(tmp_path):
+    """`--clip-norm zclip --agc 0.1`, in the loop and in `fit`: step 0's norm is what numpy AGC leaves of the
+    step's gradient, and each step's threshold and clipped norm are the reference ZClip's, fed the logged norms
+    (a fixed clip_norm 1.0 differs on 15 of the 40 steps)."""
+    sys.path.insert(0, TESTS)
+    import numpy as np
+    from reference_agc import agc
+    from reference_zclip import ReferenceZClip
+
+    from distclip.train import adding
+
+    runs = {}
+    for name, extra in (("loop", []), ("fit", ["--fit"])):
+        r = _run([BIN, *TINY, "--steps", "40", "--clip-norm", "zclip", "--agc", "0.1", "--spike-at", "35",
+                  *extra, "--out", str(tmp_path / name)])
+        assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+        assert "clip_norm=zclip, AGC 0.1, 40 steps" in r.stdout
+        with open(tmp_path / name / "metrics.csv") as f:
+            runs[name] = list(csv.DictReader(f))
+        assert json.loads((tmp_path / name / "summary.json").read_text())["agc"] == 0.1
+    model = adding.model(5, 4, 0, 1.0)
+    x, y = adding.batch(0, 0, 8, 5)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x) - y))
+    grads = tape.gradient(loss, model.trainable_variables)
+    clipped, units = agc([g.numpy() for g in grads], [v.numpy() for v in model.trainable_variables], 0.1)
+    assert sum(units) > 0  # AGC clips some unit of step 0's gradient
+    rows = runs["loop"]
+    assert float(rows[0]["global_norm"]) == pytest.approx(np.sqrt(sum(np.sum(g * g) for g in clipped)), rel=1e-5)
+    zclip = ReferenceZClip()
+    for row in rows:
+        norm = float(row["global_norm"])
+        # After the warm-up, a step ZClip leaves alone records the bound above which it would have clipped.
+        bound = min(zclip.mean + 2.5 * (zclip.var ** 0.5 + 1e-6), 1.0) if zclip.initialized else 1.0
+        want = zclip.step(norm)
+        assert norm * float(row["scale"]) == pytest.approx(want, rel=1e-5), row
+        assert float(row["clip_norm"]) == pytest.approx(want if want < norm else bound, rel=1e-5), row
+    assert [float(a["global_norm"]) for a in runs["fit"]] == pytest.approx([float(b["global_norm"]) for b in rows],
+                                                                           rel=1e-4)
 
 
 def _files(folder):

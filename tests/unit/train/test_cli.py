@@ -27,6 +27,14 @@ from distclip.train import cli
     (["--skip-spikes", "0,10"], "--skip-spikes 0,10: zscore must be None or a finite number > 0; got zscore=0.0"),
     (["--skip-spikes", "6,1"], "--skip-spikes 6,1: window must be an integer from 2 to"),
     (["--rewind", "5,2,1", "--skip-spikes", "6,10"], "--rewind and --skip-spikes are two answers to one spike"),
+    (["--rewind-lr", "0.1,100"], "--rewind-lr set what follows a rewind; without --rewind nothing would use them"),
+    (["--rewind-reset-moments"], "--rewind-reset-moments set what follows a rewind; without --rewind"),
+    (["--rewind", "5,2,1", "--rewind-lr", "1.5,100"], "--rewind-lr 1.5,100): lr_factor must be a number > 0.0 and < "),
+    (["--rewind", "5,2,1", "--rewind-lr", "0.1"], "--rewind-lr must be FACTOR,UPDATES (a number and an integer)"),
+    (["--clip-norm", "zclp"], "--clip-norm must be a positive finite number, 'none' or a policy (autoclip, "
+                              "spikeclip, zclip); got 'zclp'"),
+    (["--agc", "0"], "--agc must be a finite number > 0 (AGC's clipping); got '0'"),
+    (["--agc", "0.1", "--noise-scale"], "--agc changes each replica's gradient unit by unit, and --noise-scale"),
     (["--resume", "--move-aside"], "--move-aside moves an earlier run's outputs away for a new run; --resume"),
 ])
 def test_bad_or_ignored_flags_are_usage_errors(flags, message, capsys):
@@ -35,3 +43,12 @@ def test_bad_or_ignored_flags_are_usage_errors(flags, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_the_rewind_flags_make_the_rewind_they_name():
+    cfg = cli._check(cli.parser(), cli.parser().parse_args(
+        ["train", "--rewind", "50,2,100", "--rewind-lr", "0.1,500", "--rewind-reset-moments"]))
+    from distclip import Rewind
+
+    assert cfg.rewind_config() == Rewind(every=50, keep=2, skip=100, factor=20.0, window=50, lr_factor=0.1,
+                                         lr_updates=500, reset_moments=True)

@@ -170,7 +170,8 @@ def moment_slot_names(optimizer: Any) -> Tuple[str, ...]:
       ArgumentError: an optimizer without moment slots, or one distclip does not know, named.
     """
     for name, slots in MOMENT_SLOTS:
-        if isinstance(optimizer, getattr(keras.optimizers, name)):
+        cls = getattr(keras.optimizers, name, None)  # an older Keras 3 may lack one
+        if cls is not None and isinstance(optimizer, cls):
             if name == "SGD" and not optimizer.momentum:
                 raise ArgumentError("reset_moments=True: SGD(momentum=0) has no moment slots to reset")
             return slots

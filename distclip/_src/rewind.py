@@ -429,7 +429,12 @@ class Rewinding(tf.Module):
             finite = tf.math.is_finite(norm)
             if loss is not None:
                 finite = tf.logical_and(finite, tf.math.is_finite(tf.cast(loss, tf.float32)))
-            tf.cond(finite, lambda: self._remember(norm, loss) or tf.constant(True), lambda: tf.constant(False))
+
+            def remember() -> tf.Tensor:
+                self._remember(norm, loss)
+                return tf.constant(True)
+
+            tf.cond(finite, remember, lambda: tf.constant(False))
         self.skip_left.assign(tf.where(read_value(self.stopped) > 0, read_value(self.skip_left),
                                        tf.maximum(read_value(self.skip_left) - 1, 0)))
         self.skipped.assign(read_value(self.skipped) + 1)

@@ -149,14 +149,16 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--rewind-window", type=_int_in(2, 2 ** 20), default=None, metavar="N",
                    help="with --rewind: the last N applied steps the mean is taken over (no spike before N steps; "
                         f"with --rewind, None means {d.rewind_window})")
-    t.add_argument("--rewind-lr", type=_number_and_integer("--rewind-lr", "FACTOR,UPDATES"), default=d.rewind_lr, metavar="FACTOR,UPDATES",
+    t.add_argument("--rewind-lr", type=_number_and_integer("--rewind-lr", "FACTOR,UPDATES"), default=d.rewind_lr,
+                   metavar="FACTOR,UPDATES",
                    help="with --rewind: the next UPDATES applied updates after a rewind run at the learning rate "
                         "times a factor ramped linearly from FACTOR back to 1 (distclip.Rewind lr_factor, "
                         "lr_updates)")
     t.add_argument("--rewind-reset-moments", action="store_true",
                    help="with --rewind: SGD's momentum is set to zero after a rewind (distclip.Rewind "
                         "reset_moments)")
-    t.add_argument("--skip-spikes", type=_number_and_integer("--skip-spikes", "ZSCORE,WINDOW"), default=d.skip_spikes, metavar="ZSCORE,WINDOW",
+    t.add_argument("--skip-spikes", type=_number_and_integer("--skip-spikes", "ZSCORE,WINDOW"),
+                   default=d.skip_spikes, metavar="ZSCORE,WINDOW",
                    help="skip, on every replica together, a step whose norm or loss is more than ZSCORE standard "
                         "deviations from its mean over the last WINDOW applied steps, either way (OLMo-core's "
                         "rule; distclip.SkipSpikes); nothing goes back. Not with --rewind")

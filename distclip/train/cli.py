@@ -9,15 +9,15 @@ import sys
 from typing import List, Optional, Tuple, Union
 
 from distclip.cluster import STRATEGIES
-from distclip.train.config import POLICY_NAMES, Config
+from distclip.train.config import POLICIES, Config
 
 
 def _clip_norm(text: str) -> Union[float, str, None]:
     if text.lower() == "none":
         return None
-    if text.lower() in POLICY_NAMES:
+    if text.lower() in POLICIES:
         return text.lower()
-    choices = f"a positive finite number, 'none' or a policy ({', '.join(POLICY_NAMES)})"
+    choices = f"a positive finite number, 'none' or a policy ({', '.join(POLICIES)})"
     try:
         value = float(text)
     except ValueError:
@@ -160,8 +160,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-spikes", type=_number_and_integer("--skip-spikes", "ZSCORE,WINDOW"),
                    default=d.skip_spikes, metavar="ZSCORE,WINDOW",
                    help="skip, on every replica together, a step whose norm or loss is more than ZSCORE standard "
-                        "deviations from its mean over the last WINDOW applied steps, either way (OLMo-core's "
-                        "rule; distclip.SkipSpikes); nothing goes back. Not with --rewind")
+                        "deviations from its mean over the last WINDOW steps (skipped spikes included), either way "
+                        "(OLMo-core's rule; distclip.SkipSpikes); nothing goes back. Not with --rewind")
     t.add_argument("--agc", type=_number_above("--agc", 0, " (AGC's clipping)"), default=d.agc, metavar="LAMBDA",
                    help="clip each unit's gradient to LAMBDA times its weight's norm (distclip.AGC, Brock et al. "
                         "2021), before the --clip-norm clip. Not with --noise-scale")

@@ -5,15 +5,15 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
-#: The threshold policies `--clip-norm` takes by name, each with its class's defaults.
-POLICY_NAMES = ("autoclip", "spikeclip", "zclip")
+#: The threshold policies `--clip-norm` takes by name: the `distclip` class of each, made with its defaults.
+POLICIES = {"autoclip": "AutoClip", "spikeclip": "SpikeClip", "zclip": "ZClip"}
 
 
 @dataclass
 class Config:
     strategy: str = "auto"
     replicas: int = 2
-    clip_norm: Union[float, str, None] = 1.0  # a threshold, None (no clipping), or one of POLICY_NAMES
+    clip_norm: Union[float, str, None] = 1.0  # a threshold, None (no clipping), or a name in POLICIES
     steps: int = 10000
     batch_size: int = 64
     length: int = 50
@@ -45,8 +45,7 @@ class Config:
             return self.clip_norm
         import distclip
 
-        return {"autoclip": distclip.AutoClip, "spikeclip": distclip.SpikeClip,
-                "zclip": distclip.ZClip}[self.clip_norm]()
+        return getattr(distclip, POLICIES[self.clip_norm])()
 
     def agc_config(self) -> Any:
         """The `distclip.AGC` of `--agc` (None without)."""

@@ -143,9 +143,10 @@ def main() -> int:
     print(f"\n| tool (`distclip train` flags) | held-out MSE, seeds {', '.join(map(str, seeds))} | median | "
           "updates lost | norm of each spike's update |")
     print("|---|---|---|---|---|")
+    def fmt(values: Sequence[float]) -> str:
+        return ", ".join(f"{v:.2g}" for v in values)
+
     for r in results:
-        def fmt(values: Sequence[float]) -> str:
-            return ", ".join(f"{v:.2g}" for v in values)
         print(f"| {r['tool']} (`{r['flags'] or 'defaults'}`) | {', '.join(f'{m:.4g}' for m in r['eval_mse'])} | "
               f"{r['median_eval_mse']:.4g} | {', '.join(map(str, r['updates_lost']))} | "
               f"{'; '.join(fmt(a) for a in r['spike_update_norms']) if r['spikes'] else '(no spikes)'} |")

@@ -447,7 +447,7 @@ class Rewinding(tf.Module):
         start = read_value(self.ring_start)
         for ring, v in zip(self.ring, self._owned, strict=True):
             tf_variable(v).assign(tf.gather(ring, start))
-        for v in self._moments if c.reset_moments else ():
+        for v in self._moments:  # empty unless reset_moments
             tf_variable(v).assign(tf.zeros(v.shape, v.dtype))
         if self.lr_left is not None:
             self.lr_left.assign(tf.constant(c.lr_updates, tf.int64))

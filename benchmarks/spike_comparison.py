@@ -37,6 +37,7 @@ TOOLS: Tuple[Tuple[str, Tuple[str, ...], bool], ...] = (
     ("Rewind, then lr ramp and momentum reset",
      ("--rewind", "50,2,100", "--rewind-lr", "0.1,500", "--rewind-reset-moments"), True),
     ("SkipSpikes", ("--skip-spikes", "6,128"), True),
+    ("recurrent kernel at 0.5, the rest at 1.0", ("--clip-group", ".*/recurrent_kernel=0.5"), True),
 )
 
 
@@ -84,14 +85,14 @@ def updates_lost(summary: dict) -> int:
     return summary["steps_skipped"] + summary["spikes_skipped"] + spans
 
 
-def plot(out: str, seed: int, spikes: Sequence[int]) -> str:
+def plot(out: str, seed: int, spikes: Sequence[int], tools: Sequence[Tuple[str, Tuple[str, ...], bool]]) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(TOOLS), 2, figsize=(11, 1.9 * len(TOOLS)), sharex=True, squeeze=False)
-    for (name, _, _), (left, right) in zip(TOOLS, axes, strict=True):
+    fig, axes = plt.subplots(len(tools), 2, figsize=(11, 1.9 * len(tools)), sharex=True, squeeze=False)
+    for (name, _, _), (left, right) in zip(tools, axes, strict=True):
         rows = rows_of(folder(out, name, seed))
         steps = [int(r["step"]) for r in rows]
         norm = [float(r["global_norm"]) for r in rows]
@@ -122,14 +123,17 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (the plot shows the first)")
     p.add_argument("--spike-at", default="3000,6000", help="passed to distclip train --spike-at")
     p.add_argument("--steps", type=int, default=10000, help="passed to distclip train --steps")
+    p.add_argument("--tool", action="append", choices=[name for name, _, _ in TOOLS], metavar="NAME",
+                   help="run only this tool (repeat for more; default: every tool, in the order of TOOLS)")
     args = p.parse_args()
+    tools = [t for t in TOOLS if args.tool is None or t[0] in args.tool]
     seeds = [int(s) for s in args.seeds.split(",")]
     spikes = [int(s) for s in args.spike_at.split(",")]
     if not seeds or any(s < 0 for s in seeds):
         p.error(f"--seeds must be non-negative integers; got {args.seeds!r}")
 
     results = []
-    for name, flags, spiked in TOOLS:
+    for name, flags, spiked in tools:
         runs = [run(name, flags, seed, args.spike_at if spiked else "", args.steps, args.out) for seed in seeds]
         mse = [r["eval_mse"] for r in runs]
         applied = [spike_norms(folder(args.out, name, seed), spikes) for seed in seeds] if spiked else None
@@ -138,7 +142,7 @@ def main() -> int:
                         "spike_update_norms": applied})
     with open(os.path.join(args.out, "comparison.json"), "w") as f:
         json.dump({"spike_at": spikes, "seeds": seeds, "steps": args.steps, "results": results}, f, indent=2)
-    print(f"plot: {plot(args.out, seeds[0], spikes)}")
+    print(f"plot: {plot(args.out, seeds[0], spikes, tools)}")
 
     print(f"\n| tool (`distclip train` flags) | held-out MSE, seeds {', '.join(map(str, seeds))} | median | "
           "updates lost | norm of each spike's update |")

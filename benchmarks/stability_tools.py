@@ -23,7 +23,7 @@ import tensorflow as tf  # noqa: E402
 import distclip  # noqa: E402
 from bench_common import alternate, arg_parser, build, data, horovod_step, horovod_report  # noqa: E402
 
-TOOLS = ("agc", "zclip", "autoclip", "spikeclip", "skip-spikes", "rewind")
+TOOLS = ("agc", "zclip", "autoclip", "spikeclip", "skip-spikes", "rewind", "groups")
 
 
 def with_tool(tool: str, clip_norm: float) -> dict:
@@ -35,6 +35,9 @@ def with_tool(tool: str, clip_norm: float) -> dict:
         "spikeclip": {"clip_norm": distclip.SpikeClip()},
         "skip-spikes": {"clip_norm": clip_norm, "skip_spikes": distclip.SkipSpikes()},
         "rewind": {"clip_norm": clip_norm, "rewind": distclip.Rewind(every=10 ** 9)},
+        "groups": {"clip_norm": distclip.ClipGroups(
+            [distclip.VariableGroup("kernels", clip_norm, patterns=[".*kernel"])], default=clip_norm,
+            global_clip_norm=clip_norm)},
     }[tool]
 
 

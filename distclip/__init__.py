@@ -40,6 +40,8 @@ _EXPORTS = {
     "ArgumentError": "distclip._src.errors",
     "ContextError": "distclip._src.errors",
     "AGC": "distclip._src.agc",
+    "ClipGroups": "distclip._src.groups",
+    "VariableGroup": "distclip._src.groups",
     "AutoClip": "distclip._src.policies",
     "SpikeClip": "distclip._src.policies",
     "ZClip": "distclip._src.policies",
@@ -58,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from distclip._src.agc import AGC  # noqa: F401
     from distclip._src.clip import ClipResult, sync_and_clip  # noqa: F401
     from distclip._src.errors import ArgumentError, ContextError  # noqa: F401
+    from distclip._src.groups import ClipGroups, VariableGroup  # noqa: F401
     from distclip._src.noise import NoiseEstimate, NoiseScale  # noqa: F401
     from distclip._src.policies import AutoClip, SpikeClip, ZClip  # noqa: F401
     from distclip._src.reporter import ClipReporter  # noqa: F401

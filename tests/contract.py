@@ -79,6 +79,11 @@ SKIP_CASES = ("Adam", "Nadam", "LossScaleOptimizer")
 ZCLIP = dict(z_thresh=0.05, warmup_steps=2, max_grad_norm=None)
 #: The AGC case: `distclip.AGC(AGC_CLIPPING)` clips every unit on step 0, some on step 2, none on steps 1 and 3.
 AGC_CLIPPING = 1.0
+#: The groups case: `distclip.ClipGroups` of the embedding (listed) at 0.1, the dense kernels (by pattern) at 3
+#: and the rest (default) at 5, then 4 on top: every group and the global threshold bind on step 0, the
+#: embedding alone on step 1, the embedding and the global one on step 2, nothing on step 3.
+GROUPS = (([0], 0.1), ([1, 2], 3.0), ([3, 4], 5.0))
+GROUPS_GLOBAL = 4.0
 #: Classes distclip refuses, with what its error must say (none today).
 REFUSED: Dict[str, str] = {}
 
@@ -123,12 +128,14 @@ def loss_scale_of(optimizer) -> float:
 
 def reference(name: str, steps: int = STEPS, poison: Optional[int] = None, constrained: bool = False,
               thresholds: Optional[List[float]] = None, agc: Optional[float] = None,
-              seen: Optional[List[Tuple[List[int], float]]] = None):
+              seen: Optional[List[Tuple[List[int], float]]] = None, groups: bool = False):
     """Single device: clip the whole gradients (at CLIP, or at `thresholds[step]`), then the optimizer's own
     apply. Returns (variables, optimizer).
 
     With `agc` (lambda), each unit is first clipped against the variables' values (`reference_agc`, numpy),
-    and `seen` gets, per step, the elements in clipped units per variable and the norm after.
+    and `seen` gets, per step, the elements in clipped units per variable and the norm after. With `groups`,
+    each of GROUPS is clipped by `tf.clip_by_global_norm` at its threshold first, and `seen` gets, per step,
+    the groups' norms before and the norm after.
 
     Step `poison` has a NaN gradient: a LossScaleOptimizer gets it (Keras's own
     skip: the scale halves); any other optimizer is not called at all.
@@ -145,6 +152,15 @@ def reference(name: str, steps: int = STEPS, poison: Optional[int] = None, const
             grads = [tf.constant(g, tf.float32) for g in grads]
             if seen is not None:
                 seen.append((counts, float(tf.linalg.global_norm(grads))))
+        if groups:
+            grads, norms = list(grads), []
+            for members, threshold in GROUPS:
+                clipped_group, norm = tf.clip_by_global_norm([grads[i] for i in members], threshold)
+                norms.append(float(norm))
+                for i, g in zip(members, clipped_group, strict=True):
+                    grads[i] = g
+            if seen is not None:
+                seen.append((norms, float(tf.linalg.global_norm(grads))))
         clipped, _ = tf.clip_by_global_norm(grads, CLIP if thresholds is None else thresholds[step])
         scale = loss_scale_of(optimizer)
         optimizer.apply([g * scale for g in clipped], variables)
@@ -167,12 +183,16 @@ class Run(NamedTuple):
 
 def run_distclip(name: str, api: str, lazy: bool, strategy=None, replica: int = 0, replicas: int = 1,
                  mean: bool = False, steps: int = STEPS, poison: Optional[int] = None, constrained: bool = False,
-                 clip_norm: Any = CLIP, agc: Optional[float] = None) -> Run:
+                 clip_norm: Any = CLIP, agc: Optional[float] = None, groups: bool = False) -> Run:
     """The same steps through distclip under `strategy` (None: Horovod or no strategy, this process is `replica`)."""
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         variables, optimizer = make_variables(constrained), factory(name)()
         options = {} if agc is None else {"agc": distclip.AGC(agc)}
+        if groups:  # the embedding by the variable itself, the dense kernels by a pattern on their paths
+            clip_norm = distclip.ClipGroups([distclip.VariableGroup("embedding", GROUPS[0][1], variables=variables[:1]),
+                                             distclip.VariableGroup("dense", GROUPS[1][1], patterns=["dense_.*"])],
+                                            default=GROUPS[2][1], global_clip_norm=GROUPS_GLOBAL)
         if api == "ClipStep":
             wrapper = distclip.ClipStep(optimizer, clip_norm, **options)
         else:
@@ -302,6 +322,28 @@ def check_agc(name: str, api: str, lazy: bool, **backend) -> Tuple[List[str], Ru
     return out, run
 
 
+def check_groups(name: str, api: str, lazy: bool, **backend) -> Tuple[List[str], Run]:
+    """`distclip.ClipGroups` (GROUPS, GROUPS_GLOBAL on top) equals, on one device, `tf.clip_by_global_norm` of
+    each group, then of all at GROUPS_GLOBAL, then the optimizer's own apply; the norm it reports is the one
+    after the groups' clip, and its groups' norms and scales are the reference's."""
+    seen: List[Tuple[List[float], float]] = []
+    ref_vars, ref_opt = reference(name, thresholds=[GROUPS_GLOBAL] * STEPS, groups=True, seen=seen)
+    run = run_distclip(name, api, lazy, groups=True, **backend)
+    out = mismatches(run.variables, run.optimizer, ref_vars, ref_opt)
+    bound = [[n > c for n, (_, c) in zip(norms, GROUPS, strict=True)] + [after > GROUPS_GLOBAL] for norms, after in seen]
+    if bound != [[True] * 4, [True, False, False, False], [True, False, False, True], [False] * 4]:
+        out.append(f"the groups should bind as GROUPS says; reference norms {seen}")
+    if not np.allclose(run.norms, [after for _, after in seen], rtol=RTOL):
+        out.append(f"the norms after the groups' clip: {run.norms}, reference {[after for _, after in seen]}")
+    latest = run.wrapper._update.state  # the last step's groups, as the reporter reads them
+    norms, scales = latest.group_norms.numpy(), latest.group_scales.numpy()
+    want = np.array(seen[-1][0])
+    if not (np.allclose(norms, want, rtol=RTOL) and np.allclose(scales, np.minimum(1, [c for _, c in GROUPS] / want),
+                                                                 rtol=RTOL)):
+        out.append(f"the last step's group norms {norms} and scales {scales}; reference norms {want}")
+    return out, run
+
+
 def all_cases():
     return [(name, api, lazy) for name in exported() for api in APIS for lazy in (False, True)]
 
@@ -311,7 +353,7 @@ EVERY_VARIANT = "Adam"
 
 
 def across_processes_cases():
-    """The cases the 2-process workers run: ("match", "skip", "zclip" or "agc", name, API, lazy).
+    """The cases the 2-process workers run: ("match", "skip", "zclip", "agc" or "groups", name, API, lazy).
 
     Every exported optimizer once, in one of the four (API, lazy) variants in turn, and EVERY_VARIANT in all four;
     each SKIP_CASES optimizer skipping a step through both APIs, lazily for one and built beforehand for the
@@ -329,5 +371,6 @@ def across_processes_cases():
         cases += [("skip", name, api, bool((i + j) % 2)) for j, api in enumerate(APIS)]
     cases += [("zclip", EVERY_VARIANT, api, api == "ClipOptimizer") for api in APIS]
     cases += [("agc", EVERY_VARIANT, api, api == "ClipStep") for api in APIS]
+    cases += [("groups", EVERY_VARIANT, api, api == "ClipOptimizer") for api in APIS]
     return cases
 

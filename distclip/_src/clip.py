@@ -9,6 +9,7 @@ from distclip._src import sync
 from distclip._src.agc import AGC, Axes, unit_axes, unit_factors, unit_squares
 from distclip._src.checks import check_gradients
 from distclip._src.errors import ArgumentError
+from distclip._src.groups import ClipGroups, measure_groups, norm_after_groups
 from distclip._src.nonfinite import Nonfinite, guarded_scale, nonfinite_variables, read_report, replica_report, skips
 from distclip._src.norm import clip_scale, norm_from_squares, scale_gradients, squared_norm
 from distclip._src.options import BucketMB, StepOptions
@@ -49,6 +50,12 @@ class ClipResult(NamedTuple):
       loss: float32 scalar, the replicas' losses reduced as the gradients are
         (sum or mean; the mean over micro-batches), when `apply` was given a
         `loss`; otherwise None. Identical on every replica.
+      group_norms: float32 `[len(names)]` with `clip_norm=distclip.ClipGroups(...)`: each group's norm
+        `n_k` before its own clip, in the order of `ClipGroups.names` (the default group last); otherwise
+        None. `global_norm` is then the norm after the groups' clip, and `clipped` is True also where a
+        group's norm exceeded its threshold.
+      group_scales: float32 `[len(names)]`, each group's factor `min(1, c_k / n_k)`; a gradient of group k
+        is multiplied by `group_scales[k] * scale`. None without groups.
     """
 
     grads: List[Optional[Any]]
@@ -61,6 +68,16 @@ class ClipResult(NamedTuple):
     variable_norms: Optional[tf.Tensor] = None
     noise: Optional[Any] = None
     loss: Optional[tf.Tensor] = None
+    group_norms: Optional[tf.Tensor] = None
+    group_scales: Optional[tf.Tensor] = None
+
+
+class GroupPlan(NamedTuple):
+    """`ClipGroups` as one step uses it: each gradient's group (an index into `ClipGroups.names`), and the
+    groups' thresholds for this step, float32 `[len(names)]`."""
+
+    members: List[int]
+    thresholds: tf.Tensor
 
 
 def sync_and_clip(
@@ -127,6 +144,10 @@ def sync_and_clip(
     options = StepOptions(nonfinite=nonfinite, reduction=reduction, backend=backend, sparse_as_dense=sparse_as_dense,
                           compression=compression, bucket_mb=bucket_mb, variable_norms=variable_norms)
     grads = check_gradients(grads)
+    if isinstance(clip_norm, ClipGroups):
+        raise ArgumentError(
+            f"clip_norm={clip_norm!r} sorts variables into groups, and sync_and_clip is not given the variables: "
+            "use distclip.ClipStep or distclip.keras.ClipOptimizer")
     if isinstance(clip_norm, Policy):
         raise ArgumentError(
             f"clip_norm={clip_norm!r} is a policy, which keeps state from step to step: use "
@@ -149,6 +170,7 @@ def clip_synchronized(
     loss: Optional[tf.Tensor] = None,
     agc: Optional[AGC] = None,
     weights: Optional[Sequence[Any]] = None,
+    groups: Optional[GroupPlan] = None,
 ) -> Tuple[ClipResult, tf.Tensor, Optional[tf.Tensor]]:
     """`sync_and_clip`'s reduce, measure, decide and scale, with the threshold a function of the norm.
 
@@ -170,6 +192,11 @@ def clip_synchronized(
     threshold decided on and the per-variable norms are those of what AGC
     leaves, and its factors ride on the same multiply.
 
+    With `groups` (each gradient's group and the groups' thresholds), each
+    group is first clipped by its own norm (`distclip._src.groups`), after
+    AGC: the norm measured and decided on is the norm after the groups' clip,
+    and their factors ride on the same multiply.
+
     Returns:
       The result; the threshold used; `sum_r ||f g_r||_2^2` over the
       replicas' own gradients g_r, with f the factor from the sums to the
@@ -190,6 +217,15 @@ def clip_synchronized(
         total = tf.add_n([tf.reduce_sum(u) for u in r.squares])
         factors, squares = unit_factors(r.squares, weights, agc, to_mean)
         norm = tf.sqrt(tf.add_n(squares)) * to_mean
+    group_norms = group_scales = None
+    if groups is not None:                                                        # (groups) each group's own clip
+        members = [groups.members[i] for i in present]
+        group_norms = measure_groups(squares, r.summed, members, groups.thresholds.shape[0], to_mean,
+                                     rescale=agc is None)
+        group_scales = clip_scale(group_norms, groups.thresholds)
+        norm = norm_after_groups(group_norms, group_scales)
+        by_group = [group_scales[k] for k in members]
+        factors = by_group if factors is None else [a * s for a, s in zip(factors, by_group, strict=True)]
     finite = tf.math.is_finite(norm)
     threshold = threshold_of(norm)                                                                     # decide
     scale = guarded_scale(options.nonfinite, clip_scale(norm, threshold), norm, finite)
@@ -199,12 +235,16 @@ def clip_synchronized(
     out_grads: List[Optional[Any]] = [None] * len(grads)
     for i, g in zip(present, clipped, strict=True):
         out_grads[i] = g
+    over = norm > threshold
+    if groups is not None:
+        over = tf.logical_or(over, tf.reduce_any(group_norms > groups.thresholds))
     result = ClipResult(
-        grads=out_grads, global_norm=norm, scale=scale, clipped=tf.logical_and(finite, norm > threshold),
+        grads=out_grads, global_norm=norm, scale=scale, clipped=tf.logical_and(finite, over),
         finite=finite, nonfinite_replicas=tf.logical_and(tf.logical_not(finite), r.flags),
         nonfinite_variables=_scatter(nonfinite_variables(r.summed, total), present, len(grads), False),
         variable_norms=_variable_norms(squares, to_mean, present, len(grads)) if options.variable_norms else None,
-        loss=None if loss is None else r.loss_sum * _to_mean(op, backend, micro_batches, None))
+        loss=None if loss is None else r.loss_sum * _to_mean(op, backend, micro_batches, None),
+        group_norms=group_norms, group_scales=group_scales)
     precise = r.wire_dtype in (tf.float32, tf.float64)  # a float16 sum of squares overflows at 65504
     return result, threshold, r.local_squares * to_mean * to_mean if precise else None
 

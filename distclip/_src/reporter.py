@@ -25,6 +25,14 @@ from distclip._src.variables import read_value, variable_name
 LastGood = Union[tf.train.Checkpoint, Callable[[], Optional[str]], None]
 
 
+class GroupRead(NamedTuple):
+    """Each group's norm, threshold and scale in the latest update (in the order of `ClipGroups.names`)."""
+
+    norms: List[float]
+    clip_norms: List[float]
+    scales: List[float]
+
+
 class _Read(NamedTuple):
     """One update's scalars, read from the step's state in one transfer."""
 
@@ -39,6 +47,7 @@ class _Read(NamedTuple):
     scale: float
     loss: float
     noise: Optional[NoiseEstimate]
+    groups: Optional[GroupRead]  # with `ClipGroups`
 
 
 def check_log_options(owner: str, log_dir: Optional[str], first_name: str, first_step: int,
@@ -72,7 +81,9 @@ class ClipReporter:
     skipped, rewound, stopped or spike_skipped), read from the step's state in one small
     transfer; the per-replica and per-variable flags only for a non-finite
     update, the per-variable norms only every `variable_norms_every` updates.
-    Nothing waits inside the traced step.
+    With `clip_norm=distclip.ClipGroups(...)`, each group's norm (before its
+    own clip), threshold and scale in the same transfer, and `clipped` is 1
+    also where a group was clipped. Nothing waits inside the traced step.
 
     On every rank it keeps `nonfinite` (`distclip.NonfiniteUpdate`: the
     replicas, with worker, host and device, and the variables behind a
@@ -81,7 +92,7 @@ class ClipReporter:
     rewind to stderr ("distclip: step 12 skipped: non-finite gradients from
     replica 1 (worker 0, host node-3, CPU:1) in dense/kernel") and, with
     `log_dir`, writes `metrics.csv`, `nonfinite.csv`, `layer_norms.csv`,
-    `rewinds.csv` and TensorBoard event files under `log_dir/tensorboard`
+    `rewinds.csv`, `group_norms.csv` and TensorBoard event files under `log_dir/tensorboard`
     (see `distclip._src.steplog`).
 
     At the rewind limit (`distclip.Rewind.max_rewinds`) `report` saves the
@@ -128,6 +139,8 @@ class ClipReporter:
         self.variable_norms_every = variable_norms_every
         self.last_good = last_good
         self._names = [variable_name(v) for v in variables]
+        groups = step._update.groups
+        self._group_names = [] if groups is None else groups.names
         self._places = replica_places(variables)  # every process, together
         self._rank = sync.current(variables).rank()
         #: The number of the next update recorded.
@@ -174,7 +187,9 @@ class ClipReporter:
             return None
         self._latest = now
         action = _action(before, now, spike_skips=self.step.skip_spikes is not None)
-        clipped = int(action == "applied" and now.global_norm > now.threshold)
+        groups_over = now.groups is not None and any(
+            n > c for n, c in zip(now.groups.norms, now.groups.clip_norms, strict=True))
+        clipped = int(action == "applied" and (now.global_norm > now.threshold or groups_over))
         skipped = action != "applied" and (action != "nonfinite" or self.step.options.nonfinite == "skip")
         row = {"step": self.next_step, "loss": now.loss, "global_norm": now.global_norm, "scale": now.scale,
                "clip_norm": now.threshold, "clipped": clipped, "skipped": int(skipped), "action": action}
@@ -183,6 +198,8 @@ class ClipReporter:
             self._log.write(row)
             if now.noise is not None:
                 self._log.write_noise(self.next_step, now.noise)
+            if now.groups is not None:
+                self._log.write_groups(self.next_step, self._group_names, *now.groups)
             if self.variable_norms_every and self.next_step % self.variable_norms_every == 0:
                 norms = read_value(self.step.variable_norms).numpy().tolist()  # on these updates only
                 self._log.write_norms(self.next_step, self._names, norms)
@@ -209,17 +226,21 @@ class ClipReporter:
         ints, bits = packed[:9], packed[9:].astype(np.int32).view(np.float32).tolist()
         if isinstance(loss, tf.Tensor):
             loss = bits[3]
+        k = len(self._group_names)
+        groups, bits = (GroupRead(bits[-3 * k:-2 * k], bits[-2 * k:-k], bits[-k:]), bits[:-3 * k]) if k else \
+            (None, bits)
         return _Read(updates=int(ints[0]), skipped_steps=int(ints[1]), finite=bool(ints[2]),
                      rewind_skipped=int(ints[3]), rewinds=int(ints[4]),
                      latest_rewind=RewindEvent(int(ints[5]), int(ints[6]), int(ints[7]), bool(ints[8])),
                      global_norm=bits[0], threshold=bits[1], scale=bits[2],
                      loss=math.nan if loss is None else float(loss),
-                     noise=None if len(bits) == 4 else NoiseEstimate(*bits[4:7]))
+                     noise=None if len(bits) == 4 else NoiseEstimate(*bits[4:7]), groups=groups)
 
     def _pack(self, loss: tf.Tensor) -> tf.Tensor:
         """One int64 vector: the update count (applied or skipped; a rewind counts every update it saw), the
         non-finite skips, whether the latest norm was finite, the rewind's skips and rewinds and its latest
-        event, then the bits of the float32 norm, threshold, scale, `loss` and the noise scale's estimates."""
+        event, then the bits of the float32 norm, threshold, scale, `loss`, the noise scale's estimates and the
+        groups' norms, thresholds and scales."""
         update = self.step._update
         state, rewinding = update.state, update.rewinding
         skips = tf.cast(read_value(state.skipped_steps), tf.int64)
@@ -231,9 +252,11 @@ class ClipReporter:
             latest = read_value(rewinding.latest)
         floats = [read_value(f) for f in (state.global_norm, state.threshold_used, state.clip_scale)] + [loss]
         floats += [] if state.noise is None else list(state.noise.latest())
+        vectors = [] if state.group_norms is None else \
+            [read_value(v) for v in (state.group_norms, state.group_clip_norms, state.group_scales)]
+        packed_floats = tf.concat([tf.stack([tf.cast(f, tf.float32) for f in floats]), *vectors], 0)
         return tf.concat([tf.stack([tf.cast(read_value(c), tf.int64) for c in counts]), tf.cast(latest, tf.int64),
-                          tf.cast(tf.bitcast(tf.stack([tf.cast(f, tf.float32) for f in floats]), tf.int32), tf.int64)],
-                         0)
+                          tf.cast(tf.bitcast(packed_floats, tf.int32), tf.int64)], 0)
 
     def _line(self, text: str) -> None:
         if self._rank == 0:

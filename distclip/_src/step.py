@@ -54,8 +54,10 @@ class ClipStep(StepBase, tf.Module):
       clip_norm: a number, a scalar tensor or variable, a callable of the
         optimizer's iteration count (a Keras `LearningRateSchedule` works), a
         policy (`distclip.AutoClip`, `distclip.SpikeClip`, `distclip.ZClip`),
-        or None: never clip (the step synchronizes and applies, and still
-        reports the norm, as a baseline run to compare).
+        a threshold per group of variables (`distclip.ClipGroups`: each group
+        clipped by its own synchronized norm, then an optional global
+        threshold on top), or None: never clip (the step synchronizes and
+        applies, and still reports the norm, as a baseline run to compare).
       nonfinite: "skip" (default): when the synchronized norm is inf or NaN,
         every replica skips the step together; variables, optimizer slots and
         `optimizer.iterations` stay as they were and `skipped_steps` grows by
@@ -84,14 +86,15 @@ class ClipStep(StepBase, tf.Module):
         `ClipLogger` writes per layer): one float per variable, no collective.
       noise_scale: a `distclip.NoiseScale` to estimate the gradient noise
         scale at every update (`ClipResult.noise`; needs 2 or more replicas),
-        or None.
+        or None. Not with `agc` or `ClipGroups`, which change the gradients
+        unit by unit or group by group.
       rewind: a `distclip.Rewind` to rewind to an in-memory snapshot and skip
         updates when the norm (or the loss given to `apply`) spikes, on every
         replica together; or None. Needs `nonfinite="skip"`.
       agc: a `distclip.AGC` to clip each unit of the synchronized gradients
         against its weights before the global clip (adaptive gradient
         clipping, Brock et al., 2021), or None. With `clip_norm=None` it is
-        the only clipping. Not with `noise_scale`.
+        the only clipping; with `ClipGroups`, the groups clip what AGC left.
       skip_spikes: a `distclip.SkipSpikes` to skip an update whose norm (or
         the loss given to `apply`) is a spike, on every replica together,
         without going back (`skipped_spikes` counts them); or None. Not with

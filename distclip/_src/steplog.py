@@ -17,7 +17,9 @@ and TensorBoard (`layer_norm/<layer>` scalars, a `variable_norms`
 histogram); the noise scale to TensorBoard (`noise/...`); each rewind to
 `rewinds.csv` (step of the spike, `to_step` the snapshot was taken before,
 `skip_through_step` or "stopped" for the rewind over the limit, `stopped`)
-and as a TensorBoard text `rewind`. A resumed log keeps the earlier rows of
+and as a TensorBoard text `rewind`; with `ClipGroups`, every update's
+groups to `group_norms.csv` (step, group, norm before the group's clip,
+clip_norm, scale) and TensorBoard (`group_norm/<group>`, `group_scale/<group>`). A resumed log keeps the earlier rows of
 each file, and reads the earlier events back (`earlier_nonfinite`,
 `earlier_rewinds`) so that a run's summary covers the whole run.
 """
@@ -44,6 +46,7 @@ ACTIONS = ("applied", "nonfinite", "skipped", "rewound", "stopped", "spike_skipp
 NONFINITE_COLUMNS = ("step", "skipped", "replica", "worker", "host", "device", "variables")
 LAYER_COLUMNS = ("step", "layer", "norm")
 REWIND_COLUMNS = ("step", "to_step", "skip_through_step", "stopped")
+GROUP_COLUMNS = ("step", "group", "norm", "clip_norm", "scale")
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -99,6 +102,7 @@ class StepLog:
         self._nonfinite = _EventFile(os.path.join(out, "nonfinite.csv"), NONFINITE_COLUMNS, first_step)
         self._layers = _EventFile(os.path.join(out, "layer_norms.csv"), LAYER_COLUMNS, first_step)
         self._rewinds = _EventFile(os.path.join(out, "rewinds.csv"), REWIND_COLUMNS, first_step)
+        self._groups = _EventFile(os.path.join(out, "group_norms.csv"), GROUP_COLUMNS, first_step)
 
     def write(self, row: Dict[str, Any]) -> None:
         """One update's row (the keys of `COLUMNS`; `action` one of `ACTIONS`)."""
@@ -155,6 +159,17 @@ class StepLog:
             if finite:
                 tf.summary.histogram("variable_norms", finite)
 
+    def write_groups(self, step: int, names: Sequence[str], norms: Sequence[float], clip_norms: Sequence[float],
+                     scales: Sequence[float]) -> None:
+        """Each group's norm (before its own clip), threshold and scale in one update."""
+        for row in zip(names, norms, clip_norms, scales, strict=True):
+            self._groups.write([step, *row])
+        with self._tb.as_default(step=step):
+            for name, norm, scale in zip(names, norms, scales, strict=True):
+                for tag, value in (("group_norm", norm), ("group_scale", scale)):
+                    if math.isfinite(value):
+                        tf.summary.scalar(f"{tag}/{name}", value)
+
     def write_noise(self, step: int, estimate: Any) -> None:
         """The noise scale's estimates (`distclip.NoiseEstimate` of floats) after an update."""
         with self._tb.as_default(step=step):
@@ -170,6 +185,7 @@ class StepLog:
         self._nonfinite.flush()
         self._layers.flush()
         self._rewinds.flush()
+        self._groups.flush()
         self._tb.flush()
 
     def close(self) -> None:
@@ -177,6 +193,7 @@ class StepLog:
         self._nonfinite.close()
         self._layers.close()
         self._rewinds.close()
+        self._groups.close()
         self._tb.close()
 
 

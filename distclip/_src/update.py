@@ -5,8 +5,9 @@ Per update, top to bottom (`ClipUpdate.step`):
     reduce   g     = sum over replicas of each replica's gradients   (one packed collective, or one per bucket)
     (agc)    a_u   = min(1, clipping * max(||W_u||, eps) / ||f g_u||)   per unit u, with `agc=` (no collective)
     measure  norm  = ||a g||_2 * f        f = 1/n for a mean, 1/k over k micro-batches, 1/S under a loss scale
+    (groups) s_k   = min(1, c_k / ||a g_k||_2 f) per group k; norm = ||s a g||_2 f, with `ClipGroups`
     decide   scale = min(1, clip_norm / norm); finite = isfinite(norm)
-    scale    g    <- g * a * scale * f                                  (one multiply; a = 1 without agc)
+    scale    g    <- g * a * s * scale * f                          (one multiply; a, s = 1 without agc, groups)
     apply    the optimizer's own `apply(g, variables)`, on every replica, or on none if not finite
     record   norm, threshold, scale, finite (and the loss scale's next value)
 
@@ -35,7 +36,8 @@ from distclip._src import internals, sync
 from distclip._src.accumulation import Accumulation
 from distclip._src.agc import AGC, unit_axes
 from distclip._src.checks import check_pairs
-from distclip._src.clip import ClipResult, clip_synchronized
+from distclip._src.clip import ClipResult, GroupPlan, clip_synchronized
+from distclip._src.groups import ClipGroups
 from distclip._src.nonfinite import skips
 from distclip._src.optimizer import apply_in_lockstep, check_optimizer, check_strategy, ensure_built, \
     no_second_reduction
@@ -58,12 +60,14 @@ class StepState:
     are known (`create_vectors`), `nonfinite_replicas` and
     `nonfinite_variables` (0/1 per replica and per variable) and, with
     `variable_norms=True`, `variable_norms`. With a `NoiseScale`, `noise`
-    holds the noise scale's moving averages. Their values are identical on
+    holds the noise scale's moving averages. With `groups` (the number of
+    `ClipGroups.names`), `group_norms`, `group_clip_norms` and `group_scales`
+    hold each group's. Their values are identical on
     every replica, so each replica writes its own copy (no aggregation, no
     communication).
     """
 
-    def __init__(self, make_variable: MakeVariable, noise_scale: Optional[NoiseScale] = None):
+    def __init__(self, make_variable: MakeVariable, noise_scale: Optional[NoiseScale] = None, groups: int = 0):
         self.skipped_steps = make_variable("skipped_steps", (), tf.int64, 0)
         self.global_norm = make_variable("global_norm", (), tf.float32, 0.0)
         self.threshold_used = make_variable("clip_norm", (), tf.float32, 0.0)  # its saved name, as before
@@ -74,6 +78,14 @@ class StepState:
         self.nonfinite_replicas: Any = None
         self.nonfinite_variables: Any = None
         self.variable_norms: Any = None
+        # With `ClipGroups`, each group's norm, threshold and scale (default group last).
+        self.group_norms: Any = None
+        self.group_clip_norms: Any = None
+        self.group_scales: Any = None
+        if groups:
+            self.group_norms = make_variable("group_norms", (groups,), tf.float32, 0.0)
+            self.group_clip_norms = make_variable("group_clip_norms", (groups,), tf.float32, 0.0)
+            self.group_scales = make_variable("group_scales", (groups,), tf.float32, 1.0)
 
     def create_vectors(self, strategy: tf.distribute.Strategy, replicas: int, variables: int,
                        variable_norms: bool) -> None:
@@ -91,8 +103,10 @@ class StepState:
 
         create_variables(create)
 
-    def record(self, result: ClipResult, threshold: tf.Tensor) -> None:
+    def record(self, result: ClipResult, threshold: tf.Tensor, group_thresholds: Optional[tf.Tensor] = None) -> None:
         for var, value in ((self.global_norm, result.global_norm), (self.threshold_used, threshold),
+                           (self.group_norms, result.group_norms), (self.group_clip_norms, group_thresholds),
+                           (self.group_scales, result.group_scales),
                            (self.clip_scale, result.scale), (self.finite, tf.cast(result.finite, tf.int64)),
                            (self.nonfinite_replicas, tf.cast(result.nonfinite_replicas, tf.int64)),
                            (self.nonfinite_variables, tf.cast(result.nonfinite_variables, tf.int64)),
@@ -105,12 +119,18 @@ class StepState:
         norm, threshold, scale, finite = [read_value(v) for v in
                                           (self.global_norm, self.threshold_used, self.clip_scale, self.finite)]
         finite = tf.cast(finite, tf.bool)
+        over = norm > threshold
+        groups: Any = (None, None)
+        if self.group_norms is not None:
+            groups = (read_value(self.group_norms), read_value(self.group_scales))
+            over = tf.logical_or(over, tf.reduce_any(groups[0] > read_value(self.group_clip_norms)))
         return ClipResult(grads=[None] * n, global_norm=norm, scale=scale,
-                          clipped=tf.logical_and(finite, norm > threshold), finite=finite,
+                          clipped=tf.logical_and(finite, over), finite=finite,
                           nonfinite_replicas=tf.cast(read_value(self.nonfinite_replicas), tf.bool),
                           nonfinite_variables=tf.cast(read_value(self.nonfinite_variables), tf.bool),
                           variable_norms=None if self.variable_norms is None else read_value(self.variable_norms),
-                          noise=None if self.noise is None else self.noise.latest())
+                          noise=None if self.noise is None else self.noise.latest(),
+                          group_norms=groups[0], group_scales=groups[1])
 
 
 
@@ -135,7 +155,9 @@ class ClipUpdate:
         # The optimizer that takes the steps, and the LossScaleOptimizer around it (or None).
         self.lso = optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else None
         self.stepper = optimizer if self.lso is None else optimizer.inner_optimizer
-        self.clip_norm = clip_norm if isinstance(clip_norm, Policy) else check_clip_norm(clip_norm)
+        # With groups, `clip_norm` holds the groups' thresholds and the global one, applied after them.
+        self.groups = clip_norm if isinstance(clip_norm, ClipGroups) else None
+        self.clip_norm = clip_norm if isinstance(clip_norm, (Policy, ClipGroups)) else check_clip_norm(clip_norm)
         self.options = options
         self.owner = owner
         if noise_scale is not None and not isinstance(noise_scale, NoiseScale):
@@ -143,6 +165,10 @@ class ClipUpdate:
         if noise_scale is not None and options.compression == "fp16":
             raise ArgumentError("noise_scale with compression='fp16': the replicas' sums of squares would travel "
                                 "as float16 and overflow; use compression=None")
+        if noise_scale is not None and self.groups is not None:
+            raise ArgumentError(f"clip_norm={clip_norm!r} with a noise_scale: the noise scale compares the "
+                                "replicas' own gradients with their mean, which the groups scale group by group; "
+                                "use one or the other")
         self.noise_scale = noise_scale
         if rewind is not None and not isinstance(rewind, Rewind):
             raise ArgumentError(f"rewind must be a distclip.Rewind or None; got rewind={rewind!r}")
@@ -168,8 +194,8 @@ class ClipUpdate:
         self.strategy = tf.distribute.get_strategy()
         steps = options.accumulation_steps
         self.accumulation = Accumulation(steps, loss=detector is not None) if steps > 1 else None
-        self.state = StepState(make_variable, noise_scale)
-        self.threshold = Threshold(self.clip_norm, make_variable)
+        self.state = StepState(make_variable, noise_scale, 0 if self.groups is None else len(self.groups.names))
+        self.threshold = Threshold(clip_norm if self.groups is None else self.groups.global_clip_norm, make_variable)
         self.rewinding = None if detector is None else Rewinding(detector)
 
     def saved_state(self) -> List[Any]:
@@ -187,6 +213,8 @@ class ClipUpdate:
         if self.agc is not None:
             for v in variables:
                 unit_axes(v)  # refuses a variable AGC has no units for, before anything is created
+        if self.groups is not None:
+            self.groups.members(variables)  # refuses a variable in two groups, or an empty group, likewise
         ensure_built(self.optimizer, self.stepper, variables)
         self.create_vectors(variables)
         if self.accumulation is not None:
@@ -242,20 +270,22 @@ class ClipUpdate:
                                f"now runs on {replicas}: create it under the strategy (or Horovod) it runs under")
         if self.noise_scale is not None:
             check_replicas(replicas, self.noise_scale)
+        plan = None if self.groups is None else GroupPlan(self.groups.members(variables),
+                                                          self.groups.thresholds(self.stepper.iterations))
         result, threshold, replica_squares = clip_synchronized(
             grads, backend, self.threshold.at(self.stepper.iterations), self.options,
             micro_batches=self.options.accumulation_steps, loss_scale=loss_scale, loss=loss, agc=self.agc,
-            weights=variables)
+            weights=variables, groups=plan)
         if self.state.noise is not None and replica_squares is None:
             raise ArgumentError("noise_scale needs float32 or float64 gradients on the wire; these travel as "
                                 "float16, whose sums of squares overflow")
         if self.rewinding is not None:
-            return self.take(result, threshold, replica_squares, replicas, variables)
+            return self.take(result, threshold, replica_squares, replicas, variables, plan)
         # Nothing is written before every check of this step has passed: the
         # threshold's and, with nonfinite="raise", the norm's (both feed `scale`).
         with tf.control_dependencies([result.scale]):
             ok = tf.identity(result.finite)
-            self.state.record(result, threshold)
+            self.state.record(result, threshold, None if plan is None else plan.thresholds)
             if self.state.noise is not None:
                 result = result._replace(
                     noise=self.state.noise.record(result.global_norm, replica_squares, replicas, result.finite))
@@ -268,7 +298,7 @@ class ClipUpdate:
         return result
 
     def take(self, result: ClipResult, threshold: tf.Tensor, replica_squares: Optional[tf.Tensor], replicas: int,
-             variables: List[Any]) -> ClipResult:
+             variables: List[Any], plan: Optional[GroupPlan] = None) -> ClipResult:
         """With `rewind` or `skip_spikes`: `step` after the clip, as one of five actions taken on every replica
         together (`skip_spikes` takes three: APPLY, NONFINITE, SKIP).
 
@@ -280,7 +310,7 @@ class ClipUpdate:
         rewinding = self.rewinding
         assert rewinding is not None
         with tf.control_dependencies([result.scale]):
-            self.state.record(result, threshold)
+            self.state.record(result, threshold, None if plan is None else plan.thresholds)
             action = tf.cast(rewinding.action(result.global_norm, result.finite, result.loss), tf.int32)
         pairs = [(g, v) for g, v in zip(result.grads, variables, strict=True) if g is not None]
         targets = [v for _, v in pairs]

@@ -1,6 +1,7 @@
 """Variables as distclip meets them: a Keras 3 `keras.Variable` or a `tf.Variable` (mirrored or not)."""
 from __future__ import annotations
 
+import re
 from typing import Any, Tuple
 
 import keras
@@ -24,6 +25,14 @@ def read_value(variable: Any) -> tf.Tensor:
 def variable_name(variable: Any) -> str:
     """A variable's Keras path, or its TensorFlow name, for messages."""
     return getattr(variable, "path", None) or getattr(variable, "name", None) or repr(variable)
+
+
+def variable_path(variable: Any) -> str:
+    """A variable's Keras path ("dense/kernel"), or its TensorFlow name without the output index (":0")."""
+    path = getattr(variable, "path", None)
+    if path:
+        return path
+    return re.sub(r":\d+$", "", getattr(variable, "name", None) or repr(variable))
 
 
 def identical_variable(name: str, shape: Tuple[int, ...], dtype: tf.DType, initial: float) -> tf.Variable:

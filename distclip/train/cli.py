@@ -76,6 +76,22 @@ def _number_and_integer(flag: str, names: str):
     return parse
 
 
+def _clip_group(text: str) -> Tuple[str, float]:
+    """PATTERN=THRESHOLD: a regular expression matching whole variable paths, and a positive finite number."""
+    import re
+
+    pattern, _, threshold = text.rpartition("=")
+    try:
+        value = float(threshold)
+        re.compile(pattern)
+    except (ValueError, re.error):
+        value = math.nan
+    if not pattern or not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"--clip-group must be PATTERN=THRESHOLD (a regular expression matching "
+                                         f"whole variable paths, a positive finite number); got {text!r}")
+    return pattern, value
+
+
 def _number_above(flag: str, low: float, what: str = ""):
     """An argparse type: a finite number above `low`, else a usage error naming the flag and the value."""
     def parse(text: str) -> float:
@@ -165,6 +181,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--agc", type=_number_above("--agc", 0, " (AGC's clipping)"), default=d.agc, metavar="LAMBDA",
                    help="clip each unit's gradient to LAMBDA times its weight's norm (distclip.AGC, Brock et al. "
                         "2021), before the --clip-norm clip. Not with --noise-scale")
+    t.add_argument("--clip-group", type=_clip_group, action="append", default=None, metavar="PATTERN=THRESHOLD",
+                   help="clip the variables whose whole path matches PATTERN (a regular expression; the model's "
+                        "are adding_rnn/simple_rnn/simple_rnn_cell/{kernel,recurrent_kernel,bias} and "
+                        "adding_rnn/dense/{kernel,bias}) by their own norm at THRESHOLD (distclip.ClipGroups); "
+                        "repeat for more groups. --clip-norm is then the threshold of the rest")
     t.add_argument("--spike-at", type=_steps, default=d.spike_at, metavar="STEP[,STEP...]",
                    help="multiply the targets of these steps' batches by 100, to see a spike (and a rewind or a skip)")
     pl = sub.add_parser(
@@ -227,6 +248,13 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
         p.error("--rewind and --skip-spikes are two answers to one spike detector; pass one")
     if args.agc is not None and args.noise_scale:
         p.error("--agc changes each replica's gradient unit by unit, and --noise-scale compares the replicas' "
+                "gradients with their mean; pass one")
+    args.clip_group = tuple(args.clip_group or ())
+    if args.clip_group and isinstance(args.clip_norm, str):
+        p.error(f"--clip-group with --clip-norm {args.clip_norm}: with groups, --clip-norm is the threshold of the "
+                "variables no group claims, a number or none")
+    if args.clip_group and args.noise_scale:
+        p.error("--clip-group scales each group's gradients on its own, and --noise-scale compares the replicas' "
                 "gradients with their mean; pass one")
     if args.move_aside and args.resume:
         p.error("--move-aside moves an earlier run's outputs away for a new run; --resume continues that run")
@@ -305,6 +333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 3
     print(
         f"\ndistclip train: {summary['strategy']} x{summary['replicas']}, clip_norm={cfg.clip_norm}, "
+        + "".join(f"{pattern}={threshold:g}, " for pattern, threshold in cfg.clip_group)
         + ("" if cfg.agc is None else f"AGC {cfg.agc:g}, ") + f"{cfg.steps} steps\n"
         f"  final loss (mean training MSE, last 100 steps): {summary['final_loss']:.4g}\n"
         f"  held-out MSE (1024 sequences):                  {summary['eval_mse']:.4g}\n"

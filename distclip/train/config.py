@@ -38,13 +38,19 @@ class Config:
     spike_at: Tuple[int, ...] = ()  # steps whose targets are multiplied by 100 (to see a rewind)
     skip_spikes: Tuple[float, ...] = ()  # (zscore, window): skip a spike (distclip.SkipSpikes); (): never
     agc: Optional[float] = None  # AGC's clipping (lambda): unit-wise clipping before the global clip; None: off
+    clip_group: Tuple[Tuple[str, float], ...] = ()  # (pattern, threshold) per group; clip_norm: the rest's
 
     def threshold(self) -> Any:
-        """The step's `clip_norm`: the number, None, or the named `distclip` policy with its defaults."""
-        if not isinstance(self.clip_norm, str):
-            return self.clip_norm
+        """The step's `clip_norm`: the number, None, or the named `distclip` policy with its defaults; with
+        `clip_group`, a `distclip.ClipGroups` of one group per pattern (named by it) and `clip_norm` the
+        threshold of the variables no pattern matches (no global threshold on top)."""
         import distclip
 
+        if self.clip_group:
+            return distclip.ClipGroups([distclip.VariableGroup(pattern, threshold, patterns=[pattern])
+                                        for pattern, threshold in self.clip_group], default=self.clip_norm)
+        if not isinstance(self.clip_norm, str):
+            return self.clip_norm
         return getattr(distclip, POLICIES[self.clip_norm])()
 
     def agc_config(self) -> Any:
@@ -86,7 +92,7 @@ class Config:
     def nonfinite(self) -> Literal["skip", "propagate"]:
         """Without clipping (no threshold, no AGC) the run is plain SGD (a non-finite step applies NaN, as it
         would); with it, skipped."""
-        return "propagate" if self.clip_norm is None and self.agc is None else "skip"
+        return "propagate" if self.clip_norm is None and self.agc is None and not self.clip_group else "skip"
 
 
 #: What may change between a run and its `--resume`, and why; every other setting must be as the run was
@@ -106,7 +112,7 @@ MAY_CHANGE = {
 #: Settings that add state to the checkpoint: they cannot be added or changed on --resume (the checkpoint
 #: does not hold their state), so a change is refused with that reason.
 ADDS_STATE = {"rewind": "--rewind", "noise_scale": "--noise-scale", "rewind_window": "--rewind-window",
-              "skip_spikes": "--skip-spikes", "rewind_lr": "--rewind-lr"}
+              "skip_spikes": "--skip-spikes", "rewind_lr": "--rewind-lr", "clip_group": "--clip-group"}
 
 
 def flag(name: str) -> str:

@@ -32,6 +32,7 @@ def finish(cfg: Config, runner, model, optimizer, step, *, final_loss: float, cl
         "replicas": runner.replicas,
         "clip_norm": cfg.clip_norm,
         "agc": cfg.agc,
+        "clip_group": [list(g) for g in cfg.clip_group],
         "steps": cfg.steps,
         "final_loss": final_loss,
         "eval_mse": float(tf.reduce_mean(tf.square(model(x) - y))),
@@ -54,7 +55,8 @@ def finish(cfg: Config, runner, model, optimizer, step, *, final_loss: float, cl
     if rows is not None:
         title = f"adding problem, T={cfg.length}, {runner.replicas} replicas, " + (
             "no clipping" if cfg.clip_norm is None else f"clip_norm={cfg.clip_norm}"
-        ) + ("" if cfg.agc is None else f", AGC {cfg.agc:g}") + (", model.fit" if cfg.fit else "")
+        ) + "".join(f", {pattern}={threshold:g}" for pattern, threshold in cfg.clip_group) + (
+            "" if cfg.agc is None else f", AGC {cfg.agc:g}") + (", model.fit" if cfg.fit else "")
         plot(rows, os.path.join(cfg.out, "plot.png"), title, baseline=(1 / 6, "predict the mean (MSE 0.167)"),
              layers=read_layers(cfg.out), rewinds=read_rewinds(cfg.out))
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:

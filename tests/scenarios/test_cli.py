@@ -168,10 +168,11 @@ def test_train_skips_a_spike(tmp_path):
     assert f"step 25 skipped: a spike (global norm {float(rows[25]['global_norm']):.6g}" in r.stderr
 
 
-def test_train_with_zclip_and_agc(tmp_path):
+def test_train_with_zclip_agc_and_clip_groups(tmp_path):
     """`--clip-norm zclip --agc 0.1`, in the loop and in `fit`: step 0's norm is what numpy AGC leaves of the
     step's gradient, and each step's threshold and clipped norm are the reference ZClip's, fed the logged norms
-    (a fixed clip_norm 1.0 differs on 15 of the 40 steps)."""
+    (a fixed clip_norm 1.0 differs on 15 of the 40 steps). `--clip-group`: step 0's groups' norms and the norm
+    after their clip, from the same gradient."""
     sys.path.insert(0, TESTS)
     import numpy as np
     from reference_agc import agc
@@ -207,6 +208,22 @@ def test_train_with_zclip_and_agc(tmp_path):
         assert float(row["clip_norm"]) == pytest.approx(want if want < norm else bound, rel=1e-5), row
     assert [float(a["global_norm"]) for a in runs["fit"]] == pytest.approx([float(b["global_norm"]) for b in rows],
                                                                            rel=1e-4)
+
+    # --clip-group: step 0's groups' norms are those of the same gradient, grouped by the patterns in numpy.
+    groups = {".*/recurrent_kernel": 0.01, "adding_rnn/dense/.*": 0.02}
+    r = _run([BIN, *TINY, "--steps", "3", *[f for p, c in groups.items() for f in ("--clip-group", f"{p}={c}")],
+              "--out", str(tmp_path / "groups")])
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    assert "clip_norm=1.0, .*/recurrent_kernel=0.01, adding_rnn/dense/.*=0.02, 3 steps" in r.stdout
+    with open(tmp_path / "groups" / "group_norms.csv") as f:
+        logged = [row for row in csv.DictReader(f) if row["step"] == "0"]
+    members = [[1], [3, 4], [0, 2]]  # the recurrent kernel; the dense layer; the rest (the default group)
+    norms = [float(np.sqrt(sum(np.sum(grads[i].numpy() ** 2) for i in m))) for m in members]
+    assert [row["group"] for row in logged] == [*groups, "default"]
+    assert [float(row["norm"]) for row in logged] == pytest.approx(norms, rel=1e-5)
+    after = np.sqrt(sum(min(n, c) ** 2 for n, c in zip(norms, [*groups.values(), 1.0], strict=True)))
+    with open(tmp_path / "groups" / "metrics.csv") as f:
+        assert float(next(csv.DictReader(f))["global_norm"]) == pytest.approx(after, rel=1e-5)
 
 
 def _files(folder):

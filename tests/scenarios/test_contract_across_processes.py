@@ -22,6 +22,7 @@ def _check_workers(outs):
     assert {name for kind, name, _, _ in cases if kind == "skip"} == set(contract.SKIP_CASES)
     assert {api for kind, _, api, _ in cases if kind == "zclip"} == set(contract.APIS)  # a policy's state, synced
     assert {api for kind, _, api, _ in cases if kind == "agc"} == set(contract.APIS)  # against mirrored weights
+    assert {api for kind, _, api, _ in cases if kind == "groups"} == set(contract.APIS)
     failed = {k: v["mismatches"] for k, v in ranks[0].items() if v["mismatches"]}
     assert not failed, failed
     # Both processes end with the same values, bit for bit.

@@ -30,17 +30,21 @@ def test_one_packed_reduction(mirrored):
     assert our_nested == 0 and plain_nested == 0
 
 
-def test_variable_norms_the_noise_scale_and_agc_add_nothing_to_the_collectives(mirrored):
-    """The opt-ins read what the default step already has (AGC: the mirrored weights): the same collectives,
-    the same elements."""
+def test_variable_norms_the_noise_scale_agc_and_groups_add_nothing_to_the_collectives(mirrored):
+    """The opt-ins read what the default step already has (AGC: the mirrored weights; groups: each gradient's
+    squared norm): the same collectives, the same elements."""
     x, y = global_batch()
+    groups = distclip.ClipGroups([distclip.VariableGroup("biases", 0.1, patterns=[".*bias"])], default=0.5,
+                                 global_clip_norm=distclip.AutoClip())
     found = []
-    for options in ({}, {"variable_norms": True, "noise_scale": distclip.NoiseScale(global_batch_size=16)},
-                    {"variable_norms": True, "agc": distclip.AGC(0.01)}):
-        _, _, _, objs = distributed_train(mirrored, 0.5, 0, **options)
+    for clip_norm, options in ((0.5, {}),
+                               (0.5, {"variable_norms": True, "noise_scale": distclip.NoiseScale(global_batch_size=16)}),
+                               (0.5, {"variable_norms": True, "agc": distclip.AGC(0.01)}),
+                               (groups, {"variable_norms": True, "agc": distclip.AGC(0.01)})):
+        _, _, _, objs = distributed_train(mirrored, clip_norm, 0, **options)
         found.append(sorted(collectives(objs["step"].get_concrete_function(shard(mirrored, x),
                                                                              shard(mirrored, y)).graph)))
-    assert found[0] == found[1] == found[2] and len(found[0]) == mirrored.num_replicas_in_sync
+    assert found[0] == found[1] == found[2] == found[3] and len(found[0]) == mirrored.num_replicas_in_sync
 
 
 def test_each_replica_measures_and_scales_its_own_copy_once(mirrored):
@@ -63,7 +67,7 @@ def test_result_is_a_namedtuple_usable_in_tf_function():
     r = f(tf.constant([3.0, 4.0]))
     assert isinstance(r, distclip.ClipResult)
     assert r._fields == ("grads", "global_norm", "scale", "clipped", "finite", "nonfinite_replicas",
-                         "nonfinite_variables", "variable_norms", "noise", "loss")
+                         "nonfinite_variables", "variable_norms", "noise", "loss", "group_norms", "group_scales")
     assert float(r.global_norm) == 5.0 and float(r.scale) == pytest.approx(0.4)
     assert bool(r.clipped) and bool(r.finite)
     np.testing.assert_allclose(r.grads[0].numpy(), [1.2, 1.6], rtol=1e-6)

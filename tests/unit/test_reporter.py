@@ -10,10 +10,10 @@ import distclip
 from common import GLOBAL_BATCH, global_batch, make_model, make_optimizer, shard
 
 
-def _loop(strategy, **options):
+def _loop(strategy, clip_norm=1.0, **options):
     with strategy.scope():
         model, optimizer = make_model(), make_optimizer("adam")
-        clip = distclip.ClipStep(optimizer, 1.0, **options)
+        clip = distclip.ClipStep(optimizer, clip_norm, **options)
         clip.build(model.trainable_variables)
 
     @tf.function
@@ -23,11 +23,11 @@ def _loop(strategy, **options):
                 loss = tf.reduce_sum(tf.square(model(x) - y)) / GLOBAL_BATCH
             r = clip.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables,
                            loss=loss if {"rewind", "skip_spikes"} & set(options) else None)
-            return loss, r.global_norm, r.scale
+            return loss, r.global_norm, r.scale, r.group_norms, r.group_scales
 
-        loss, norm, scale = strategy.run(replica_fn, args=(x, y))
-        first = strategy.experimental_local_results
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None), first(norm)[0], first(scale)[0]
+        loss, *results = strategy.run(replica_fn, args=(x, y))
+        first = [strategy.experimental_local_results(r)[0] if r is not None else None for r in results]
+        return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None), *first)
 
     return model, optimizer, clip, lambda x, y: step(shard(strategy, x), shard(strategy, y))
 
@@ -46,7 +46,7 @@ def test_rows_are_the_step_results_and_a_nonfinite_update_is_named(mirrored, tmp
         x, y = global_batch(s)
         if s == 1:
             x[GLOBAL_BATCH // 2, 0] = np.nan  # the second replica's half only
-        loss, norm, scale = step(x, y)
+        loss, norm, scale, _, _ = step(x, y)
         returned.append((float(loss), float(norm), float(scale)))
         row = reporter.report(loss=loss)
         assert row == reporter.rows[-1]
@@ -111,7 +111,7 @@ def test_a_skipped_spike_is_a_row_and_a_line(tmp_path, capfd):
     returned = []
     for s in range(8):
         x, y = global_batch(s)
-        returned.append([float(v) for v in step(x, y * 100.0 if s == 6 else y)])
+        returned.append([float(v) for v in step(x, y * 100.0 if s == 6 else y)[:3]])
         reporter.report(loss=returned[-1][0])
     reporter.close()
     rows = _csv(tmp_path / "metrics.csv")
@@ -121,6 +121,28 @@ def test_a_skipped_spike_is_a_row_and_a_line(tmp_path, capfd):
     assert f"distclip: step 6 skipped: a spike (global norm {norm:.6g}, loss {loss:.6g}); 1 skipped so far" in \
         capfd.readouterr().err
     assert int(clip.skipped_spikes.numpy()) == 1 and reporter.rewinds == []
+
+
+def test_each_groups_norm_and_scale_is_a_row_per_update(tmp_path):
+    groups = distclip.ClipGroups([distclip.VariableGroup("biases", 0.05, patterns=[".*bias"])], default=None)
+    model, _, clip, step = _loop(tf.distribute.get_strategy(), groups)
+    reporter = distclip.ClipReporter(clip, model.trainable_variables, log_dir=str(tmp_path))
+    returned = []
+    for s in range(3):
+        loss, norm, _, norms, scales = step(*global_batch(s))
+        returned.append((norm.numpy(), norms.numpy(), scales.numpy()))
+        reporter.report(loss=loss)
+    reporter.close()
+    rows = _csv(tmp_path / "group_norms.csv")
+    assert [(r["step"], r["group"], float(r["clip_norm"])) for r in rows] == \
+        [(str(s), g, pytest.approx(c)) for s in range(3) for g, c in (("biases", 0.05), ("default", np.inf))]
+    for s, (norm, norms, scales) in enumerate(returned):
+        assert [float(r["norm"]) for r in rows if r["step"] == str(s)] == norms.tolist()
+        assert [float(r["scale"]) for r in rows if r["step"] == str(s)] == scales.tolist()
+        # Clipped: the biases by their own threshold, and by nothing else.
+        assert norms[0] > 0.05 and scales[0] < 1 and scales[1] == 1
+        assert norm == pytest.approx(np.hypot(0.05, norms[1]), rel=1e-6)
+    assert [r["clipped"] for r in _csv(tmp_path / "metrics.csv")] == ["1", "1", "1"]
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

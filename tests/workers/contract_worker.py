@@ -38,7 +38,7 @@ for kind, name, api, lazy in cases:
     key = f"{kind} {name} {api} {'lazy' if lazy else 'built'}"
     try:
         check = {"match": contract.check_case, "skip": contract.check_skip, "zclip": contract.check_zclip,
-                 "agc": contract.check_agc}[kind]
+                 "agc": contract.check_agc, "groups": contract.check_groups}[kind]
         found, run = check(name, api, lazy, **backend)
         digest = hashlib.sha256(b"".join(v.tobytes() for v in (run.history[-1] if run else []))).hexdigest()
     except Exception as e:  # reported per case, so one failure does not hide the others

@@ -52,7 +52,8 @@ class ClipLogger(keras.callbacks.Callback):
     (every `steps_per_execution` steps) with `fit`'s logged loss (a running
     mean over the epoch): the line on stderr on rank 0 for each non-finite
     update and each rewind, and with `log_dir`, `metrics.csv`,
-    `nonfinite.csv`, `layer_norms.csv`, `rewinds.csv` and TensorBoard under
+    `nonfinite.csv`, `layer_norms.csv`, `rewinds.csv`, `group_norms.csv`
+    (with `distclip.ClipGroups`) and TensorBoard under
     `log_dir/tensorboard`, written by rank 0 (what `distclip plot log_dir`
     draws). `nonfinite`, `rewinds`, `clipped_steps` and `rows` are the
     reporter's. With `accumulation_steps=k` a step is recorded every k-th

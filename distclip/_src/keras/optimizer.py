@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import warnings
 from typing import Any, Dict, List, NoReturn, Optional
 
@@ -11,13 +10,13 @@ import keras
 from distclip._src import internals
 from distclip._src.clip import ClipResult
 from distclip._src.errors import ArgumentError
+from distclip._src.groups import deserialize_clip_norm, serialize_clip_norm
 from distclip._src.keras import multiworker_fit
 from distclip._src.lockstep import create_variables
 from distclip._src.noise import NoiseScale
 from distclip._src.agc import AGC
 from distclip._src.rewind import Rewind, SkipSpikes
 from distclip._src.optimizer import optimizers_in
-from distclip._src.policies import Policy
 from distclip._src.base import StepBase
 from distclip._src.update import ClipUpdate
 
@@ -110,9 +109,11 @@ class ClipOptimizer(StepBase, keras.optimizers.Optimizer):
         `clipnorm`/`clipvalue`/`global_clipnorm` (or its config, as a dict).
       clip_norm: threshold in units of the global norm: None (no clipping), a
         positive number, a `keras.optimizers.schedules.LearningRateSchedule` or
-        callable of the step, or a policy (`distclip.AutoClip`,
+        callable of the step, a policy (`distclip.AutoClip`,
         `distclip.SpikeClip`, `distclip.ZClip`) whose state is kept in this
-        optimizer's variables (saved with it).
+        optimizer's variables (saved with it), or a threshold per group of
+        variables (`distclip.ClipGroups`; saved with its listed variables as
+        their paths).
       nonfinite: as for `distclip.ClipStep` ("skip": `iterations` stays as it was too).
       reduction: as for `distclip.ClipStep`.
       backend: as for `distclip.ClipStep`.
@@ -377,14 +378,11 @@ class ClipOptimizer(StepBase, keras.optimizers.Optimizer):
         Returns:
           The inner optimizer's serialized config, `clip_norm` (a policy or schedule serialized) and the options.
         """
-        clip_norm = self.clip_norm
-        if isinstance(clip_norm, (Policy, keras.optimizers.schedules.LearningRateSchedule)):
-            clip_norm = keras.saving.serialize_keras_object(clip_norm)
-        elif clip_norm is not None and not isinstance(clip_norm, numbers.Real):
-            raise NotImplementedError(
-                f"ClipOptimizer.get_config: clip_norm={clip_norm!r} cannot be saved; use a number, None, a "
-                "LearningRateSchedule or a distclip policy to save the optimizer with the model"
-            )
+        try:
+            clip_norm = serialize_clip_norm(self.clip_norm)
+        except NotImplementedError as e:
+            raise NotImplementedError(f"ClipOptimizer.get_config: {e}, to save the optimizer with the model") \
+                from None
         return {
             "name": self.name,
             "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
@@ -409,9 +407,7 @@ class ClipOptimizer(StepBase, keras.optimizers.Optimizer):
         """
         config = dict(config)
         optimizer = keras.saving.deserialize_keras_object(config.pop("optimizer"), custom_objects=custom_objects)
-        clip_norm = config.pop("clip_norm")
-        if isinstance(clip_norm, dict):
-            clip_norm = keras.saving.deserialize_keras_object(clip_norm, custom_objects=custom_objects)
+        clip_norm = deserialize_clip_norm(config.pop("clip_norm"), custom_objects)
         if isinstance(config.get("noise_scale"), dict):
             config["noise_scale"] = NoiseScale(**config["noise_scale"])
         if isinstance(config.get("rewind"), dict):

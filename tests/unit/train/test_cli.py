@@ -35,6 +35,11 @@ from distclip.train import cli
                               "spikeclip, zclip); got 'zclp'"),
     (["--agc", "0"], "--agc must be a finite number > 0 (AGC's clipping); got '0'"),
     (["--agc", "0.1", "--noise-scale"], "--agc changes each replica's gradient unit by unit, and --noise-scale"),
+    (["--clip-group", "dense/.*"], "--clip-group must be PATTERN=THRESHOLD (a regular expression matching whole"),
+    (["--clip-group", "dense(=0.5"], "got 'dense(=0.5'"),
+    (["--clip-group", ".*=0"], "got '.*=0'"),
+    (["--clip-group", ".*=1", "--clip-norm", "zclip"], "--clip-group with --clip-norm zclip: with groups"),
+    (["--clip-group", ".*=1", "--noise-scale"], "--clip-group scales each group's gradients on its own"),
     (["--resume", "--move-aside"], "--move-aside moves an earlier run's outputs away for a new run; --resume"),
 ])
 def test_bad_or_ignored_flags_are_usage_errors(flags, message, capsys):
@@ -52,3 +57,13 @@ def test_the_rewind_flags_make_the_rewind_they_name():
 
     assert cfg.rewind_config() == Rewind(every=50, keep=2, skip=100, factor=20.0, window=50, lr_factor=0.1,
                                          lr_updates=500, reset_moments=True)
+
+
+def test_the_clip_group_flags_make_one_group_per_pattern_and_the_rest_at_clip_norm():
+    cfg = cli._check(cli.parser(), cli.parser().parse_args(
+        ["train", "--clip-group", ".*/recurrent_kernel=0.5", "--clip-group", "adding_rnn/dense/.*=2", "--clip-norm",
+         "none"]))
+    groups = cfg.threshold()
+    assert [(g.name, g.clip_norm, g.patterns) for g in groups.groups] == [
+        (".*/recurrent_kernel", 0.5, (".*/recurrent_kernel",)), ("adding_rnn/dense/.*", 2.0, ("adding_rnn/dense/.*",))]
+    assert groups.default is None and groups.global_clip_norm is None and cfg.nonfinite == "skip"

@@ -28,7 +28,7 @@ from distclip._src.errors import ArgumentError
 from distclip._src.norm import norm_from_squares
 from distclip._src.policies import Policy
 from distclip._src.threshold import ClipNorm, check_clip_norm, resolve_clip_norm
-from distclip._src.variables import variable_path
+from distclip._src.variables import tf_variable, variable_path
 
 #: The name of the group of the variables that no `VariableGroup` claims.
 DEFAULT = "default"
@@ -256,14 +256,10 @@ def measure_groups(squares: Sequence[tf.Tensor], grads: Sequence[Any], members: 
 
 
 def norm_after_groups(norms: tf.Tensor, scales: tf.Tensor) -> tf.Tensor:
-    """`sqrt(sum_k (s_k n_k)^2)`, rescaled by the largest term so that it is finite whenever it fits float32;
-    inf or NaN where a group's norm is (`s_k n_k` is then NaN)."""
+    """`sqrt(sum_k (s_k n_k)^2)`, finite whenever it fits float32 (`norm_from_squares`); NaN where a group's norm
+    is inf or NaN (`s_k n_k` is then NaN)."""
     terms = scales * norms
-    largest = tf.reduce_max(tf.abs(terms))
-    usable = tf.logical_and(tf.math.is_finite(largest), largest > 0)
-    safe = tf.where(usable, largest, 1.0)
-    return tf.where(usable, safe * tf.sqrt(tf.reduce_sum(tf.square(terms / safe))),
-                    tf.sqrt(tf.reduce_sum(tf.square(terms))))
+    return norm_from_squares(tf.reduce_sum(tf.square(terms)), [terms])
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -271,11 +267,7 @@ def _same(a: Any, b: Any) -> bool:
     path and a variable with that path."""
     if isinstance(a, str) or isinstance(b, str):
         return (a if isinstance(a, str) else variable_path(a)) == (b if isinstance(b, str) else variable_path(b))
-    return a is b or _tf(a) is _tf(b)
-
-
-def _tf(variable: Any) -> Any:
-    return variable.value if isinstance(variable, keras.Variable) else variable
+    return a is b or tf_variable(a) is tf_variable(b)
 
 
 def _few(paths: Sequence[str]) -> str:

@@ -77,16 +77,13 @@ def _number_and_integer(flag: str, names: str):
 
 
 def _clip_group(text: str) -> Tuple[str, float]:
-    """PATTERN=THRESHOLD: a regular expression matching whole variable paths, and a positive finite number."""
-    import re
-
+    """PATTERN=THRESHOLD as a string and a number; `distclip.VariableGroup` checks both, in `_check`."""
     pattern, _, threshold = text.rpartition("=")
     try:
         value = float(threshold)
-        re.compile(pattern)
-    except (ValueError, re.error):
-        value = math.nan
-    if not pattern or not (math.isfinite(value) and value > 0):
+    except ValueError:
+        pattern = ""
+    if not pattern:
         raise argparse.ArgumentTypeError(f"--clip-group must be PATTERN=THRESHOLD (a regular expression matching "
                                          f"whole variable paths, a positive finite number); got {text!r}")
     return pattern, value
@@ -268,6 +265,13 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
             lr = f", --rewind-lr {cfg.rewind_lr[0]:g},{cfg.rewind_lr[1]}" if cfg.rewind_lr else ""
             p.error(f"--rewind {','.join(map(str, cfg.rewind))} (with --rewind-factor {cfg.rewind_factor:g}, "
                     f"--rewind-window {cfg.rewind_window}{lr}): {e}")
+    if cfg.clip_group:
+        from distclip import ArgumentError
+
+        try:
+            cfg.threshold()
+        except ArgumentError as e:
+            p.error(f"--clip-group {' --clip-group '.join(f'{g}={c:g}' for g, c in cfg.clip_group)}: {e}")
     if cfg.skip_spikes:
         from distclip import ArgumentError
 

@@ -36,8 +36,10 @@ from distclip.train import cli
     (["--agc", "0"], "--agc must be a finite number > 0 (AGC's clipping); got '0'"),
     (["--agc", "0.1", "--noise-scale"], "--agc changes each replica's gradient unit by unit, and --noise-scale"),
     (["--clip-group", "dense/.*"], "--clip-group must be PATTERN=THRESHOLD (a regular expression matching whole"),
-    (["--clip-group", "dense(=0.5"], "got 'dense(=0.5'"),
-    (["--clip-group", ".*=0"], "got '.*=0'"),
+    (["--clip-group", "dense(=0.5"], "--clip-group dense(=0.5: VariableGroup 'dense(': patterns holds 'dense(', not a "
+                                     "regular expression"),
+    (["--clip-group", ".*=0"], "--clip-group .*=0: clip_norm must be a positive finite number"),
+    (["--clip-group", ".*=1", "--clip-group", ".*=2"], "groups must have distinct names; got '.*' more than once"),
     (["--clip-group", ".*=1", "--clip-norm", "zclip"], "--clip-group with --clip-norm zclip: with groups"),
     (["--clip-group", ".*=1", "--noise-scale"], "--clip-group scales each group's gradients on its own"),
     (["--resume", "--move-aside"], "--move-aside moves an earlier run's outputs away for a new run; --resume"),
